@@ -1,0 +1,321 @@
+//! The `amalgam` binary: argument parsing, progress, output formatting and exit codes. All the
+//! work happens in the `amalgam` library.
+
+mod progress;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use amalgam::DType;
+use amalgam::io::{Existing, parse_shard_size};
+use amalgam::ops::{convert, diff, inspect};
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Compose task-specific fine-tunes of one base model into one model.
+#[derive(Parser)]
+#[command(name = "amalgam", version, about)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// No progress bar and no warnings on stderr.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Summarise a model: architecture, tensors, parameters, dtypes, shards, largest tensors.
+    Inspect {
+        /// A model directory or a .safetensors file.
+        path: PathBuf,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// How many of the largest tensors to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
+    /// Rewrite a model with another float dtype and/or sharding, streaming.
+    Convert {
+        /// Input model directory or .safetensors file.
+        input: PathBuf,
+        /// Output model directory.
+        output: PathBuf,
+        /// Float dtype of the output: bf16, f16, f32 or f64 (default: keep each tensor's).
+        #[arg(long, value_parser = parse_dtype)]
+        dtype: Option<DType>,
+        /// Largest shard, mergekit's syntax: bytes, or a number with K, M, B (10^9): 5B, 500M.
+        #[arg(long, value_parser = parse_size)]
+        out_shard_size: Option<u64>,
+        /// Replace OUTPUT if it exists (only once the new model is complete).
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Compare two models tensor by tensor; exit code 1 if they differ beyond --rtol.
+    Diff {
+        /// First model.
+        a: PathBuf,
+        /// Second model.
+        b: PathBuf,
+        /// Largest norm-relative error ‖a−b‖/max(‖a‖,‖b‖) per tensor that counts as equal.
+        #[arg(long, default_value_t = 0.0)]
+        rtol: f64,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// List every tensor, not only those that differ.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    DType::parse_float(s)
+        .ok_or_else(|| format!("'{s}' is not a float dtype; use bf16, f16, f32 or f64"))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_shard_size(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    let _ = ctrlc::set_handler(amalgam::cancel::cancel);
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up worker threads")?;
+    }
+    match cli.command {
+        Command::Inspect { path, json, top } => {
+            let report = inspect::inspect(&path, top)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                print_inspect(&report)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Convert {
+            input,
+            output,
+            dtype,
+            out_shard_size,
+            overwrite,
+        } => {
+            let opts = convert::ConvertOptions {
+                dtype,
+                shard_size: out_shard_size,
+                existing: existing(overwrite),
+            };
+            let bar = progress::Bar::new("convert", cli.quiet);
+            let out = convert::convert(&input, &output, &opts, &bar)?;
+            if !cli.quiet {
+                eprintln!("wrote {}", out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff {
+            a,
+            b,
+            rtol,
+            json,
+            all,
+        } => {
+            let report = diff::diff(&a, &b, rtol)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                print_diff(&report, all)?;
+            }
+            Ok(if report.differ {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+fn existing(overwrite: bool) -> Existing {
+    if overwrite {
+        Existing::Replace
+    } else {
+        Existing::Refuse
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+fn print_inspect(r: &inspect::Report) -> Result<()> {
+    let mut o = std::io::stdout().lock();
+    writeln!(o, "model:        {}", r.path)?;
+    let arch = match (&r.architecture, &r.model_type) {
+        (Some(a), Some(t)) => format!("{a} ({t})"),
+        (Some(a), None) => a.clone(),
+        (None, Some(t)) => t.clone(),
+        (None, None) => "unknown (no config.json)".into(),
+    };
+    writeln!(o, "architecture: {arch}")?;
+    writeln!(o, "tensors:      {}", r.tensors)?;
+    writeln!(
+        o,
+        "parameters:   {} ({:.3} B)",
+        r.parameters,
+        r.parameters as f64 / 1e9
+    )?;
+    writeln!(
+        o,
+        "size:         {} ({} bytes)",
+        human_bytes(r.total_bytes),
+        r.total_bytes
+    )?;
+    writeln!(o, "dtypes:")?;
+    for (d, s) in &r.dtypes {
+        writeln!(
+            o,
+            "  {d:<8} {:>6} tensors {:>14} params {:>12}",
+            s.tensors,
+            s.parameters,
+            human_bytes(s.bytes)
+        )?;
+    }
+    writeln!(o, "shards:")?;
+    for s in &r.shards {
+        writeln!(
+            o,
+            "  {:<40} {:>6} tensors {:>12}",
+            s.file,
+            s.tensors,
+            human_bytes(s.bytes)
+        )?;
+    }
+    writeln!(o, "largest tensors:")?;
+    for t in &r.largest {
+        writeln!(
+            o,
+            "  {:<50} {:<5} {:<20} {:>12}",
+            t.name,
+            t.dtype,
+            format!("{:?}", t.shape),
+            human_bytes(t.bytes)
+        )?;
+    }
+    Ok(())
+}
+
+fn print_diff(r: &diff::DiffReport, all: bool) -> Result<()> {
+    let mut o = std::io::stdout().lock();
+    for n in &r.only_in_a {
+        writeln!(o, "only in A: {n}")?;
+    }
+    for n in &r.only_in_b {
+        writeln!(o, "only in B: {n}")?;
+    }
+    let mut differing = 0;
+    let mut worst: Option<(&str, f64)> = None;
+    for t in &r.tensors {
+        let bad = t.differs(r.rtol);
+        differing += bad as usize;
+        if let Some(rel) = t.rel
+            && worst.is_none_or(|(_, w)| rel > w || rel.is_nan())
+        {
+            worst = Some((&t.name, rel));
+        }
+        if !(bad || all) {
+            continue;
+        }
+        if t.shapes[0] != t.shapes[1] {
+            writeln!(
+                o,
+                "shape differs: {}: {:?} vs {:?}",
+                t.name, t.shapes[0], t.shapes[1]
+            )?;
+        } else {
+            let dt = if t.dtypes[0] != t.dtypes[1] {
+                format!(" ({} vs {})", t.dtypes[0], t.dtypes[1])
+            } else {
+                String::new()
+            };
+            writeln!(
+                o,
+                "{} {}: max_abs {:.3e} rel {:.3e}{dt}",
+                if bad { "differs:" } else { "same:   " },
+                t.name,
+                t.max_abs.unwrap_or(f64::NAN),
+                t.rel.unwrap_or(f64::NAN)
+            )?;
+        }
+    }
+    writeln!(
+        o,
+        "{} common tensors, {} differ beyond rtol {:e}; {} only in A, {} only in B{}",
+        r.tensors.len(),
+        differing,
+        r.rtol,
+        r.only_in_a.len(),
+        r.only_in_b.len(),
+        worst
+            .map(|(n, w)| format!("; largest rel error {w:.3e} ({n})"))
+            .unwrap_or_default()
+    )?;
+    writeln!(
+        o,
+        "{}",
+        if r.differ {
+            "models differ"
+        } else {
+            "models match"
+        }
+    )?;
+    Ok(())
+}

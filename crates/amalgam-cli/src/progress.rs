@@ -1,0 +1,58 @@
+//! A terminal progress bar over the library's progress reports: tensors and bytes done, rate,
+//! ETA. Drawn only when stderr is a terminal and `--quiet` is not given.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Progress shown on stderr.
+pub struct Bar {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+}
+
+impl Bar {
+    /// A bar labelled `what`; hidden when `quiet` or stderr is not a terminal.
+    pub fn new(what: &str, quiet: bool) -> Bar {
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                )
+                .expect("valid template"),
+            );
+            b.set_prefix(what.to_string());
+            b
+        });
+        Bar { bar, quiet }
+    }
+}
+
+impl amalgam::progress::Progress for Bar {
+    fn start(&self, tensors: u64, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.set_length(bytes);
+            b.set_message(format!("{tensors} tensors"));
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+    fn warn(&self, message: &str) {
+        if self.quiet {
+            return;
+        }
+        match &self.bar {
+            Some(b) => b.suspend(|| eprintln!("warning: {message}")),
+            None => eprintln!("warning: {message}"),
+        }
+    }
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Shared helpers for the CLI tests: tiny synthetic models written byte by byte, and a way to
+//! run the binary.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use amalgam::DType;
+use amalgam::dtype::encode_f32;
+use amalgam::io::header;
+
+/// A tensor to put in a test file: name, dtype, shape, raw bytes.
+pub struct T {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// Deterministic pseudo-random f32s in [-1, 1) (splitmix64).
+pub fn randn(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A float tensor of `dtype` filled from `randn(seed)`.
+pub fn float(name: &str, dtype: DType, shape: &[usize], seed: u64) -> T {
+    let n = shape.iter().product();
+    let mut bytes = Vec::new();
+    assert!(encode_f32(dtype, &randn(seed, n), &mut bytes));
+    T {
+        name: name.into(),
+        dtype,
+        shape: shape.to_vec(),
+        bytes,
+    }
+}
+
+/// A tensor with raw bytes.
+pub fn raw(name: &str, dtype: DType, shape: &[usize], bytes: Vec<u8>) -> T {
+    T {
+        name: name.into(),
+        dtype,
+        shape: shape.to_vec(),
+        bytes,
+    }
+}
+
+/// Serialize tensors as one safetensors file's bytes.
+pub fn safetensors_bytes(tensors: &[T]) -> Vec<u8> {
+    let mut offset = 0;
+    let entries: Vec<_> = tensors
+        .iter()
+        .map(|t| {
+            let start = offset;
+            offset += t.bytes.len();
+            (t.name.as_str(), t.dtype, &t.shape[..], start, offset)
+        })
+        .collect();
+    let mut out = header::serialize(entries, &BTreeMap::new());
+    for t in tensors {
+        out.extend_from_slice(&t.bytes);
+    }
+    out
+}
+
+/// Write a single-file model `dir/model.safetensors` plus a config.json.
+pub fn write_model(dir: &Path, tensors: &[T]) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("model.safetensors"), safetensors_bytes(tensors)).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32"}"#,
+    )
+    .unwrap();
+}
+
+/// Write a sharded model: `groups[i]` goes in shard i, with an index.
+pub fn write_sharded(dir: &Path, groups: &[Vec<T>]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut map = serde_json::Map::new();
+    for (i, g) in groups.iter().enumerate() {
+        let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, groups.len());
+        std::fs::write(dir.join(&name), safetensors_bytes(g)).unwrap();
+        for t in g {
+            map.insert(t.name.clone(), name.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Run the amalgam binary.
+pub fn amalgam(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
+        .args(args)
+        .output()
+        .expect("run amalgam")
+}
+
+/// Run amalgam and require success; returns stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = amalgam(args);
+    assert!(
+        out.status.success(),
+        "amalgam {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Run amalgam and require exit code 2 (an error); returns stderr.
+pub fn fails(args: &[&str]) -> String {
+    let out = amalgam(args);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "amalgam {args:?} should fail; stdout {} stderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
+/// Entries of a directory (names), sorted.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Path as &str.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A path under a temp dir.
+pub fn p(dir: &tempfile::TempDir, rel: &str) -> PathBuf {
+    dir.path().join(rel)
+}

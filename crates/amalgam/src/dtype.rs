@@ -1,0 +1,466 @@
+//! Storage dtypes as safetensors names them, and bulk conversion between float storage and the
+//! f32 that every computation runs in.
+//!
+//! Widening (f16/bf16 → f32 → f64) is exact. Narrowing rounds to nearest, ties to even, once:
+//! an f64 source is rounded straight to its target rather than through f32, so no value is
+//! double-rounded. Integer and bool tensors are never converted; they pass through as bytes.
+
+use std::fmt;
+
+use half::{bf16, f16};
+use serde::{Deserialize, Serialize};
+
+/// A tensor element type, spelled as in safetensors headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum DType {
+    /// Boolean, one byte.
+    #[serde(rename = "BOOL")]
+    Bool,
+    /// Unsigned 8-bit integer.
+    U8,
+    /// Signed 8-bit integer.
+    I8,
+    /// 8-bit float, 4 exponent bits (passed through only).
+    #[serde(rename = "F8_E4M3")]
+    F8E4M3,
+    /// 8-bit float, 5 exponent bits (passed through only).
+    #[serde(rename = "F8_E5M2")]
+    F8E5M2,
+    /// Signed 16-bit integer.
+    I16,
+    /// Unsigned 16-bit integer.
+    U16,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// Signed 32-bit integer.
+    I32,
+    /// Unsigned 32-bit integer.
+    U32,
+    /// IEEE single precision.
+    F32,
+    /// IEEE double precision.
+    F64,
+    /// Signed 64-bit integer.
+    I64,
+    /// Unsigned 64-bit integer.
+    U64,
+}
+
+impl DType {
+    /// Every dtype, for parsing and error messages.
+    pub const ALL: [DType; 15] = [
+        DType::Bool,
+        DType::U8,
+        DType::I8,
+        DType::F8E4M3,
+        DType::F8E5M2,
+        DType::I16,
+        DType::U16,
+        DType::F16,
+        DType::BF16,
+        DType::I32,
+        DType::U32,
+        DType::F32,
+        DType::F64,
+        DType::I64,
+        DType::U64,
+    ];
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::Bool | DType::U8 | DType::I8 | DType::F8E4M3 | DType::F8E5M2 => 1,
+            DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 2,
+            DType::I32 | DType::U32 | DType::F32 => 4,
+            DType::F64 | DType::I64 | DType::U64 => 8,
+        }
+    }
+
+    /// Whether amalgam computes on this dtype (converts it to f32). Other dtypes pass through.
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+    }
+
+    /// The safetensors spelling (`"BF16"`, `"F8_E4M3"`, ...).
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::Bool => "BOOL",
+            DType::U8 => "U8",
+            DType::I8 => "I8",
+            DType::F8E4M3 => "F8_E4M3",
+            DType::F8E5M2 => "F8_E5M2",
+            DType::I16 => "I16",
+            DType::U16 => "U16",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::I32 => "I32",
+            DType::U32 => "U32",
+            DType::F32 => "F32",
+            DType::F64 => "F64",
+            DType::I64 => "I64",
+            DType::U64 => "U64",
+        }
+    }
+
+    /// Parse a safetensors dtype name.
+    pub fn from_safetensors_name(name: &str) -> Option<DType> {
+        DType::ALL
+            .into_iter()
+            .find(|d| d.safetensors_name() == name)
+    }
+
+    /// Parse a user-facing float dtype name as mergekit and torch spell them
+    /// (`bfloat16`, `bf16`, `float16`, `fp16`, `half`, `float32`, `fp32`, `float`, `float64`).
+    pub fn parse_float(name: &str) -> Option<DType> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "bfloat16" | "bf16" => Some(DType::BF16),
+            "float16" | "fp16" | "f16" | "half" => Some(DType::F16),
+            "float32" | "fp32" | "f32" | "float" => Some(DType::F32),
+            "float64" | "fp64" | "f64" | "double" => Some(DType::F64),
+            _ => None,
+        }
+    }
+
+    /// The name torch uses in `config.json`'s `torch_dtype`.
+    pub fn torch_name(self) -> Option<&'static str> {
+        match self {
+            DType::BF16 => Some("bfloat16"),
+            DType::F16 => Some("float16"),
+            DType::F32 => Some("float32"),
+            DType::F64 => Some("float64"),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.safetensors_name())
+    }
+}
+
+/// A float storage element: how to widen it to f32 and narrow f32/f64 into it.
+trait FloatElem: bytemuck::Pod {
+    fn to_f32(self) -> f32;
+    fn to_f64(self) -> f64;
+    fn from_f32(x: f32) -> Self;
+    fn from_f64(x: f64) -> Self;
+}
+
+impl FloatElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn from_f64(x: f64) -> Self {
+        // `as` rounds to nearest, ties to even.
+        x as f32
+    }
+}
+
+impl FloatElem for f64 {
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x as f64
+    }
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+}
+
+impl FloatElem for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn from_f64(x: f64) -> Self {
+        f16::from_f32(f64_to_f32_round_to_odd(x))
+    }
+}
+
+impl FloatElem for bf16 {
+    fn to_f32(self) -> f32 {
+        // bf16 is the top half of an f32: widening is a shift.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f32(f64_to_f32_round_to_odd(x))
+    }
+}
+
+/// Narrow f64 to f32 rounding to odd: truncate, then set the last bit if anything was lost.
+/// Rounding that result to nearest-even in a format with at least two fewer significand bits
+/// (bf16: 8, f16: 11, against f32's 24) equals rounding the f64 directly, which `half`'s own
+/// f64 conversions do not do (they round twice).
+fn f64_to_f32_round_to_odd(x: f64) -> f32 {
+    let f = x as f32;
+    if !f.is_finite() {
+        return f;
+    }
+    let back = f as f64;
+    if back == x {
+        return f;
+    }
+    let mut bits = f.to_bits();
+    if back.abs() > x.abs() {
+        // Rounded away from zero: step the magnitude back one unit to truncate.
+        bits -= 1;
+    }
+    f32::from_bits(bits | 1)
+}
+
+/// Run `$body` with `$t` bound to the Rust type of float dtype `$dtype`.
+macro_rules! with_float_type {
+    ($dtype:expr, $t:ident, $body:block, $other:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            DType::F16 => {
+                type $t = f16;
+                $body
+            }
+            DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            _ => $other,
+        }
+    };
+}
+
+/// Read little-endian elements of `T` from possibly unaligned bytes.
+fn for_each_elem<T: bytemuck::Pod>(bytes: &[u8], mut f: impl FnMut(T)) {
+    match bytemuck::try_cast_slice::<u8, T>(bytes) {
+        Ok(slice) => slice.iter().for_each(|&x| f(x)),
+        Err(_) => bytes
+            .chunks_exact(std::mem::size_of::<T>())
+            .for_each(|c| f(bytemuck::pod_read_unaligned(c))),
+    }
+}
+
+/// Decode float tensor bytes of `dtype` into `out` (cleared first) as f32.
+///
+/// Returns `false`, leaving `out` empty, when `dtype` is not a float type.
+pub fn decode_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> bool {
+    out.clear();
+    with_float_type!(
+        dtype,
+        T,
+        {
+            out.reserve(bytes.len() / std::mem::size_of::<T>());
+            for_each_elem::<T>(bytes, |x| out.push(FloatElem::to_f32(x)));
+            true
+        },
+        false
+    )
+}
+
+/// Encode f32 values as `dtype` bytes, appended to `out` (cleared first).
+///
+/// Returns `false` when `dtype` is not a float type.
+pub fn encode_f32(dtype: DType, values: &[f32], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    with_float_type!(
+        dtype,
+        T,
+        {
+            out.reserve(std::mem::size_of_val(values) / 4 * std::mem::size_of::<T>());
+            for &v in values {
+                out.extend_from_slice(bytemuck::bytes_of(&<T as FloatElem>::from_f32(v)));
+            }
+            true
+        },
+        false
+    )
+}
+
+/// Convert float tensor bytes from `from` to `to`, appended to `out` (cleared first), with a
+/// single rounding step. Same dtype copies the bytes. Returns `false` if either is not a float.
+pub fn convert_bytes(from: DType, bytes: &[u8], to: DType, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    if from == to {
+        out.extend_from_slice(bytes);
+        return true;
+    }
+    if !from.is_float() || !to.is_float() {
+        return false;
+    }
+    let n = bytes.len() / from.size();
+    out.reserve(n * to.size());
+    with_float_type!(
+        from,
+        S,
+        {
+            with_float_type!(
+                to,
+                D,
+                {
+                    // Widening through f64 is exact for every source, and narrowing from f64
+                    // rounds once, so this path never double-rounds.
+                    for_each_elem::<S>(bytes, |x| {
+                        out.extend_from_slice(bytemuck::bytes_of(&<D as FloatElem>::from_f64(
+                            FloatElem::to_f64(x),
+                        )))
+                    });
+                    true
+                },
+                false
+            )
+        },
+        false
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(dtype: DType, bits: &[u8]) {
+        let mut f = Vec::new();
+        assert!(decode_f32(dtype, bits, &mut f));
+        let mut back = Vec::new();
+        assert!(encode_f32(dtype, &f, &mut back));
+        assert_eq!(back, bits, "{dtype} round trip through f32");
+    }
+
+    #[test]
+    fn every_bf16_and_f16_pattern_round_trips_through_f32() {
+        let all: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+        // NaN payloads may be canonicalised; compare only non-NaN patterns bit-exactly.
+        for dtype in [DType::BF16, DType::F16] {
+            let finite: Vec<u8> = all
+                .chunks_exact(2)
+                .filter(|c| {
+                    let b = u16::from_le_bytes([c[0], c[1]]);
+                    match dtype {
+                        DType::BF16 => !bf16::from_bits(b).is_nan(),
+                        _ => !f16::from_bits(b).is_nan(),
+                    }
+                })
+                .flatten()
+                .copied()
+                .collect();
+            roundtrip(dtype, &finite);
+        }
+    }
+
+    #[test]
+    fn f32_to_bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 is exactly halfway between two bf16 values: ties go to the even mantissa (1.0).
+        let halfway = 1.0f32 + 2f32.powi(-8);
+        let mut out = Vec::new();
+        encode_f32(DType::BF16, &[halfway], &mut out);
+        assert_eq!(u16::from_le_bytes([out[0], out[1]]), 0x3f80);
+        // Slightly above halfway rounds up.
+        let above = f32::from_bits(halfway.to_bits() + 1);
+        encode_f32(DType::BF16, &[above], &mut out);
+        assert_eq!(u16::from_le_bytes([out[0], out[1]]), 0x3f81);
+    }
+
+    #[test]
+    fn f64_narrowing_rounds_once() {
+        // x lies just above the midpoint between two bf16 values, but rounding it to f32 first
+        // lands exactly on the midpoint, which would then round down to even: double rounding.
+        let x = 1.0f64 + 2f64.powi(-8) + 2f64.powi(-40);
+        assert_eq!(x as f32, 1.0f32 + 2f32.powi(-8));
+        let mut out = Vec::new();
+        assert!(convert_bytes(
+            DType::F64,
+            &x.to_le_bytes(),
+            DType::BF16,
+            &mut out
+        ));
+        assert_eq!(u16::from_le_bytes([out[0], out[1]]), 0x3f81);
+    }
+
+    #[test]
+    fn f64_narrowing_matches_exact_rounding_on_many_values() {
+        // Compare against a reference that rounds the exact f64 value to nearest-even bf16.
+        let reference = |x: f64| -> u16 {
+            let f = x as f32; // only used for the bracket
+            let b = bf16::from_f32(f).to_bits();
+            let cands = [b.wrapping_sub(1), b, b.wrapping_add(1)];
+            let dist = |c: u16| (bf16::from_bits(c).to_f64() - x).abs();
+            let best = cands.iter().copied().min_by(|&a, &c| {
+                dist(a)
+                    .partial_cmp(&dist(c))
+                    .unwrap()
+                    .then((a & 1).cmp(&(c & 1)))
+            });
+            best.unwrap()
+        };
+        let mut s = 12345u64;
+        for _ in 0..200_000 {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let x = f64::from_bits((s >> 2) | 0x3f00_0000_0000_0000)
+                * if s & 1 == 0 { 1.0 } else { -1.0 };
+            assert_eq!(bf16::from_f64(0.0).to_bits(), 0);
+            assert_eq!(
+                <bf16 as FloatElem>::from_f64(x).to_bits(),
+                reference(x),
+                "{x:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn unaligned_input_decodes() {
+        let vals = [1.5f32, -2.25, 3.0];
+        let mut bytes = vec![0u8];
+        bytes.extend(vals.iter().flat_map(|v| v.to_le_bytes()));
+        let mut out = Vec::new();
+        assert!(decode_f32(DType::F32, &bytes[1..], &mut out));
+        assert_eq!(out, vals);
+    }
+
+    #[test]
+    fn integers_are_not_converted() {
+        let mut out = Vec::new();
+        assert!(!decode_f32(DType::I64, &[0; 8], &mut out));
+        let mut bytes = Vec::new();
+        assert!(!convert_bytes(DType::I64, &[0; 8], DType::F32, &mut bytes));
+        assert!(convert_bytes(DType::I64, &[1; 8], DType::I64, &mut bytes));
+        assert_eq!(bytes, [1; 8]);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for d in DType::ALL {
+            assert_eq!(DType::from_safetensors_name(d.safetensors_name()), Some(d));
+        }
+        assert_eq!(DType::parse_float("bfloat16"), Some(DType::BF16));
+        assert_eq!(DType::parse_float("int8"), None);
+    }
+}

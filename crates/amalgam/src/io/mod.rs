@@ -1,0 +1,10 @@
+//! Reading and writing models as the Hugging Face ecosystem stores them: safetensors files,
+//! sharded directories with an index, and the side files of a model directory.
+
+pub mod header;
+pub mod model;
+pub mod modeldir;
+pub mod writer;
+
+pub use model::{Model, TensorEntry, TensorView};
+pub use writer::{Existing, ModelWriter, TensorSpec, parse_shard_size};

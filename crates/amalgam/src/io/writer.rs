@@ -1,0 +1,400 @@
+//! The streaming, sharded safetensors writer.
+//!
+//! The full layout (which tensor goes in which shard, at which offset) is computed from names,
+//! dtypes and shapes before any data exists, so every header is written first and each tensor's
+//! bytes can then be written at its final position, by any thread, in any order, as soon as it is
+//! computed. Nothing is buffered beyond the tensor being written.
+//!
+//! Output goes to a temporary directory beside the target. [`ModelWriter::finish`] checks that
+//! every tensor was written, fsyncs the files, writes the index and renames the directory into
+//! place. Dropping the writer without finishing removes the temporary directory, so a failed or
+//! interrupted run leaves no partial output and never touches an existing target.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::dtype::DType;
+use crate::error::{Error, IoContext, Result};
+use crate::io::header;
+
+/// Name, dtype and shape of one output tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// The name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// Bytes of data, or `None` on overflow.
+    pub fn nbytes(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(self.dtype.size() as u64, |acc, &d| {
+                acc.checked_mul(d as u64)
+            })
+    }
+}
+
+/// What to do with an existing output directory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse unless it is empty.
+    #[default]
+    Refuse,
+    /// Replace it atomically once the new output is complete.
+    Replace,
+}
+
+/// Where one tensor goes.
+#[derive(Clone, Debug)]
+struct Slot {
+    shard: usize,
+    offset: u64,
+    len: u64,
+}
+
+struct ShardFile {
+    name: String,
+    file: File,
+}
+
+/// A model being written; see the module docs.
+pub struct ModelWriter {
+    target: PathBuf,
+    existing: Existing,
+    tmp: tempfile::TempDir,
+    shards: Vec<ShardFile>,
+    specs: Vec<TensorSpec>,
+    slots: Vec<Slot>,
+    written: Vec<AtomicBool>,
+}
+
+/// Parse a shard size as mergekit spells it: a number with an optional suffix `K` (10³), `M`
+/// (10⁶) or `B`/`G` (10⁹); `5B` is five billion bytes, not five bytes.
+pub fn parse_shard_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let bad = || {
+        Error::argument(
+            "shard size",
+            format!(
+                "'{text}' is not a size; use a byte count or a number with K, M or B (10^9), e.g. 5B or 500M"
+            ),
+        )
+    };
+    let (digits, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1e3),
+        Some('M') => (&t[..t.len() - 1], 1e6),
+        Some('B') | Some('G') => (&t[..t.len() - 1], 1e9),
+        _ => (t, 1.0),
+    };
+    let value: f64 = digits.trim().parse().map_err(|_| bad())?;
+    let bytes = value * mult;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
+/// Assign tensors to shards in order: a shard takes tensors until the next would push it past
+/// `budget`; a tensor larger than the budget gets a shard of its own.
+fn assign_shards(sizes: &[u64], budget: Option<u64>) -> Vec<usize> {
+    let mut out = Vec::with_capacity(sizes.len());
+    let (mut shard, mut used) = (0usize, 0u64);
+    for &s in sizes {
+        if let Some(b) = budget
+            && used > 0
+            && used.saturating_add(s) > b
+        {
+            shard += 1;
+            used = 0;
+        }
+        used += s;
+        out.push(shard);
+    }
+    out
+}
+
+fn shard_file_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        "model.safetensors".to_string()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+    }
+}
+
+impl ModelWriter {
+    /// Plan the output and write every shard's header. `shard_size` is the byte budget per shard
+    /// (`None`: one file).
+    pub fn create(
+        target: &Path,
+        specs: Vec<TensorSpec>,
+        shard_size: Option<u64>,
+        existing: Existing,
+    ) -> Result<ModelWriter> {
+        check_target(target, existing)?;
+        let parent = parent_dir(target);
+        std::fs::create_dir_all(&parent).at(&parent)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".amalgam-tmp-")
+            .tempdir_in(&parent)
+            .at(&parent)?;
+        let mut seen = std::collections::HashSet::new();
+        let mut sizes = Vec::with_capacity(specs.len());
+        for s in &specs {
+            if !seen.insert(s.name.as_str()) {
+                return Err(Error::Output {
+                    path: target.to_path_buf(),
+                    reason: format!("tensor '{}' would be written twice", s.name),
+                });
+            }
+            sizes.push(s.nbytes().ok_or_else(|| Error::Output {
+                path: target.to_path_buf(),
+                reason: format!("tensor '{}' shape {:?} is too large", s.name, s.shape),
+            })?);
+        }
+        let assignment = assign_shards(&sizes, shard_size);
+        let n_shards = assignment.last().map_or(1, |&s| s + 1);
+        let mut slots = vec![None; specs.len()];
+        let mut shards = Vec::with_capacity(n_shards);
+        for shard in 0..n_shards {
+            let members: Vec<usize> = (0..specs.len())
+                .filter(|&i| assignment[i] == shard)
+                .collect();
+            let mut cursor = 0usize;
+            let mut entries = Vec::with_capacity(members.len());
+            for &i in &members {
+                let start = cursor;
+                cursor += sizes[i] as usize;
+                entries.push((
+                    specs[i].name.as_str(),
+                    specs[i].dtype,
+                    &specs[i].shape[..],
+                    start,
+                    cursor,
+                ));
+            }
+            let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+            let prefix = header::serialize(entries, &meta);
+            let name = shard_file_name(shard, n_shards);
+            let path = tmp.path().join(&name);
+            let mut file = File::create(&path).at(&path)?;
+            file.write_all(&prefix).at(&path)?;
+            file.set_len(prefix.len() as u64 + cursor as u64)
+                .at(&path)?;
+            let mut offset = prefix.len() as u64;
+            for &i in &members {
+                slots[i] = Some(Slot {
+                    shard,
+                    offset,
+                    len: sizes[i],
+                });
+                offset += sizes[i];
+            }
+            shards.push(ShardFile { name, file });
+        }
+        let written = specs.iter().map(|_| AtomicBool::new(false)).collect();
+        Ok(ModelWriter {
+            target: target.to_path_buf(),
+            existing,
+            tmp,
+            shards,
+            specs,
+            slots: slots
+                .into_iter()
+                .map(|s| s.expect("every tensor assigned"))
+                .collect(),
+            written,
+        })
+    }
+
+    /// The output tensors in order.
+    pub fn specs(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    /// The temporary directory the output is assembled in; put side files (config, tokenizer)
+    /// here before [`finish`](Self::finish).
+    pub fn staging_dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Write the data of tensor `index` (position in the specs). Safe to call from many threads
+    /// at once for different tensors.
+    pub fn write(&self, index: usize, bytes: &[u8]) -> Result<()> {
+        let slot = &self.slots[index];
+        let spec = &self.specs[index];
+        if bytes.len() as u64 != slot.len {
+            return Err(Error::Output {
+                path: self.target.clone(),
+                reason: format!(
+                    "tensor '{}' produced {} bytes, expected {} for shape {:?} {}",
+                    spec.name,
+                    bytes.len(),
+                    slot.len,
+                    spec.shape,
+                    spec.dtype
+                ),
+            });
+        }
+        if self.written[index].swap(true, Ordering::AcqRel) {
+            return Err(Error::Output {
+                path: self.target.clone(),
+                reason: format!("tensor '{}' written twice", spec.name),
+            });
+        }
+        let shard = &self.shards[slot.shard];
+        shard
+            .file
+            .write_all_at(bytes, slot.offset)
+            .at(&self.tmp.path().join(&shard.name))
+    }
+
+    /// Check every tensor was written, write the index, fsync, and move the output into place.
+    pub fn finish(self) -> Result<PathBuf> {
+        if let Some(i) = self.written.iter().position(|w| !w.load(Ordering::Acquire)) {
+            return Err(Error::Output {
+                path: self.target.clone(),
+                reason: format!("tensor '{}' was never written", self.specs[i].name),
+            });
+        }
+        for s in &self.shards {
+            s.file.sync_all().at(&self.tmp.path().join(&s.name))?;
+        }
+        if self.shards.len() > 1 {
+            self.write_index()?;
+        }
+        sync_dir(self.tmp.path())?;
+        let ModelWriter {
+            target,
+            existing,
+            tmp,
+            ..
+        } = self;
+        let staged = tmp.keep();
+        install(&staged, &target, existing).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&staged);
+        })?;
+        Ok(target)
+    }
+
+    fn write_index(&self) -> Result<()> {
+        let mut weight_map = serde_json::Map::new();
+        for (spec, slot) in self.specs.iter().zip(&self.slots) {
+            weight_map.insert(
+                spec.name.clone(),
+                self.shards[slot.shard].name.clone().into(),
+            );
+        }
+        let total: u64 = self.slots.iter().map(|s| s.len).sum();
+        let index = serde_json::json!({
+            "metadata": {"total_size": total, "amalgam_version": env!("CARGO_PKG_VERSION")},
+            "weight_map": weight_map,
+        });
+        let path = self.tmp.path().join("model.safetensors.index.json");
+        let mut f = File::create(&path).at(&path)?;
+        f.write_all(
+            serde_json::to_string_pretty(&index)
+                .expect("json")
+                .as_bytes(),
+        )
+        .at(&path)?;
+        f.sync_all().at(&path)
+    }
+}
+
+fn parent_dir(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn check_target(target: &Path, existing: Existing) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(target) else {
+        return Ok(());
+    };
+    let refuse = |reason: &str| Error::Output {
+        path: target.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    if !meta.is_dir() {
+        return Err(refuse(
+            "exists and is not a directory; choose another output path",
+        ));
+    }
+    let empty = std::fs::read_dir(target).at(target)?.next().is_none();
+    if !empty && existing == Existing::Refuse {
+        return Err(refuse(
+            "exists and is not empty; pass --overwrite to replace it (it is replaced only once the new output is complete)",
+        ));
+    }
+    Ok(())
+}
+
+/// Move `staged` to `target`. An existing target is renamed aside first and removed only after
+/// the new output is in place, so at no point is a half-written directory visible at `target`.
+fn install(staged: &Path, target: &Path, existing: Existing) -> Result<()> {
+    check_target(target, existing)?;
+    let parent = parent_dir(target);
+    let backup = if target.exists() {
+        let b = parent.join(format!(
+            ".amalgam-old-{}",
+            staged
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ));
+        std::fs::rename(target, &b).at(target)?;
+        Some(b)
+    } else {
+        None
+    };
+    if let Err(e) = std::fs::rename(staged, target) {
+        if let Some(b) = &backup {
+            let _ = std::fs::rename(b, target);
+        }
+        return Err(Error::io(target, e));
+    }
+    sync_dir(&parent)?;
+    if let Some(b) = backup {
+        std::fs::remove_dir_all(&b).at(&b)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_sizes_parse_like_mergekit() {
+        assert_eq!(parse_shard_size("5B").unwrap(), 5_000_000_000);
+        assert_eq!(parse_shard_size("500M").unwrap(), 500_000_000);
+        assert_eq!(parse_shard_size("1.5k").unwrap(), 1500);
+        assert_eq!(parse_shard_size("4096").unwrap(), 4096);
+        for bad in ["", "x", "-1M", "0", "5T"] {
+            assert!(parse_shard_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shards_fill_to_budget() {
+        assert_eq!(assign_shards(&[4, 4, 4, 4], Some(8)), [0, 0, 1, 1]);
+        assert_eq!(assign_shards(&[10, 1, 1], Some(8)), [0, 1, 1]);
+        assert_eq!(assign_shards(&[1, 10, 1], Some(8)), [0, 1, 2]);
+        assert_eq!(assign_shards(&[5, 5], None), [0, 0]);
+        assert_eq!(assign_shards(&[0, 0, 9], Some(8)), [0, 0, 0]);
+    }
+}

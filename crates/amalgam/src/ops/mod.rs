@@ -1,0 +1,5 @@
+//! Whole-model operations behind the CLI's subcommands.
+
+pub mod convert;
+pub mod diff;
+pub mod inspect;

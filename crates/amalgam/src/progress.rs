@@ -1,0 +1,18 @@
+//! Progress reporting for long work. The library reports; the binary decides how to show it.
+
+/// Receives progress from long-running operations. Implementations must be cheap and thread-safe.
+pub trait Progress: Sync {
+    /// Work is starting: `tensors` items totalling `bytes` bytes of output.
+    fn start(&self, _tensors: u64, _bytes: u64) {}
+    /// One tensor of `bytes` bytes is done.
+    fn advance(&self, _bytes: u64) {}
+    /// A notice worth showing the user (e.g. a skipped tensor).
+    fn warn(&self, _message: &str) {}
+    /// Work is done.
+    fn finish(&self) {}
+}
+
+/// Reports nothing.
+pub struct Silent;
+
+impl Progress for Silent {}
