@@ -2,6 +2,7 @@
 //! sharded directories with an index, and the side files of a model directory.
 
 pub mod header;
+pub mod index;
 pub mod model;
 pub mod modeldir;
 pub mod writer;

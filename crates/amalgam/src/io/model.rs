@@ -143,55 +143,6 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// A shard file name from an index must stay inside the model directory.
-fn safe_shard_name(index: &Path, name: &str) -> Result<()> {
-    let p = Path::new(name);
-    let plain = p.components().count() == 1
-        && matches!(p.components().next(), Some(std::path::Component::Normal(_)));
-    if plain {
-        Ok(())
-    } else {
-        Err(Error::index(
-            index,
-            format!("shard file name '{name}' is not a plain file name inside the model directory"),
-        ))
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct IndexFile {
-    weight_map: indexmap_like::OrderedMap,
-}
-
-/// A `weight_map` in file order with duplicates detected.
-mod indexmap_like {
-    use std::fmt;
-
-    use serde::de::{Deserializer, MapAccess, Visitor};
-
-    pub struct OrderedMap(pub Vec<(String, String)>);
-
-    impl<'de> serde::Deserialize<'de> for OrderedMap {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = OrderedMap;
-                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                    f.write_str("an object mapping tensor names to shard file names")
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<OrderedMap, A::Error> {
-                    let mut out = Vec::new();
-                    while let Some(e) = m.next_entry::<String, String>()? {
-                        out.push(e);
-                    }
-                    Ok(OrderedMap(out))
-                }
-            }
-            d.deserialize_map(V)
-        }
-    }
-}
-
 impl Model {
     /// Open a model: a `.safetensors` file, or a directory holding `model.safetensors`, a shard
     /// index, or `.safetensors` files. Validates every header (and the index against its shards)
@@ -245,22 +196,13 @@ impl Model {
 
     fn open_indexed(dir: PathBuf, index: PathBuf) -> Result<Model> {
         let text = std::fs::read(&index).at(&index)?;
-        let parsed: IndexFile = serde_json::from_slice(&text)
-            .map_err(|e| Error::index(&index, format!("not a valid index: {e}")))?;
-        let mut files: Vec<String> = Vec::new();
-        let mut expected: HashMap<&str, &str> = HashMap::new();
-        for (name, file) in &parsed.weight_map.0 {
-            safe_shard_name(&index, file)?;
-            if expected.insert(name, file).is_some() {
-                return Err(Error::index(
-                    &index,
-                    format!("tensor '{name}' appears twice in weight_map"),
-                ));
-            }
-            if !files.contains(file) {
-                files.push(file.clone());
-            }
-        }
+        let parsed = crate::io::index::parse(&index, &text)?;
+        let files = parsed.files;
+        let expected: HashMap<&str, &str> = parsed
+            .weight_map
+            .iter()
+            .map(|(n, f)| (n.as_str(), f.as_str()))
+            .collect();
         let shards = files
             .iter()
             .map(|f| {
