@@ -6,6 +6,7 @@
 //! whole in memory.
 
 pub mod cancel;
+pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod exec;

@@ -59,7 +59,9 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<ShardIndex> {
         if !is_plain_file_name(file) {
             return Err(Error::index(
                 path,
-                format!("shard file name '{file}' is not a plain file name inside the model directory"),
+                format!(
+                    "shard file name '{file}' is not a plain file name inside the model directory"
+                ),
             ));
         }
         if !seen.insert(name.as_str()) {
@@ -91,7 +93,9 @@ mod tests {
     use super::*;
 
     fn err(json: &str) -> String {
-        parse(Path::new("i.json"), json.as_bytes()).unwrap_err().to_string()
+        parse(Path::new("i.json"), json.as_bytes())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
