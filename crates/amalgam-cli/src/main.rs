@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use amalgam::DType;
 use amalgam::io::{Existing, parse_shard_size};
-use amalgam::ops::{convert, diff, inspect};
+use amalgam::ops::{convert, diff, inspect, merge};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
@@ -29,6 +29,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Merge models as a mergekit YAML config describes (`mergekit-yaml CONFIG OUT` equivalent).
+    Merge {
+        /// The merge configuration (mergekit's YAML schema).
+        config: PathBuf,
+        /// Output model directory.
+        output: PathBuf,
+        /// Print the plan (each output tensor, its sources and resolved parameters); write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Seed for random methods (DARE, DELLA); results do not depend on --threads.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Largest shard, mergekit's syntax: bytes, or a number with K, M, B (10^9): 5B, 500M.
+        #[arg(long, value_parser = parse_size, default_value = "5B")]
+        out_shard_size: u64,
+        /// Replace OUTPUT if it exists (only once the new model is complete).
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Summarise a model: architecture, tensors, parameters, dtypes, shards, largest tensors.
     Inspect {
         /// A model directory or a .safetensors file.
@@ -116,6 +135,34 @@ fn run() -> Result<ExitCode> {
             .context("setting up worker threads")?;
     }
     match cli.command {
+        Command::Merge {
+            config,
+            output,
+            dry_run,
+            seed,
+            out_shard_size,
+            overwrite,
+        } => {
+            let (cfg, set, plan) = merge::prepare(&config)?;
+            if dry_run {
+                print!("{}", plan.describe(&set));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let opts = merge::MergeOptions {
+                shard_size: Some(out_shard_size),
+                existing: existing(overwrite),
+                seed,
+            };
+            let bar = progress::Bar::new("merge", cli.quiet);
+            plan.warnings
+                .iter()
+                .for_each(|w| amalgam::progress::Progress::warn(&bar, w));
+            let out = merge::execute(&cfg, &set, &plan, &output, &opts, &bar)?;
+            if !cli.quiet {
+                eprintln!("wrote {}", out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { path, json, top } => {
             let report = inspect::inspect(&path, top)?;
             if json {

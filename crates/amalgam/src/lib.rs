@@ -5,13 +5,17 @@
 //! writer puts each result at its final place on disk. Models are memory-mapped and never held
 //! whole in memory.
 
+pub mod arch;
 pub mod cancel;
+pub mod chat_template;
 pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod io;
+pub mod methods;
 pub mod ops;
+pub mod plan;
 pub mod progress;
 
 pub use dtype::DType;

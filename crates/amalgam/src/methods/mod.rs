@@ -1,0 +1,343 @@
+//! Merge methods: one trait, one file per method, one static registry.
+//!
+//! A method is a pure function of its input tensors (decoded to f32, same shape) and its resolved
+//! parameters. It carries its own metadata: name, parameters with scopes and defaults, and the
+//! input contract (base required or not, how many inputs). It never opens files.
+
+use crate::config::{Kind, Value};
+use crate::error::{Error, Result};
+
+pub mod arcee_fusion;
+pub mod gta;
+pub mod karcher;
+pub mod linear;
+pub mod model_stock;
+pub mod multislerp;
+pub mod nearswap;
+pub mod nuslerp;
+pub mod passthrough;
+pub mod ram;
+pub mod rng;
+pub mod sce;
+pub mod slerp;
+pub mod sparsify;
+
+/// Which inputs a parameter is bound for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// One value for the whole tensor.
+    Shared,
+    /// One value per input, base included.
+    Input,
+    /// One value per non-base input.
+    NonBase,
+}
+
+/// A parameter a method takes.
+#[derive(Clone, Debug)]
+pub struct ParamSpec {
+    /// Its name in the YAML.
+    pub name: &'static str,
+    /// Its type.
+    pub kind: Kind,
+    /// Its scope.
+    pub scope: Scope,
+    /// Its default; `None` means required.
+    pub default: Option<Value>,
+}
+
+impl ParamSpec {
+    /// A parameter with a default.
+    pub const fn new(name: &'static str, kind: Kind, scope: Scope, default: Value) -> Self {
+        ParamSpec {
+            name,
+            kind,
+            scope,
+            default: Some(default),
+        }
+    }
+
+    /// A required parameter.
+    pub const fn required(name: &'static str, kind: Kind, scope: Scope) -> Self {
+        ParamSpec {
+            name,
+            kind,
+            scope,
+            default: None,
+        }
+    }
+}
+
+/// Whether a method wants a base model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BasePolicy {
+    /// Must have one.
+    Required,
+    /// May have one.
+    Optional,
+    /// Base is treated as an ordinary input.
+    Ignored,
+}
+
+/// What a method accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct Contract {
+    /// Base model policy.
+    pub base: BasePolicy,
+    /// Fewest inputs (base included).
+    pub min_inputs: usize,
+    /// Most inputs (base included).
+    pub max_inputs: Option<usize>,
+    /// Fewest non-base inputs.
+    pub min_non_base: usize,
+    /// Most non-base inputs.
+    pub max_non_base: Option<usize>,
+}
+
+impl Contract {
+    /// Any number of inputs (at least one), base ignored.
+    pub const ANY: Contract = Contract {
+        base: BasePolicy::Ignored,
+        min_inputs: 1,
+        max_inputs: None,
+        min_non_base: 0,
+        max_non_base: None,
+    };
+
+    /// A base and any number of other inputs.
+    pub const WITH_BASE: Contract = Contract {
+        base: BasePolicy::Required,
+        ..Contract::ANY
+    };
+
+    /// Check the inputs of one tensor: `n` inputs, `has_base` whether one is the base.
+    pub fn check(&self, n: usize, has_base: bool) -> std::result::Result<(), String> {
+        if self.base == BasePolicy::Required && !has_base {
+            return Err("this method needs a base_model".into());
+        }
+        let has_base = has_base && self.base != BasePolicy::Ignored;
+        let non_base = n - has_base as usize;
+        let range = |what: &str, count: usize, min: usize, max: Option<usize>| {
+            if count < min || max.is_some_and(|m| count > m) {
+                let want = match max {
+                    Some(m) if m == min => format!("exactly {m}"),
+                    Some(m) => format!("{min} to {m}"),
+                    None => format!("at least {min}"),
+                };
+                Err(format!("this method takes {want} {what}, got {count}"))
+            } else {
+                Ok(())
+            }
+        };
+        range(
+            "inputs (base included)",
+            n,
+            self.min_inputs,
+            self.max_inputs,
+        )?;
+        range(
+            "non-base models",
+            non_base,
+            self.min_non_base,
+            self.max_non_base,
+        )
+    }
+}
+
+/// What to do when a tied or optional tensor is missing from some inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptionalPolicy {
+    /// Merge what is there (with the usual input checks).
+    Error,
+    /// If only one input has it, copy that one.
+    PassthroughSingleton,
+    /// If only the base has it, copy it.
+    PassthroughBaseSingleton,
+    /// Copy the base if it alone has it; skip the tensor if too few inputs have it.
+    BaseOrSkip,
+}
+
+/// A method's metadata.
+#[derive(Clone, Debug)]
+pub struct MethodSpec {
+    /// The `merge_method` name.
+    pub name: &'static str,
+    /// Human name.
+    pub pretty_name: &'static str,
+    /// Paper or reference.
+    pub reference: &'static str,
+    /// Parameters.
+    pub params: Vec<ParamSpec>,
+    /// Inputs accepted.
+    pub contract: Contract,
+    /// Missing optional tensors.
+    pub optional_policy: OptionalPolicy,
+}
+
+/// Resolved parameters for one tensor: shared values and one map per input.
+#[derive(Clone, Debug, Default)]
+pub struct Params {
+    /// `(name, value)` pairs.
+    pub values: Vec<(&'static str, Value)>,
+}
+
+impl Params {
+    /// The value of `name`.
+    pub fn get(&self, name: &str) -> &Value {
+        self.values
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .unwrap_or(&Value::None)
+    }
+
+    /// `name` as a float (0 if absent).
+    pub fn f(&self, name: &str) -> f64 {
+        match self.get(name) {
+            Value::Float(x) => *x,
+            Value::Int(i) => *i as f64,
+            Value::Bool(b) => *b as u8 as f64,
+            Value::None => 0.0,
+        }
+    }
+
+    /// `name` as a float if set.
+    pub fn opt_f(&self, name: &str) -> Option<f64> {
+        match self.get(name) {
+            Value::None => None,
+            _ => Some(self.f(name)),
+        }
+    }
+
+    /// `name` as a bool.
+    pub fn b(&self, name: &str) -> bool {
+        matches!(self.get(name), Value::Bool(true))
+    }
+
+    /// `name` as an integer.
+    pub fn i(&self, name: &str) -> i64 {
+        match self.get(name) {
+            Value::Int(i) => *i,
+            _ => self.f(name) as i64,
+        }
+    }
+}
+
+/// Everything a method sees for one output tensor.
+pub struct MergeJob<'a> {
+    /// Output tensor name (for errors and the random stream).
+    pub name: &'a str,
+    /// Shape shared by all inputs.
+    pub shape: &'a [usize],
+    /// Inputs in config order, decoded to f32.
+    pub inputs: Vec<&'a [f32]>,
+    /// Index of the base among `inputs`.
+    pub base: Option<usize>,
+    /// Shared parameters.
+    pub shared: &'a Params,
+    /// Per-input parameters, parallel to `inputs` (the base's holds only `Input`-scoped ones).
+    pub per_input: &'a [Params],
+    /// Seed for random methods.
+    pub seed: u64,
+}
+
+impl<'a> MergeJob<'a> {
+    /// The base tensor. Methods whose contract requires a base may call this.
+    pub fn base_tensor(&self) -> &'a [f32] {
+        self.inputs[self.base.expect("contract guarantees a base")]
+    }
+
+    /// Indices of the non-base inputs, in order.
+    pub fn non_base(&self) -> Vec<usize> {
+        (0..self.inputs.len())
+            .filter(|&i| Some(i) != self.base)
+            .collect()
+    }
+
+    /// A numeric error naming this tensor.
+    pub fn error(&self, reason: impl Into<String>) -> Error {
+        Error::Numeric {
+            name: self.name.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A merge method.
+pub trait Method: Sync + Send {
+    /// Metadata.
+    fn spec(&self) -> &MethodSpec;
+    /// Merge `job`'s inputs into `out` (resized to the tensor's length by the caller).
+    fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()>;
+}
+
+/// Every method amalgam knows, by name.
+pub fn registry() -> &'static [Box<dyn Method>] {
+    static REGISTRY: std::sync::OnceLock<Vec<Box<dyn Method>>> = std::sync::OnceLock::new();
+    REGISTRY.get_or_init(|| {
+        let mut v: Vec<Box<dyn Method>> = vec![
+            Box::new(linear::Linear::default()),
+            Box::new(slerp::Slerp::default()),
+            Box::new(nuslerp::NuSlerp::default()),
+            Box::new(multislerp::MultiSlerp::default()),
+            Box::new(karcher::Karcher::default()),
+            Box::new(model_stock::ModelStock::default()),
+            Box::new(passthrough::Passthrough::default()),
+            Box::new(nearswap::NearSwap::default()),
+            Box::new(arcee_fusion::ArceeFusion::default()),
+            Box::new(sce::Sce::default()),
+            Box::new(ram::Ram::new(false)),
+            Box::new(ram::Ram::new(true)),
+        ];
+        v.extend(
+            gta::all()
+                .into_iter()
+                .map(|m| Box::new(m) as Box<dyn Method>),
+        );
+        v
+    })
+}
+
+/// Look a method up by name; the error lists the valid names.
+pub fn get(name: &str) -> std::result::Result<&'static dyn Method, String> {
+    registry()
+        .iter()
+        .find(|m| m.spec().name == name)
+        .map(|m| m.as_ref())
+        .ok_or_else(|| {
+            let mut names: Vec<_> = registry().iter().map(|m| m.spec().name).collect();
+            names.sort();
+            format!(
+                "unknown merge_method '{name}'; valid methods: {}",
+                names.join(", ")
+            )
+        })
+}
+
+/// `Σ_i w_i x_i` into `out`, elementwise, accumulating in f32 in input order.
+pub fn weighted_sum(inputs: &[&[f32]], weights: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for (x, &w) in inputs.iter().zip(weights) {
+        for (o, &v) in out.iter_mut().zip(x.iter()) {
+            *o += w * v;
+        }
+    }
+}
+
+/// Euclidean norm accumulated in f64.
+pub fn norm(x: &[f32]) -> f64 {
+    x.iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Dot product accumulated in f64.
+pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}

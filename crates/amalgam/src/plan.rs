@@ -1,0 +1,593 @@
+//! The plan: every output tensor with its inputs and fully resolved parameters, built from a
+//! merge config and the headers of the input models before any tensor data is read.
+//!
+//! The planning follows mergekit's: `models:` becomes one slice spanning every layer of each
+//! model (the base appended if it is not listed), embeddings come from the first slice's
+//! sources, the final norm and LM head from the last slice's, and layer `k` of a slice of `n`
+//! layers is planned at gradient position `t = k/(n−1)` (`t = 1` for a one-layer slice, `t = 0`
+//! outside the layers). Parameters are looked up source → slice → global, first hit wins.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use crate::arch::{self, EMBED_TOKENS, LM_HEAD, Layout, Place};
+use crate::config::{self, MergeConfig, ModelRef, Parameters, Value};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::io::Model;
+use crate::methods::{self, Method, Params, Scope};
+
+/// The input models, opened and validated.
+pub struct ModelSet {
+    /// As the config names them.
+    pub refs: Vec<ModelRef>,
+    /// Opened, parallel to `refs`.
+    pub models: Vec<Model>,
+}
+
+impl ModelSet {
+    /// Open every model `config` references. Paths are relative to the working directory, as
+    /// with mergekit.
+    pub fn open(config: &MergeConfig) -> Result<ModelSet> {
+        let refs = config.referenced_models();
+        let models = refs
+            .iter()
+            .map(|r| {
+                if r.0.contains('+') && !PathBuf::from(&r.0).exists() {
+                    return Err(config.error(format!(
+                        "model '{}': 'model+adapter' references (LoRA) are not supported yet; bake the adapter into the model first",
+                        r.0
+                    )));
+                }
+                let path = PathBuf::from(&r.0);
+                if !path.exists() {
+                    return Err(config.error(format!(
+                        "model '{}' not found: amalgam reads local model directories or .safetensors files (it does not download from a hub)",
+                        r.0
+                    )));
+                }
+                Model::open(&path)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ModelSet { refs, models })
+    }
+
+    /// Index of `r`.
+    pub fn index(&self, r: &ModelRef) -> usize {
+        self.refs
+            .iter()
+            .position(|x| x == r)
+            .expect("referenced model")
+    }
+}
+
+/// One input of an output tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Input {
+    /// Index into [`ModelSet::models`].
+    pub model: usize,
+    /// The tensor name in that model.
+    pub tensor: String,
+}
+
+/// What produces an output tensor.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Run the merge method.
+    Merge {
+        /// Inputs in config order.
+        inputs: Vec<Input>,
+        /// Which input is the base.
+        base: Option<usize>,
+        /// Shared parameters.
+        shared: Params,
+        /// Per-input parameters.
+        per_input: Vec<Params>,
+        /// Gradient position.
+        t: f64,
+    },
+    /// A non-float buffer: every input must hold the same bytes; the first is copied.
+    CopyBuffer {
+        /// Inputs.
+        inputs: Vec<Input>,
+    },
+}
+
+/// One output tensor.
+#[derive(Clone, Debug)]
+pub struct PlannedTensor {
+    /// Output name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Output dtype.
+    pub dtype: DType,
+    /// How it is made.
+    pub op: Op,
+}
+
+/// A whole merge plan.
+pub struct Plan {
+    /// The method.
+    pub method: &'static dyn Method,
+    /// Output tensors in write order.
+    pub tensors: Vec<PlannedTensor>,
+    /// The model whose config, tokenizer and side files are copied.
+    pub donor: usize,
+    /// The output `config.json`, if the donor has one.
+    pub out_config: Option<serde_json::Value>,
+    /// Notices for the user.
+    pub warnings: Vec<String>,
+}
+
+/// A normalised slice: sources with their layer ranges and parameters.
+struct Slice<'a> {
+    sources: Vec<(usize, [usize; 2], &'a Parameters)>,
+    base: Option<usize>,
+    params: &'a Parameters,
+}
+
+static EMPTY: std::sync::LazyLock<Parameters> = std::sync::LazyLock::new(Parameters::default);
+
+/// Build the plan for `config` over `set`.
+pub fn build(config: &MergeConfig, set: &ModelSet) -> Result<Plan> {
+    let method = methods::get(&config.merge_method).map_err(|e| config.error(e))?;
+    check_unsupported(config)?;
+    let out_dtype = parse_dtype(config, "out_dtype", config.out_dtype.as_deref())?.or(parse_dtype(
+        config,
+        "dtype",
+        config.dtype.as_deref(),
+    )?);
+    let slices = normalise(config, set)?;
+    let donor = config
+        .base_model
+        .as_ref()
+        .map(|b| set.index(b))
+        .unwrap_or(0);
+    let reference = &set.models[donor];
+    let layout = Layout::of(reference);
+    let mut planner = Planner {
+        config,
+        set,
+        method,
+        layout: &layout,
+        out_dtype,
+        tensors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let mut pre = Vec::new();
+    let mut post = Vec::new();
+    for t in reference.tensors() {
+        match arch::place(&t.name) {
+            Place::Pre => pre.push(t.name.clone()),
+            Place::Post => post.push(t.name.clone()),
+            Place::Layer { .. } => {}
+        }
+    }
+    let first = &slices[0];
+    let last = slices.last().expect("at least one slice");
+    // A tied LM head is written only if some input stores one (mergekit's optional weight);
+    // inputs that tie it then contribute their embeddings.
+    if layout.tied_head
+        && !post.iter().any(|n| n == LM_HEAD)
+        && last
+            .sources
+            .iter()
+            .any(|s| set.models[s.0].contains(LM_HEAD))
+    {
+        post.push(LM_HEAD.to_string());
+    }
+    for name in &pre {
+        planner.plan_tensor(name, &inputs_same_name(first, name), first, 0.0)?;
+    }
+    let mut out_layer = 0usize;
+    for slice in &slices {
+        out_layer = planner.plan_slice(slice, out_layer)?;
+    }
+    for name in &post {
+        planner.plan_tensor(name, &inputs_same_name(last, name), last, 0.0)?;
+    }
+    let out_config = out_config(reference, config, &layout, out_dtype, out_layer);
+    Ok(Plan {
+        method,
+        tensors: planner.tensors,
+        donor,
+        out_config,
+        warnings: planner.warnings,
+    })
+}
+
+fn check_unsupported(config: &MergeConfig) -> Result<()> {
+    let source = config
+        .tokenizer
+        .as_ref()
+        .map(|t| t.source.as_str())
+        .or(config.tokenizer_source.as_deref());
+    if source == Some("union") {
+        return Err(config.error(
+            "tokenizer source 'union' (building a merged vocabulary) is not supported yet; use 'base' or a model",
+        ));
+    }
+    if let Some(t) = &config.tokenizer
+        && (t.tokens.is_some() || t.pad_to_multiple_of.is_some())
+    {
+        return Err(
+            config.error("tokenizer 'tokens' and 'pad_to_multiple_of' are not supported yet")
+        );
+    }
+    Ok(())
+}
+
+fn parse_dtype(config: &MergeConfig, key: &str, value: Option<&str>) -> Result<Option<DType>> {
+    value
+        .map(|v| {
+            DType::parse_float(v).ok_or_else(|| {
+                config.error(format!(
+                    "{key}: '{v}' is not a float dtype; use bfloat16, float16, float32 or float64"
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// `models:` → one slice; `slices:` as given. Checks equal slice lengths and layer ranges.
+fn normalise<'a>(config: &'a MergeConfig, set: &ModelSet) -> Result<Vec<Slice<'a>>> {
+    let base = config.base_model.as_ref().map(|b| set.index(b));
+    if let Some(models) = &config.models {
+        let mut sources: Vec<(usize, [usize; 2], &Parameters)> = models
+            .iter()
+            .map(|m| {
+                let i = set.index(&m.model);
+                (i, [0, Layout::of(&set.models[i]).num_layers], &m.parameters)
+            })
+            .collect();
+        if let Some(b) = base
+            && !sources.iter().any(|s| s.0 == b)
+        {
+            sources.push((b, [0, Layout::of(&set.models[b]).num_layers], &EMPTY));
+        }
+        let slice = Slice {
+            sources,
+            base,
+            params: &EMPTY,
+        };
+        check_slice(config, set, &slice)?;
+        return Ok(vec![slice]);
+    }
+    let mut out = Vec::new();
+    for s in config.slices.iter().flatten() {
+        let slice = Slice {
+            sources: s
+                .sources
+                .iter()
+                .map(|src| (set.index(&src.model), src.layer_range, &src.parameters))
+                .collect(),
+            base: s.base_model.as_ref().map(|b| set.index(b)).or(base),
+            params: &s.parameters,
+        };
+        check_slice(config, set, &slice)?;
+        out.push(slice);
+    }
+    Ok(out)
+}
+
+fn check_slice(config: &MergeConfig, set: &ModelSet, slice: &Slice) -> Result<()> {
+    let len = |s: &(usize, [usize; 2], &Parameters)| s.1[1] - s.1[0];
+    if slice
+        .sources
+        .iter()
+        .any(|s| len(s) != len(&slice.sources[0]))
+    {
+        let desc: Vec<String> = slice
+            .sources
+            .iter()
+            .map(|s| format!("{} has {}", set.refs[s.0].0, len(s)))
+            .collect();
+        return Err(config.error(format!(
+            "all inputs to a slice must have the same number of layers ({})",
+            desc.join(", ")
+        )));
+    }
+    for s in &slice.sources {
+        let available = Layout::of(&set.models[s.0]).num_layers;
+        if s.1[1] > available {
+            return Err(config.error(format!(
+                "layer_range [{}, {}] of {} is past its {available} layers",
+                s.1[0], s.1[1], set.refs[s.0].0
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn inputs_same_name(slice: &Slice, name: &str) -> Vec<(usize, String)> {
+    slice
+        .sources
+        .iter()
+        .map(|s| (s.0, name.to_string()))
+        .collect()
+}
+
+struct Planner<'a> {
+    config: &'a MergeConfig,
+    set: &'a ModelSet,
+    method: &'static dyn Method,
+    layout: &'a Layout,
+    out_dtype: Option<DType>,
+    tensors: Vec<PlannedTensor>,
+    warnings: Vec<String>,
+}
+
+impl Planner<'_> {
+    fn plan_slice(&mut self, slice: &Slice, mut out_layer: usize) -> Result<usize> {
+        let (first_model, range, _) = slice.sources[0];
+        let n = range[1] - range[0];
+        for offset in 0..n {
+            let t = if n > 1 {
+                offset as f64 / (n - 1) as f64
+            } else {
+                1.0
+            };
+            let suffixes = arch::layer_tensors(&self.set.models[first_model], range[0] + offset);
+            for (prefix, suffix) in suffixes {
+                let out_name = format!("{prefix}{out_layer}.{suffix}");
+                let inputs: Vec<(usize, String)> = slice
+                    .sources
+                    .iter()
+                    .map(|s| (s.0, format!("{prefix}{}.{suffix}", s.1[0] + offset)))
+                    .collect();
+                self.plan_tensor(&out_name, &inputs, slice, t)?;
+            }
+            out_layer += 1;
+        }
+        Ok(out_layer)
+    }
+
+    /// The tensor `name` of model `m`, or the embeddings standing in for a tied LM head.
+    fn resolve(&self, m: usize, name: &str) -> Result<String> {
+        let model = &self.set.models[m];
+        if model.contains(name) {
+            return Ok(name.to_string());
+        }
+        if name == LM_HEAD && self.layout.tied_head && model.contains(EMBED_TOKENS) {
+            return Ok(EMBED_TOKENS.to_string());
+        }
+        Err(self.config.error(format!(
+            "tensor '{name}' is missing from model '{}'; every input must have the tensors of the output layout",
+            self.set.refs[m].0
+        )))
+    }
+
+    fn plan_tensor(
+        &mut self,
+        out_name: &str,
+        inputs: &[(usize, String)],
+        slice: &Slice,
+        t: f64,
+    ) -> Result<()> {
+        let inputs: Vec<Input> = inputs
+            .iter()
+            .map(|(m, n)| {
+                Ok(Input {
+                    model: *m,
+                    tensor: self.resolve(*m, n)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let entries: Vec<_> = inputs
+            .iter()
+            .map(|i| self.set.models[i.model].entry(&i.tensor))
+            .collect::<Result<_>>()?;
+        let shape = entries[0].shape.clone();
+        for (e, i) in entries.iter().zip(&inputs) {
+            if e.shape != shape {
+                return Err(Error::ShapeMismatch {
+                    path: self.set.models[i.model].path.clone(),
+                    name: i.tensor.clone(),
+                    expected: shape,
+                    found: e.shape.clone(),
+                })
+                .map_err(|e| {
+                    self.config.error(format!(
+                        "{e}; inputs must agree in shape (vocabulary differences need a tokenizer configuration, which is not supported yet)"
+                    ))
+                });
+            }
+        }
+        if entries.iter().any(|e| !e.dtype.is_float()) {
+            self.tensors.push(PlannedTensor {
+                name: out_name.to_string(),
+                shape,
+                dtype: entries[0].dtype,
+                op: Op::CopyBuffer { inputs },
+            });
+            return Ok(());
+        }
+        let dtype = self
+            .out_dtype
+            .unwrap_or_else(|| promote(entries.iter().map(|e| e.dtype)));
+        let base = slice
+            .base
+            .and_then(|b| inputs.iter().position(|i| i.model == b));
+        if let Some(b) = slice.base
+            && base.is_none()
+            && self.method.spec().contract.base != methods::BasePolicy::Ignored
+        {
+            return Err(self.config.error(format!(
+                "the base model '{}' is not among the sources of the slice that makes '{out_name}'",
+                self.set.refs[b].0
+            )));
+        }
+        self.method
+            .spec()
+            .contract
+            .check(inputs.len(), base.is_some())
+            .map_err(|e| {
+                self.config
+                    .error(format!("{} for '{out_name}': {e}", self.method.spec().name))
+            })?;
+        let (shared, per_input) = self.resolve_params(out_name, &inputs, base, slice, t)?;
+        self.tensors.push(PlannedTensor {
+            name: out_name.to_string(),
+            shape,
+            dtype,
+            op: Op::Merge {
+                inputs,
+                base,
+                shared,
+                per_input,
+                t,
+            },
+        });
+        Ok(())
+    }
+
+    fn resolve_params(
+        &self,
+        out_name: &str,
+        inputs: &[Input],
+        base: Option<usize>,
+        slice: &Slice,
+        t: f64,
+    ) -> Result<(Params, Vec<Params>)> {
+        let spec = self.method.spec();
+        let shared_scopes = [slice.params, &self.config.parameters];
+        let mut shared = Params::default();
+        for p in spec.params.iter().filter(|p| p.scope == Scope::Shared) {
+            let v = self.lookup(p, &shared_scopes, out_name, t, None)?;
+            shared.values.push((p.name, v));
+        }
+        let mut per_input = Vec::with_capacity(inputs.len());
+        for (k, input) in inputs.iter().enumerate() {
+            let mut scopes: Vec<&Parameters> = slice
+                .sources
+                .iter()
+                .filter(|s| s.0 == input.model)
+                .map(|s| s.2)
+                .collect();
+            scopes.extend(shared_scopes);
+            let mut params = Params::default();
+            for p in spec.params.iter().filter(|p| match p.scope {
+                Scope::Shared => false,
+                Scope::Input => true,
+                Scope::NonBase => Some(k) != base,
+            }) {
+                let v = self.lookup(p, &scopes, &input.tensor, t, Some(input.model))?;
+                params.values.push((p.name, v));
+            }
+            per_input.push(params);
+        }
+        Ok((shared, per_input))
+    }
+
+    fn lookup(
+        &self,
+        p: &methods::ParamSpec,
+        scopes: &[&Parameters],
+        tensor: &str,
+        t: f64,
+        model: Option<usize>,
+    ) -> Result<Value> {
+        for scope in scopes {
+            if let Some(setting) = scope.get(p.name) {
+                let v = config::evaluate(&setting, tensor, t, p.kind)
+                    .map_err(|e| self.config.error(format!("parameter '{}': {e}", p.name)))?;
+                if let Some(v) = v {
+                    return Ok(v);
+                }
+            }
+        }
+        p.default.clone().ok_or_else(|| {
+            let whose = model
+                .map(|m| format!(" for model '{}'", self.set.refs[m].0))
+                .unwrap_or_default();
+            self.config.error(format!(
+                "merge_method '{}' needs parameter '{}'{whose} (tensor '{tensor}'); set it in that model's parameters or in the global parameters",
+                self.method.spec().name,
+                p.name
+            ))
+        })
+    }
+}
+
+/// The dtype torch promotes a mix of float dtypes to.
+fn promote(dtypes: impl Iterator<Item = DType>) -> DType {
+    dtypes
+        .reduce(|a, b| match (a, b) {
+            _ if a == b => a,
+            (DType::F64, _) | (_, DType::F64) => DType::F64,
+            _ => DType::F32,
+        })
+        .expect("at least one input")
+}
+
+fn out_config(
+    reference: &Model,
+    config: &MergeConfig,
+    layout: &Layout,
+    out_dtype: Option<DType>,
+    layers: usize,
+) -> Option<serde_json::Value> {
+    let mut cfg = reference.config()?;
+    let obj = cfg.as_object_mut()?;
+    if let Some(d) = out_dtype.and_then(DType::torch_name) {
+        obj.insert("torch_dtype".into(), d.into());
+    }
+    if config.slices.is_some()
+        && let Some(key) = layout.num_layers_key
+    {
+        obj.insert(key.into(), layers.into());
+    }
+    Some(cfg)
+}
+
+impl Plan {
+    /// A human-readable listing of the plan (`--dry-run`).
+    pub fn describe(&self, set: &ModelSet) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "merge_method: {} ({}), {} output tensors",
+            self.method.spec().name,
+            self.method.spec().pretty_name,
+            self.tensors.len()
+        );
+        for w in &self.warnings {
+            let _ = writeln!(s, "warning: {w}");
+        }
+        for t in &self.tensors {
+            let _ = write!(s, "{} {:?} {}", t.name, t.shape, t.dtype);
+            match &t.op {
+                Op::CopyBuffer { inputs } => {
+                    let _ = writeln!(
+                        s,
+                        " <- copy {}:{}",
+                        set.refs[inputs[0].model].0, inputs[0].tensor
+                    );
+                }
+                Op::Merge {
+                    inputs,
+                    base,
+                    shared,
+                    per_input,
+                    t: pos,
+                } => {
+                    let _ = write!(s, " t={pos:.4}");
+                    for (n, v) in &shared.values {
+                        let _ = write!(s, " {n}={v}");
+                    }
+                    let _ = writeln!(s);
+                    for (k, (i, p)) in inputs.iter().zip(per_input).enumerate() {
+                        let tag = if Some(k) == *base { " (base)" } else { "" };
+                        let _ = write!(s, "    {}:{}{tag}", set.refs[i.model].0, i.tensor);
+                        for (n, v) in &p.values {
+                            let _ = write!(s, " {n}={v}");
+                        }
+                        let _ = writeln!(s);
+                    }
+                }
+            }
+        }
+        s
+    }
+}
