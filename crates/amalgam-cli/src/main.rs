@@ -47,6 +47,9 @@ enum Command {
         /// Replace OUTPUT if it exists (only once the new model is complete).
         #[arg(long)]
         overwrite: bool,
+        /// Allow merging models of different architectures (mergekit's flag).
+        #[arg(long)]
+        allow_crimes: bool,
     },
     /// Summarise a model: architecture, tensors, parameters, dtypes, shards, largest tensors.
     Inspect {
@@ -142,8 +145,9 @@ fn run() -> Result<ExitCode> {
             seed,
             out_shard_size,
             overwrite,
+            allow_crimes,
         } => {
-            let (cfg, set, plan) = merge::prepare(&config)?;
+            let (cfg, set, plan) = merge::prepare(&config, allow_crimes)?;
             if dry_run {
                 print!("{}", plan.describe(&set));
                 return Ok(ExitCode::SUCCESS);
@@ -152,6 +156,7 @@ fn run() -> Result<ExitCode> {
                 shard_size: Some(out_shard_size),
                 existing: existing(overwrite),
                 seed,
+                allow_crimes,
             };
             let bar = progress::Bar::new("merge", cli.quiet);
             plan.warnings

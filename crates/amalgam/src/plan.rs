@@ -129,10 +129,14 @@ struct Slice<'a> {
 
 static EMPTY: std::sync::LazyLock<Parameters> = std::sync::LazyLock::new(Parameters::default);
 
-/// Build the plan for `config` over `set`.
-pub fn build(config: &MergeConfig, set: &ModelSet) -> Result<Plan> {
+/// Build the plan for `config` over `set`. Models of different architectures are refused
+/// unless `allow_crimes` (mergekit's flag of the same name).
+pub fn build(config: &MergeConfig, set: &ModelSet, allow_crimes: bool) -> Result<Plan> {
     let method = methods::get(&config.merge_method).map_err(|e| config.error(e))?;
     check_unsupported(config)?;
+    if !allow_crimes {
+        check_same_architecture(config, set)?;
+    }
     let out_dtype = parse_dtype(config, "out_dtype", config.out_dtype.as_deref())?.or(parse_dtype(
         config,
         "dtype",
@@ -195,6 +199,28 @@ pub fn build(config: &MergeConfig, set: &ModelSet) -> Result<Plan> {
         out_config,
         warnings: planner.warnings,
     })
+}
+
+fn check_same_architecture(config: &MergeConfig, set: &ModelSet) -> Result<()> {
+    let archs: Vec<Option<String>> = set
+        .models
+        .iter()
+        .map(|m| Layout::of(m).architecture)
+        .collect();
+    let Some(first) = archs.iter().flatten().next() else {
+        return Ok(());
+    };
+    if let Some((i, other)) = archs
+        .iter()
+        .enumerate()
+        .find_map(|(i, a)| a.as_ref().filter(|a| *a != first).map(|a| (i, a)))
+    {
+        return Err(config.error(format!(
+            "the models have different architectures ({first} vs {other} in '{}'); merging across architectures is refused unless --allow-crimes",
+            set.refs[i].0
+        )));
+    }
+    Ok(())
 }
 
 fn check_unsupported(config: &MergeConfig) -> Result<()> {

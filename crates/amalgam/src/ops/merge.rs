@@ -22,13 +22,15 @@ pub struct MergeOptions {
     pub existing: Existing,
     /// Seed for random methods.
     pub seed: u64,
+    /// Merge models of different architectures (mergekit's `--allow-crimes`).
+    pub allow_crimes: bool,
 }
 
 /// Load `config_path` and open its models; returns the config, the models and the plan.
-pub fn prepare(config_path: &Path) -> Result<(MergeConfig, ModelSet, Plan)> {
+pub fn prepare(config_path: &Path, allow_crimes: bool) -> Result<(MergeConfig, ModelSet, Plan)> {
     let config = MergeConfig::load(config_path)?;
     let set = ModelSet::open(&config)?;
-    let plan = plan::build(&config, &set)?;
+    let plan = plan::build(&config, &set, allow_crimes)?;
     Ok((config, set, plan))
 }
 
@@ -39,7 +41,7 @@ pub fn merge(
     opts: &MergeOptions,
     progress: &dyn Progress,
 ) -> Result<PathBuf> {
-    let (config, set, plan) = prepare(config_path)?;
+    let (config, set, plan) = prepare(config_path, opts.allow_crimes)?;
     plan.warnings.iter().for_each(|w| progress.warn(w));
     execute(&config, &set, &plan, output, opts, progress)
 }
