@@ -428,3 +428,23 @@ fn directory_without_safetensors_is_a_clear_error() {
     let err = fails(&["inspect", s(&p(&d, "nope"))]);
     assert!(err.contains("nope"), "{err}");
 }
+
+#[test]
+fn tensors_larger_than_a_conversion_part_convert_exactly() {
+    // 5M f32 elements = 20 MB, more than one 16 MiB conversion part, with an odd element count.
+    let d = tempfile::tempdir().unwrap();
+    let src = p(&d, "src");
+    write_model(&src, &[float("big", DType::F32, &[5_000_001], 9), float("small", DType::F32, &[3], 1)]);
+    let bf = p(&d, "bf");
+    ok(&["convert", s(&src), s(&bf), "--dtype", "bf16", "-q"]);
+    let m = Model::open(&src).unwrap();
+    let v = m.tensor("big").unwrap();
+    let mut vals = Vec::new();
+    amalgam::dtype::decode_f32(v.dtype, v.bytes, &mut vals);
+    let mut expected = Vec::new();
+    amalgam::dtype::encode_f32(DType::BF16, &vals, &mut expected);
+    assert_eq!(Model::open(&bf).unwrap().tensor("big").unwrap().bytes, &expected[..]);
+    let copy = p(&d, "copy");
+    ok(&["convert", s(&bf), s(&copy), "--out-shard-size", "1M", "-q"]);
+    assert_bit_identical(&bf, &copy);
+}

@@ -327,20 +327,24 @@ impl Model {
     /// the model. The data stays readable; touching it again faults it back in from disk.
     pub fn release(&self, name: &str) {
         if let Ok(e) = self.entry(name) {
-            let map = &self.shards[e.shard].map;
-            if e.range.is_empty() {
-                return;
-            }
-            // SAFETY: the map is read-only and file-backed, so dropping its pages loses nothing:
-            // later reads fault the same bytes back from the file.
-            let _ = unsafe {
-                map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    e.range.start,
-                    e.range.len(),
-                )
-            };
+            self.release_range(e.shard, e.range.clone());
         }
+    }
+
+    /// [`release`](Self::release) for bytes `range` (absolute, in shard `shard`'s file).
+    pub fn release_range(&self, shard: usize, range: std::ops::Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
+        // SAFETY: the map is read-only and file-backed, so dropping its pages loses nothing:
+        // later reads fault the same bytes back from the file.
+        let _ = unsafe {
+            self.shards[shard].map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                range.start,
+                range.len(),
+            )
+        };
     }
 
     /// `config.json` parsed, if the model directory has one that parses.

@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dtype::DType;
 use crate::error::{Error, IoContext, Result};
@@ -74,7 +74,7 @@ pub struct ModelWriter {
     shards: Vec<ShardFile>,
     specs: Vec<TensorSpec>,
     slots: Vec<Slot>,
-    written: Vec<AtomicBool>,
+    written: Vec<AtomicU64>,
 }
 
 /// Parse a shard size as mergekit spells it: a number with an optional suffix `K` (10³), `M`
@@ -200,7 +200,7 @@ impl ModelWriter {
             }
             shards.push(ShardFile { name, file });
         }
-        let written = specs.iter().map(|_| AtomicBool::new(false)).collect();
+        let written = specs.iter().map(|_| AtomicU64::new(0)).collect();
         Ok(ModelWriter {
             target: target.to_path_buf(),
             existing,
@@ -226,40 +226,61 @@ impl ModelWriter {
         self.tmp.path()
     }
 
-    /// Write the data of tensor `index` (position in the specs). Safe to call from many threads
-    /// at once for different tensors.
+    /// Write the whole data of tensor `index` (position in the specs). Safe to call from many
+    /// threads at once for different tensors.
     pub fn write(&self, index: usize, bytes: &[u8]) -> Result<()> {
+        let expected = self.slots[index].len;
+        if bytes.len() as u64 != expected {
+            let spec = &self.specs[index];
+            return Err(self.output_error(format!(
+                "tensor '{}' produced {} bytes, expected {expected} for shape {:?} {}",
+                spec.name,
+                bytes.len(),
+                spec.shape,
+                spec.dtype
+            )));
+        }
+        self.write_part(index, 0, bytes)
+    }
+
+    /// Write `bytes` at byte `pos` within tensor `index`, so a tensor can be produced in parts
+    /// with a working set of one part. The parts must not overlap and must cover the tensor.
+    pub fn write_part(&self, index: usize, pos: u64, bytes: &[u8]) -> Result<()> {
         let slot = &self.slots[index];
         let spec = &self.specs[index];
-        if bytes.len() as u64 != slot.len {
-            return Err(Error::Output {
-                path: self.target.clone(),
-                reason: format!(
-                    "tensor '{}' produced {} bytes, expected {} for shape {:?} {}",
-                    spec.name,
-                    bytes.len(),
-                    slot.len,
-                    spec.shape,
-                    spec.dtype
-                ),
-            });
+        let end = pos + bytes.len() as u64;
+        if end > slot.len {
+            return Err(self.output_error(format!(
+                "tensor '{}': write of bytes {pos}..{end} runs past its {} bytes",
+                spec.name, slot.len
+            )));
         }
-        if self.written[index].swap(true, Ordering::AcqRel) {
-            return Err(Error::Output {
-                path: self.target.clone(),
-                reason: format!("tensor '{}' written twice", spec.name),
-            });
+        let before = self.written[index].fetch_add(bytes.len() as u64, Ordering::AcqRel);
+        if before + bytes.len() as u64 > slot.len {
+            return Err(self.output_error(format!("tensor '{}' written twice", spec.name)));
         }
         let shard = &self.shards[slot.shard];
         shard
             .file
-            .write_all_at(bytes, slot.offset)
+            .write_all_at(bytes, slot.offset + pos)
             .at(&self.tmp.path().join(&shard.name))
+    }
+
+    fn output_error(&self, reason: String) -> Error {
+        Error::Output {
+            path: self.target.clone(),
+            reason,
+        }
     }
 
     /// Check every tensor was written, write the index, fsync, and move the output into place.
     pub fn finish(self) -> Result<PathBuf> {
-        if let Some(i) = self.written.iter().position(|w| !w.load(Ordering::Acquire)) {
+        if let Some(i) = self
+            .written
+            .iter()
+            .zip(&self.slots)
+            .position(|(w, s)| w.load(Ordering::Acquire) != s.len)
+        {
             return Err(Error::Output {
                 path: self.target.clone(),
                 reason: format!("tensor '{}' was never written", self.specs[i].name),

@@ -8,6 +8,9 @@ use crate::exec;
 use crate::io::{Existing, Model, ModelWriter, TensorSpec, modeldir};
 use crate::progress::Progress;
 
+/// Bytes of input converted at a time.
+const PART_BYTES: usize = 16 << 20;
+
 /// Options for [`convert`].
 #[derive(Clone, Debug, Default)]
 pub struct ConvertOptions {
@@ -51,15 +54,23 @@ pub fn convert(
     let writer = ModelWriter::create(output, specs, opts.shard_size, opts.existing)?;
     exec::run(&writer, progress, |i, scratch| {
         let spec = &writer.specs()[i];
+        let entry = model.entry(&spec.name)?;
         let view = model.tensor(&spec.name)?;
-        if view.dtype == spec.dtype {
-            writer.write(i, view.bytes)?;
-        } else {
-            let ok = convert_bytes(view.dtype, view.bytes, spec.dtype, &mut scratch.bytes);
-            debug_assert!(ok, "specs only change float dtypes");
-            writer.write(i, &scratch.bytes)?;
+        let (from, to) = (view.dtype.size(), spec.dtype.size());
+        // Whole elements per part, so the working set is one part, not one tensor.
+        let step = (PART_BYTES / from).max(1) * from;
+        for (k, part) in view.bytes.chunks(step).enumerate() {
+            let pos = (k * step / from * to) as u64;
+            if view.dtype == spec.dtype {
+                writer.write_part(i, pos, part)?;
+            } else {
+                let ok = convert_bytes(view.dtype, part, spec.dtype, &mut scratch.bytes);
+                debug_assert!(ok, "specs only change float dtypes");
+                writer.write_part(i, pos, &scratch.bytes)?;
+            }
+            let start = entry.range.start + k * step;
+            model.release_range(entry.shard, start..start + part.len());
         }
-        model.release(&spec.name);
         Ok(())
     })?;
     modeldir::copy_side_files(&model.dir, writer.staging_dir(), opts.dtype)?;
