@@ -31,15 +31,17 @@ fn splitmix(mut z: u64) -> u64 {
 
 /// Roughly normal values (sum of two uniforms) with the given scale.
 fn fill(out: &mut [f32], seed: u64, scale: f32) {
-    out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
-        let mut s = splitmix(seed ^ (c as u64).wrapping_mul(0xA24B_AED4_963E_E407));
-        for v in chunk {
-            s = splitmix(s);
-            let a = (s >> 40) as f32 / (1u64 << 24) as f32;
-            let b = ((s >> 16) & 0xFF_FFFF) as f32 / (1u64 << 24) as f32;
-            *v = (a + b - 1.0) * scale;
-        }
-    });
+    out.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut s = splitmix(seed ^ (c as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+            for v in chunk {
+                s = splitmix(s);
+                let a = (s >> 40) as f32 / (1u64 << 24) as f32;
+                let b = ((s >> 16) & 0xFF_FFFF) as f32 / (1u64 << 24) as f32;
+                *v = (a + b - 1.0) * scale;
+            }
+        });
 }
 
 fn main() {
@@ -51,7 +53,8 @@ fn main() {
         arg(&args, "--intermediate", 5632usize),
         arg(&args, "--vocab", 32000usize),
     );
-    let dtype = DType::parse_float(&arg(&args, "--dtype", "bf16".to_string())).expect("float dtype");
+    let dtype =
+        DType::parse_float(&arg(&args, "--dtype", "bf16".to_string())).expect("float dtype");
     let seed = arg(&args, "--seed", 1u64);
     let noise = arg(&args, "--noise", 0.002f32);
     let base: Option<PathBuf> = args
@@ -79,9 +82,14 @@ fn main() {
     specs.push(("lm_head.weight".into(), vec![vocab, h]));
     let tensor_specs: Vec<TensorSpec> = specs
         .iter()
-        .map(|(n, s)| TensorSpec { name: n.clone(), dtype, shape: s.clone() })
+        .map(|(n, s)| TensorSpec {
+            name: n.clone(),
+            dtype,
+            shape: s.clone(),
+        })
         .collect();
-    let writer = ModelWriter::create(&out, tensor_specs, Some(5_000_000_000), Existing::Replace).expect("create");
+    let writer = ModelWriter::create(&out, tensor_specs, Some(5_000_000_000), Existing::Replace)
+        .expect("create");
     let base_model = base.as_ref().map(|b| Model::open(b).expect("open base"));
     let (mut vals, mut noise_buf, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
     for (i, (name, shape)) in specs.iter().enumerate() {
@@ -94,7 +102,9 @@ fn main() {
                 m.release(name);
                 noise_buf.resize(n, 0.0);
                 fill(&mut noise_buf, tseed, noise);
-                vals.par_iter_mut().zip(&noise_buf).for_each(|(a, b)| *a += b);
+                vals.par_iter_mut()
+                    .zip(&noise_buf)
+                    .for_each(|(a, b)| *a += b);
             }
             None => {
                 vals.resize(n, 0.0);
@@ -112,6 +122,10 @@ fn main() {
         "rms_norm_eps": 1e-5, "tie_word_embeddings": false,
         "torch_dtype": dtype.torch_name().expect("float"),
     });
-    std::fs::write(writer.staging_dir().join("config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    std::fs::write(
+        writer.staging_dir().join("config.json"),
+        serde_json::to_vec_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
     writer.finish().expect("finish");
 }

@@ -434,7 +434,13 @@ fn tensors_larger_than_a_conversion_part_convert_exactly() {
     // 5M f32 elements = 20 MB, more than one 16 MiB conversion part, with an odd element count.
     let d = tempfile::tempdir().unwrap();
     let src = p(&d, "src");
-    write_model(&src, &[float("big", DType::F32, &[5_000_001], 9), float("small", DType::F32, &[3], 1)]);
+    write_model(
+        &src,
+        &[
+            float("big", DType::F32, &[5_000_001], 9),
+            float("small", DType::F32, &[3], 1),
+        ],
+    );
     let bf = p(&d, "bf");
     ok(&["convert", s(&src), s(&bf), "--dtype", "bf16", "-q"]);
     let m = Model::open(&src).unwrap();
@@ -443,8 +449,64 @@ fn tensors_larger_than_a_conversion_part_convert_exactly() {
     amalgam::dtype::decode_f32(v.dtype, v.bytes, &mut vals);
     let mut expected = Vec::new();
     amalgam::dtype::encode_f32(DType::BF16, &vals, &mut expected);
-    assert_eq!(Model::open(&bf).unwrap().tensor("big").unwrap().bytes, &expected[..]);
+    assert_eq!(
+        Model::open(&bf).unwrap().tensor("big").unwrap().bytes,
+        &expected[..]
+    );
     let copy = p(&d, "copy");
     ok(&["convert", s(&bf), s(&copy), "--out-shard-size", "1M", "-q"]);
     assert_bit_identical(&bf, &copy);
+}
+
+#[test]
+fn interrupted_run_leaves_no_output_and_keeps_the_old_one() {
+    let d = tempfile::tempdir().unwrap();
+    let src = p(&d, "src");
+    // 64 tensors of 4 MiB: long enough to interrupt once the output has started.
+    let tensors: Vec<T> = (0..64)
+        .map(|i| float(&format!("t{i}"), DType::F32, &[1 << 20], i))
+        .collect();
+    write_model(&src, &tensors);
+    let out = p(&d, "out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("old.txt"), "previous output").unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
+        .args([
+            "--threads",
+            "1",
+            "convert",
+            s(&src),
+            s(&out),
+            "--dtype",
+            "f64",
+            "--overwrite",
+            "-q",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the temporary output directory exists, then interrupt.
+    let started = std::time::Instant::now();
+    while !listing(d.path())
+        .iter()
+        .any(|n| n.starts_with(".amalgam-tmp-"))
+    {
+        assert!(started.elapsed().as_secs() < 30, "output never started");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let result = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(
+        listing(d.path()),
+        ["out", "src"],
+        "temporary directory removed"
+    );
+    assert_eq!(listing(&out), ["old.txt"], "old output untouched");
 }
