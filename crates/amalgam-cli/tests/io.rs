@@ -470,7 +470,7 @@ fn interrupted_run_leaves_no_output_and_keeps_the_old_one() {
     let out = p(&d, "out");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("old.txt"), "previous output").unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
         .args([
             "--threads",
             "1",
