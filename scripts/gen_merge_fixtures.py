@@ -115,6 +115,10 @@ def make_models():
     bbase = write_model("llama_bf16_base", shapes, cfg, dtype=torch.bfloat16)
     write_model("llama_bf16_ft1", shapes, cfg, base=bbase, dtype=torch.bfloat16, scale=0.05)
     write_model("llama_bf16_ft2", shapes, cfg, base=bbase, dtype=torch.bfloat16, scale=0.05)
+    big = dict(shapes, **{"model.embed_tokens.weight": (V + 8, H), "lm_head.weight": (V + 8, H)})
+    padded = {k: (torch.cat([v, torch.zeros(8, H)]) if v.shape[0] == V and v.dim() == 2 and "embed" in k or k == "lm_head.weight" else v)
+              for k, v in base.items()}
+    write_model("llama_ft_bigvocab", big, dict(cfg, vocab_size=V + 8), base=padded)
     shapes, cfg = llama_like("qwen2", "Qwen2ForCausalLM", 3, tied=True, qkv_bias=True)
     qbase = write_model("qwen2_base", shapes, cfg)
     write_model("qwen2_ft1", shapes, cfg, base=qbase)
@@ -410,6 +414,15 @@ models:
     parameters: {weight: 0.5}
 out_dtype: bfloat16
 """,
+    "truncate_embeddings": """# flags: --unsafe-truncate-embeddings
+merge_method: task_arithmetic
+base_model: models/llama_base
+models:
+  - model: models/llama_ft1
+    parameters: {weight: 0.5}
+  - model: models/llama_ft_bigvocab
+    parameters: {weight: 0.5}
+""",
     "bf16_task_arithmetic_float32": """
 merge_method: task_arithmetic
 base_model: models/llama_bf16_base
@@ -444,9 +457,11 @@ def main():
         cfg = ROOT / "configs" / f"{name}.yml"
         cfg.write_text(yaml.lstrip())
         out = ROOT / "expected" / name
+        first = yaml.lstrip().splitlines()[0]
+        flags = first[len("# flags:"):].split() if first.startswith("# flags:") else []
         subprocess.run(
             [str(MERGEKIT), str(cfg.relative_to(ROOT)), str(out.relative_to(ROOT)),
-             "--quiet", "--no-copy-tokenizer", "--no-write-model-card"],
+             "--quiet", "--no-copy-tokenizer", "--no-write-model-card", *flags],
             cwd=ROOT, check=True,
         )
         # Only the weights and config are compared; drop what mergekit adds besides.

@@ -50,6 +50,10 @@ enum Command {
         /// Allow merging models of different architectures (mergekit's flag).
         #[arg(long)]
         allow_crimes: bool,
+        /// Cut embeddings and LM heads to the smallest vocabulary among the inputs. Only right
+        /// when the models' token ids agree (mergekit's flag).
+        #[arg(long)]
+        unsafe_truncate_embeddings: bool,
     },
     /// Summarise a model: architecture, tensors, parameters, dtypes, shards, largest tensors.
     Inspect {
@@ -146,8 +150,13 @@ fn run() -> Result<ExitCode> {
             out_shard_size,
             overwrite,
             allow_crimes,
+            unsafe_truncate_embeddings,
         } => {
-            let (cfg, set, plan) = merge::prepare(&config, allow_crimes)?;
+            let plan_opts = amalgam::plan::PlanOptions {
+                allow_crimes,
+                truncate_embeddings: unsafe_truncate_embeddings,
+            };
+            let (cfg, set, plan) = merge::prepare(&config, plan_opts)?;
             if dry_run {
                 print!("{}", plan.describe(&set));
                 return Ok(ExitCode::SUCCESS);
@@ -156,7 +165,7 @@ fn run() -> Result<ExitCode> {
                 shard_size: Some(out_shard_size),
                 existing: existing(overwrite),
                 seed,
-                allow_crimes,
+                plan: plan_opts,
             };
             let bar = progress::Bar::new("merge", cli.quiet);
             plan.warnings

@@ -13,10 +13,21 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge")
 }
 
+/// Merge `case` with amalgam; a first line `# flags: ...` in the config gives command-line
+/// flags that the generator also passed to mergekit.
 fn merge_case(case: &str, out: &Path) -> std::process::Output {
+    let config = format!("configs/{case}.yml");
+    let text = std::fs::read_to_string(fixtures().join(&config)).unwrap();
+    let flags: Vec<&str> = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("# flags:"))
+        .map(|f| f.split_whitespace().collect())
+        .unwrap_or_default();
     std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
         .current_dir(fixtures())
-        .args(["merge", &format!("configs/{case}.yml"), s(out), "-q"])
+        .args(["merge", &config, s(out), "-q"])
+        .args(flags)
         .output()
         .unwrap()
 }
@@ -107,6 +118,7 @@ parity!(
     qwen2_tied_ties,
     phi3_task_arithmetic,
     bf16_task_arithmetic_float32,
+    truncate_embeddings,
 );
 
 fn floats(model: &Path, name: &str) -> Vec<f32> {

@@ -57,6 +57,15 @@ pub fn place(name: &str) -> Place {
     }
 }
 
+/// Whether a tensor is indexed by token id along its first axis (input embeddings, LM head).
+pub fn is_vocabulary(name: &str) -> bool {
+    name == LM_HEAD
+        || name.ends_with("embed_tokens.weight")
+        || name.ends_with("wte.weight")
+        || name.ends_with("word_embeddings.weight")
+        || name.ends_with("embed_out.weight")
+}
+
 /// The name of the LM head that some families tie to the input embeddings.
 pub const LM_HEAD: &str = "lm_head.weight";
 /// The input embeddings an absent LM head is read from.

@@ -129,12 +129,21 @@ struct Slice<'a> {
 
 static EMPTY: std::sync::LazyLock<Parameters> = std::sync::LazyLock::new(Parameters::default);
 
-/// Build the plan for `config` over `set`. Models of different architectures are refused
-/// unless `allow_crimes` (mergekit's flag of the same name).
-pub fn build(config: &MergeConfig, set: &ModelSet, allow_crimes: bool) -> Result<Plan> {
+/// Planning choices that mergekit exposes as command-line flags.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanOptions {
+    /// Merge models of different architectures (`--allow-crimes`).
+    pub allow_crimes: bool,
+    /// Cut vocabulary-indexed tensors (embeddings, LM head) to the smallest vocabulary among
+    /// the inputs (`--unsafe-truncate-embeddings`): only right when the token ids agree.
+    pub truncate_embeddings: bool,
+}
+
+/// Build the plan for `config` over `set`.
+pub fn build(config: &MergeConfig, set: &ModelSet, opts: PlanOptions) -> Result<Plan> {
     let method = methods::get(&config.merge_method).map_err(|e| config.error(e))?;
     check_unsupported(config)?;
-    if !allow_crimes {
+    if !opts.allow_crimes {
         check_same_architecture(config, set)?;
     }
     let out_dtype = parse_dtype(config, "out_dtype", config.out_dtype.as_deref())?.or(parse_dtype(
@@ -154,6 +163,7 @@ pub fn build(config: &MergeConfig, set: &ModelSet, allow_crimes: bool) -> Result
         config,
         set,
         method,
+        truncate_embeddings: opts.truncate_embeddings,
         layout: &layout,
         out_dtype,
         tensors: Vec::new(),
@@ -338,6 +348,7 @@ struct Planner<'a> {
     config: &'a MergeConfig,
     set: &'a ModelSet,
     method: &'static dyn Method,
+    truncate_embeddings: bool,
     layout: &'a Layout,
     out_dtype: Option<DType>,
     tensors: Vec<PlannedTensor>,
@@ -404,22 +415,8 @@ impl Planner<'_> {
             .iter()
             .map(|i| self.set.models[i.model].entry(&i.tensor))
             .collect::<Result<_>>()?;
-        let shape = entries[0].shape.clone();
-        for (e, i) in entries.iter().zip(&inputs) {
-            if e.shape != shape {
-                return Err(Error::ShapeMismatch {
-                    path: self.set.models[i.model].path.clone(),
-                    name: i.tensor.clone(),
-                    expected: shape,
-                    found: e.shape.clone(),
-                })
-                .map_err(|e| {
-                    self.config.error(format!(
-                        "{e}; inputs must agree in shape (vocabulary differences need a tokenizer configuration, which is not supported yet)"
-                    ))
-                });
-            }
-        }
+        let shapes: Vec<&[usize]> = entries.iter().map(|e| &e.shape[..]).collect();
+        let shape = self.common_shape(out_name, &shapes, &inputs)?;
         if entries.iter().any(|e| !e.dtype.is_float()) {
             self.tensors.push(PlannedTensor {
                 name: out_name.to_string(),
@@ -466,6 +463,48 @@ impl Planner<'_> {
             },
         });
         Ok(())
+    }
+
+    /// The shape all inputs share, or with `truncate_embeddings` the smallest vocabulary of a
+    /// vocabulary-indexed tensor whose other dimensions agree.
+    fn common_shape(
+        &mut self,
+        out_name: &str,
+        shapes: &[&[usize]],
+        inputs: &[Input],
+    ) -> Result<Vec<usize>> {
+        let first = shapes[0];
+        let Some(k) = shapes.iter().position(|s| *s != first) else {
+            return Ok(first.to_vec());
+        };
+        let rows_only = shapes
+            .iter()
+            .all(|s| s.len() == first.len() && s.get(1..) == first.get(1..));
+        if self.truncate_embeddings
+            && rows_only
+            && !first.is_empty()
+            && arch::is_vocabulary(out_name)
+        {
+            let rows = shapes.iter().map(|s| s[0]).min().expect("inputs");
+            let mut shape = first.to_vec();
+            shape[0] = rows;
+            self.warnings.push(format!(
+                "unsafe vocabulary truncation of '{out_name}': inputs cut to their first {rows} rows; this is right only if the token ids agree"
+            ));
+            return Ok(shape);
+        }
+        let hint = if arch::is_vocabulary(out_name) {
+            "; the vocabularies differ: aligning them by token (mergekit's tokenizer source) is not supported yet, and --unsafe-truncate-embeddings cuts every input to the smallest vocabulary when the token ids agree"
+        } else {
+            "; inputs must agree in shape"
+        };
+        let e = Error::ShapeMismatch {
+            path: self.set.models[inputs[k].model].path.clone(),
+            name: inputs[k].tensor.clone(),
+            expected: first.to_vec(),
+            found: shapes[k].to_vec(),
+        };
+        Err(self.config.error(format!("{e}{hint}")))
     }
 
     fn resolve_params(

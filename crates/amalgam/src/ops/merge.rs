@@ -22,15 +22,18 @@ pub struct MergeOptions {
     pub existing: Existing,
     /// Seed for random methods.
     pub seed: u64,
-    /// Merge models of different architectures (mergekit's `--allow-crimes`).
-    pub allow_crimes: bool,
+    /// Planning flags.
+    pub plan: plan::PlanOptions,
 }
 
 /// Load `config_path` and open its models; returns the config, the models and the plan.
-pub fn prepare(config_path: &Path, allow_crimes: bool) -> Result<(MergeConfig, ModelSet, Plan)> {
+pub fn prepare(
+    config_path: &Path,
+    opts: plan::PlanOptions,
+) -> Result<(MergeConfig, ModelSet, Plan)> {
     let config = MergeConfig::load(config_path)?;
     let set = ModelSet::open(&config)?;
-    let plan = plan::build(&config, &set, allow_crimes)?;
+    let plan = plan::build(&config, &set, opts)?;
     Ok((config, set, plan))
 }
 
@@ -41,7 +44,7 @@ pub fn merge(
     opts: &MergeOptions,
     progress: &dyn Progress,
 ) -> Result<PathBuf> {
-    let (config, set, plan) = prepare(config_path, opts.allow_crimes)?;
+    let (config, set, plan) = prepare(config_path, opts.plan)?;
     plan.warnings.iter().for_each(|w| progress.warn(w));
     execute(&config, &set, &plan, output, opts, progress)
 }
@@ -117,6 +120,8 @@ fn produce(
                 let model = &set.models[input.model];
                 let view = model.tensor(&input.tensor)?;
                 decode_f32(view.dtype, view.bytes, buf);
+                // A vocabulary cut to the smallest input keeps each input's leading rows.
+                buf.truncate(n);
                 model.release(&input.tensor);
             }
             let out = &mut rest[0];
