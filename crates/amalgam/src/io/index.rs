@@ -80,12 +80,10 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<ShardIndex> {
     })
 }
 
+/// A name that, joined to the model directory, stays a file in it. Checked on the string, not
+/// on `Path::components`, which normalises `a/` and `a/.` to `a` (found by the fuzzer).
 fn is_plain_file_name(name: &str) -> bool {
-    let mut parts = Path::new(name).components();
-    matches!(
-        (parts.next(), parts.next()),
-        (Some(std::path::Component::Normal(_)), None)
-    )
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
 }
 
 #[cfg(test)]
@@ -110,11 +108,20 @@ mod tests {
     }
 
     #[test]
+    fn trailing_separator_is_not_a_plain_file_name() {
+        // Fuzzer find: `Path::components` drops a trailing `/` or `/.`, so these passed as plain.
+        for bad in ["model.safetensors/", "model.safetensors/."] {
+            let e = err(&format!(r#"{{"weight_map":{{"a":"{bad}"}}}}"#));
+            assert!(e.contains("not a plain file name"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn rejects_bad_indexes() {
         assert!(err("{}").contains("weight_map"));
         assert!(err(r#"{"weight_map":{"a":1}}"#).contains("not a valid index"));
         assert!(err(r#"{"weight_map":{"a":"x","a":"y"}}"#).contains("'a' appears twice"));
-        for bad in ["../x", "/etc/passwd", "a/b", "", "."] {
+        for bad in ["../x", "/etc/passwd", "a/b", "", ".", ".."] {
             let e = err(&format!(r#"{{"weight_map":{{"a":"{bad}"}}}}"#));
             assert!(e.contains("not a plain file name"), "{bad}: {e}");
         }
