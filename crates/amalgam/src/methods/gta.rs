@@ -6,9 +6,14 @@
 //! 2. with consensus, elect a sign per element (`Σᵢ δᵢ ≥ 0 ⇒ +`) and keep only agreeing
 //!    entries; the divisor is the sum of agreeing weights (0 → 1); without, `Σ wᵢ` (|·|<1e-8 → 1);
 //! 3. `normalize` divides by the divisor, `lambda` scales, and `θ = θ₀ + λ·Σ δᵢ`.
+//!
+//! Everything but DELLA's per-row ranking is streamed: magnitude trimming finds each model's
+//! exact top-k boundary in two histogram passes ([`select`](super::select)), the L1 rescale
+//! sums in one more, and the output pass applies masks, election and merge in one sweep.
 
-use super::rng::Stream;
-use super::sparsify::{Rescale, Sparsify, sparsify};
+use super::rng::{Key, threshold};
+use super::select::{Selection, Selector, Want, key};
+use super::sparsify::{Rescale, della_mask};
 use super::*;
 use crate::config::Kind;
 
@@ -174,34 +179,15 @@ impl Gta {
         }
     }
 
-    fn sparsify_delta(&self, job: &MergeJob, input: usize, delta: &mut [f32]) -> Result<()> {
-        let p = &job.per_input[input];
-        let method = match self.sparsifier {
-            Sparsifier::None => return Ok(()),
-            Sparsifier::Magnitude => Sparsify::Magnitude,
-            Sparsifier::Random => Sparsify::Random,
-            Sparsifier::MagnitudeOutliers => Sparsify::MagnitudeOutliers {
-                gamma: p.f("gamma"),
-            },
-            Sparsifier::DellaMagprune => Sparsify::DellaMagprune {
-                epsilon: p.f("epsilon"),
-            },
-        };
-        let rescale = match (
+    fn rescale(job: &MergeJob) -> Rescale {
+        match (
             job.shared.b("rescale"),
             job.shared.b("rescale_inverse_density"),
         ) {
             (false, _) => Rescale::None,
             (true, false) => Rescale::MatchL1,
             (true, true) => Rescale::InverseKeepProbability,
-        };
-        let row = if job.shape.len() >= 2 {
-            *job.shape.last().expect("2-D")
-        } else {
-            delta.len()
-        };
-        let mut stream = Stream::new(job.seed, job.name, input);
-        sparsify(delta, method, p.f("density"), rescale, row, &mut stream).map_err(|e| job.error(e))
+        }
     }
 }
 
@@ -214,52 +200,246 @@ pub fn elect_sign_sum(values: impl Iterator<Item = f32>) -> f32 {
     }
 }
 
-impl Method for Gta {
-    fn spec(&self) -> &MethodSpec {
-        &self.spec
+/// How one model's task vector is masked in the output pass.
+enum Mask {
+    /// Everything kept (density ≥ 1 or no sparsification).
+    All,
+    /// Everything dropped.
+    Nothing,
+    /// Magnitude selection: pending (two passes) or final.
+    Select(Option<Selector>, Selection),
+    /// Random: keep element `i` when `key.bits(i) < threshold`.
+    Random(Key, u64),
+    /// A factor per element (0 = dropped), computed whole (DELLA).
+    Given(Vec<f32>),
+}
+
+struct PerModel {
+    input: usize,
+    weight: f32,
+    mask: Mask,
+    /// Σ|δ| and Σ|kept δ| for the L1 rescale.
+    l1: (f64, f64),
+    /// Multiplier of kept entries (L1 match or 1/p); 1 when not rescaling.
+    scale: f32,
+    inverse_density: Option<f64>,
+}
+
+struct GtaState {
+    models: Vec<PerModel>,
+    passes: Vec<Pass>,
+    rescale_l1: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    HighBits,
+    LowBits,
+    L1Sums,
+}
+
+impl GtaState {
+    fn new(models: Vec<PerModel>, rescale: Rescale) -> GtaState {
+        let selecting = models
+            .iter()
+            .any(|m| matches!(m.mask, Mask::Select(Some(_), _)));
+        let rescale_l1 = rescale == Rescale::MatchL1
+            && models
+                .iter()
+                .any(|m| !matches!(m.mask, Mask::All | Mask::Nothing));
+        let mut passes = Vec::new();
+        if selecting {
+            passes.extend([Pass::HighBits, Pass::LowBits]);
+        }
+        if rescale_l1 {
+            passes.push(Pass::L1Sums);
+        }
+        GtaState {
+            models,
+            passes,
+            rescale_l1,
+        }
+    }
+}
+
+impl PerModel {
+    /// Whether element `index` (key `k` of its delta) survives; advances tie counters.
+    #[inline]
+    fn keeps(&mut self, index: usize, d: f32) -> bool {
+        match &mut self.mask {
+            Mask::All => true,
+            Mask::Nothing => false,
+            Mask::Select(_, sel) => sel.keep(key(d)),
+            Mask::Random(k, t) => k.bits(index as u64) < *t,
+            Mask::Given(f) => f[index] != 0.0,
+        }
+    }
+}
+
+impl Streaming for Gta {
+    fn begin(&self, job: &MergeJob) -> Result<State> {
+        let n = job.numel();
+        let rescale = Gta::rescale(job);
+        let models = job
+            .non_base()
+            .into_iter()
+            .map(|i| {
+                let p = &job.per_input[i];
+                let density = p.f("density");
+                let mask = if self.sparsifier == Sparsifier::None || density >= 1.0 {
+                    Mask::All
+                } else {
+                    match self.sparsifier {
+                        Sparsifier::Magnitude if density <= 0.0 || n == 0 => Mask::Nothing,
+                        Sparsifier::Magnitude => {
+                            let k = ((density * n as f64) as usize).max(1);
+                            selector(n, Want::TopK(k))
+                        }
+                        Sparsifier::MagnitudeOutliers => {
+                            let target = ((density.max(0.0) * n as f64) as usize).min(n);
+                            let top = (p.f("gamma") * n as f64) as usize;
+                            let bottom = n.saturating_sub(target + top);
+                            selector(n, Want::Window(bottom, bottom + target))
+                        }
+                        Sparsifier::Random if density <= 0.0 => Mask::Nothing,
+                        Sparsifier::Random => {
+                            Mask::Random(Key::new(job.seed, job.name, i), threshold(density))
+                        }
+                        // Filled in by `merge_della`, which has the whole tensor.
+                        Sparsifier::DellaMagprune => Mask::Given(Vec::new()),
+                        Sparsifier::None => unreachable!("no sparsification"),
+                    }
+                };
+                let sparse = !matches!(mask, Mask::All);
+                PerModel {
+                    input: i,
+                    weight: p.f("weight") as f32,
+                    mask,
+                    l1: (0.0, 0.0),
+                    scale: 1.0,
+                    inverse_density: (sparse && rescale == Rescale::InverseKeepProbability)
+                        .then_some(density),
+                }
+            })
+            .collect::<Vec<_>>();
+        Ok(Box::new(GtaState::new(models, rescale)))
     }
 
-    fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()> {
+    fn passes(&self, state: &State) -> usize {
+        state
+            .downcast_ref::<GtaState>()
+            .map_or(0, |s| s.passes.len())
+    }
+
+    fn observe(&self, pass: usize, job: &MergeJob, offset: usize, state: &mut State) -> Result<()> {
+        let st = state_mut::<GtaState>(state);
         let base = job.base_tensor();
-        let nb = job.non_base();
-        if nb.is_empty() {
+        let kind = st.passes[pass];
+        for m in &mut st.models {
+            let x = job.inputs[m.input];
+            let deltas = x.iter().zip(base).map(|(&a, &b)| a - b);
+            match (kind, &mut m.mask) {
+                (Pass::HighBits, Mask::Select(Some(s), _)) => s.count_high(deltas.map(key)),
+                (Pass::LowBits, Mask::Select(Some(s), _)) => s.count_low(deltas.map(key)),
+                (Pass::L1Sums, _) => {
+                    for (j, d) in deltas.enumerate() {
+                        let a = d.abs() as f64;
+                        m.l1.0 += a;
+                        if m.keeps(offset + j, d) {
+                            m.l1.1 += a;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn end_pass(&self, pass: usize, _job: &MergeJob, state: &mut State) -> Result<()> {
+        let st = state_mut::<GtaState>(state);
+        match st.passes[pass] {
+            Pass::HighBits => {
+                for m in &mut st.models {
+                    if let Mask::Select(Some(s), _) = &mut m.mask {
+                        s.end_high();
+                    }
+                }
+            }
+            Pass::LowBits => {
+                for m in &mut st.models {
+                    if let Mask::Select(s, sel) = &mut m.mask
+                        && let Some(s) = s.take()
+                    {
+                        *sel = s.finish();
+                    }
+                }
+            }
+            Pass::L1Sums => {
+                for m in &mut st.models {
+                    let (before, after) = m.l1;
+                    if !matches!(m.mask, Mask::All) && before >= 1e-7 && after >= 1e-7 {
+                        m.scale = (before / after) as f32;
+                    }
+                }
+            }
+        }
+        // Every pass walks the tensor from its start: tie counters start over.
+        for m in &mut st.models {
+            if let Mask::Select(None, sel) = &mut m.mask {
+                sel.rewind();
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        job: &MergeJob,
+        offset: usize,
+        state: &mut State,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let st = state_mut::<GtaState>(state);
+        let base = job.base_tensor();
+        if st.models.is_empty() {
             out.copy_from_slice(base);
             return Ok(());
         }
-        let weights: Vec<f32> = nb
-            .iter()
-            .map(|&i| job.per_input[i].f("weight") as f32)
-            .collect();
-        let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(nb.len());
-        for (&i, &w) in nb.iter().zip(&weights) {
-            let mut d: Vec<f32> = job.inputs[i]
-                .iter()
-                .zip(base)
-                .map(|(&x, &b)| x - b)
-                .collect();
-            self.sparsify_delta(job, i, &mut d)?;
-            d.iter_mut().for_each(|v| *v *= w);
-            deltas.push(d);
-        }
         let normalize = job.shared.b("normalize");
         let lambda = job.shared.f("lambda") as f32;
-        let weight_sum: f32 = weights.iter().sum();
+        let weight_sum: f32 = st.models.iter().map(|m| m.weight).sum();
+        let rescale_l1 = st.rescale_l1;
+        let mut d = vec![0f32; st.models.len()];
         for (j, o) in out.iter_mut().enumerate() {
+            let b = base[j];
+            for (dv, m) in d.iter_mut().zip(st.models.iter_mut()) {
+                let raw = job.inputs[m.input][j] - b;
+                let mut v = if m.keeps(offset + j, raw) { raw } else { 0.0 };
+                if let Mask::Given(f) = &m.mask {
+                    v *= f[offset + j];
+                }
+                if let Some(p) = m.inverse_density {
+                    v = (v as f64 / p) as f32;
+                } else if rescale_l1 {
+                    v *= m.scale;
+                }
+                *dv = v * m.weight;
+            }
             let (mut mixed, mut divisor) = (0f32, 0f32);
             if self.consensus {
-                let sign = elect_sign_sum(deltas.iter().map(|d| d[j]));
-                for (d, &w) in deltas.iter().zip(&weights) {
-                    let v = d[j];
+                let sign = elect_sign_sum(d.iter().copied());
+                for (&v, m) in d.iter().zip(&st.models) {
                     if v != 0.0 && (v > 0.0) == (sign > 0.0) {
                         mixed += v;
-                        divisor += w;
+                        divisor += m.weight;
                     }
                 }
                 if divisor == 0.0 {
                     divisor = 1.0;
                 }
             } else {
-                mixed = deltas.iter().map(|d| d[j]).sum();
+                mixed = d.iter().sum();
                 divisor = if weight_sum.abs() < 1e-8 {
                     1.0
                 } else {
@@ -272,8 +452,80 @@ impl Method for Gta {
             if lambda != 1.0 {
                 mixed *= lambda;
             }
-            *o = base[j] + mixed;
+            *o = b + mixed;
         }
         Ok(())
+    }
+}
+
+fn selector(n: usize, want: Want) -> Mask {
+    match Selector::new(n, want) {
+        Ok(s) => Mask::Select(Some(s), Selection::all()),
+        Err(done) => Mask::Select(None, done),
+    }
+}
+
+impl Gta {
+    /// DELLA's per-row ranking is not streamed: draw each model's mask on its whole task
+    /// vector, then run the same passes as the other methods over the tensor as one chunk.
+    fn merge_della(&self, job: &MergeJob, out: &mut [f32]) -> Result<()> {
+        let base = job.base_tensor();
+        let rescale = Gta::rescale(job);
+        let row = if job.shape.len() >= 2 {
+            *job.shape.last().expect("2-D")
+        } else {
+            base.len()
+        };
+        let mut state = self.begin(&MergeJob {
+            inputs: Vec::new(),
+            ..job.clone()
+        })?;
+        let st = state_mut::<GtaState>(&mut state);
+        let mut models = std::mem::take(&mut st.models);
+        for m in &mut models {
+            if let Mask::Given(f) = &mut m.mask {
+                let p = &job.per_input[m.input];
+                let delta: Vec<f32> = job.inputs[m.input]
+                    .iter()
+                    .zip(base)
+                    .map(|(&x, &b)| x - b)
+                    .collect();
+                let inverse = rescale == Rescale::InverseKeepProbability;
+                *f = della_mask(
+                    &delta,
+                    p.f("density"),
+                    p.f("epsilon"),
+                    row,
+                    Key::new(job.seed, job.name, m.input),
+                    inverse,
+                )
+                .map_err(|e| job.error(e))?;
+                // The factor carries 1/q; no uniform 1/density on top.
+                m.inverse_density = None;
+            }
+        }
+        *st = GtaState::new(models, rescale);
+        for pass in 0..self.passes(&state) {
+            self.observe(pass, job, 0, &mut state)?;
+            self.end_pass(pass, job, &mut state)?;
+        }
+        self.apply(job, 0, &mut state, out)
+    }
+}
+
+impl Method for Gta {
+    fn spec(&self) -> &MethodSpec {
+        &self.spec
+    }
+
+    fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()> {
+        if self.sparsifier == Sparsifier::DellaMagprune {
+            return self.merge_della(job, out);
+        }
+        merge_whole(self, job, out)
+    }
+
+    fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
+        (self.sparsifier != Sparsifier::DellaMagprune).then_some(self as &dyn Streaming)
     }
 }

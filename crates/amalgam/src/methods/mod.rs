@@ -19,6 +19,7 @@ pub mod passthrough;
 pub mod ram;
 pub mod rng;
 pub mod sce;
+pub mod select;
 pub mod slerp;
 pub mod sparsify;
 
@@ -224,6 +225,7 @@ impl Params {
 }
 
 /// Everything a method sees for one output tensor.
+#[derive(Clone)]
 pub struct MergeJob<'a> {
     /// Output tensor name (for errors and the random stream).
     pub name: &'a str,
@@ -247,9 +249,10 @@ impl<'a> MergeJob<'a> {
         self.inputs[self.base.expect("contract guarantees a base")]
     }
 
-    /// Indices of the non-base inputs, in order.
+    /// Indices of the non-base inputs, in order (valid also when `inputs` is empty, as it is
+    /// for [`Streaming::begin`]).
     pub fn non_base(&self) -> Vec<usize> {
-        (0..self.inputs.len())
+        (0..self.per_input.len())
             .filter(|&i| Some(i) != self.base)
             .collect()
     }
@@ -272,8 +275,74 @@ impl<'a> MergeJob<'a> {
 pub trait Method: Sync + Send {
     /// Metadata.
     fn spec(&self) -> &MethodSpec;
-    /// Merge `job`'s inputs into `out` (resized to the tensor's length by the caller).
+    /// Merge `job`'s whole inputs into `out` (the tensor's length).
     fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()>;
+    /// The streamed form of this method, if it has one: the executor then feeds the inputs in
+    /// chunks, so a worker holds a few chunks instead of a few whole tensors.
+    fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
+        None
+    }
+}
+
+/// Per-tensor state of a streamed merge, owned by the executor between calls.
+pub type State = Box<dyn std::any::Any + Send>;
+
+/// A method computed in chunks: zero or more statistics passes over the inputs (per-tensor
+/// thresholds, norms, dot products), then an output pass. Chunks arrive in index order, each
+/// as `job.inputs` = the chunk's slices, starting at element `offset` of the tensor; every
+/// pass sees every element once. The result must not depend on how the tensor is cut.
+pub trait Streaming: Sync {
+    /// Fresh state for one tensor (`job.inputs` is empty here).
+    fn begin(&self, job: &MergeJob) -> Result<State>;
+    /// How many statistics passes `state` needs.
+    fn passes(&self, state: &State) -> usize;
+    /// Chunks hold a whole number of this many elements (a row, for row-wise statistics).
+    fn granule(&self, _job: &MergeJob) -> usize {
+        1
+    }
+    /// Statistics pass `pass` over one chunk.
+    fn observe(
+        &self,
+        _pass: usize,
+        _job: &MergeJob,
+        _offset: usize,
+        _state: &mut State,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// End of statistics pass `pass`.
+    fn end_pass(&self, _pass: usize, _job: &MergeJob, _state: &mut State) -> Result<()> {
+        Ok(())
+    }
+    /// Output pass over one chunk.
+    fn apply(
+        &self,
+        job: &MergeJob,
+        offset: usize,
+        state: &mut State,
+        out: &mut [f32],
+    ) -> Result<()>;
+}
+
+/// Run a streamed method over whole in-memory inputs as a single chunk.
+pub fn merge_whole(s: &dyn Streaming, job: &MergeJob, out: &mut [f32]) -> Result<()> {
+    let meta = MergeJob {
+        inputs: Vec::new(),
+        ..*job
+    };
+    let mut state = s.begin(&meta)?;
+    for pass in 0..s.passes(&state) {
+        s.observe(pass, job, 0, &mut state)?;
+        s.end_pass(pass, job, &mut state)?;
+    }
+    s.apply(job, 0, &mut state, out)
+}
+
+/// The state a method created, by type.
+pub fn state_mut<T: 'static>(state: &mut State) -> &mut T {
+    state
+        .downcast_mut::<T>()
+        .expect("state made by this method's begin")
 }
 
 /// Every method amalgam knows, by name.

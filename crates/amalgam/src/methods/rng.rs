@@ -1,13 +1,13 @@
-//! Deterministic random streams for random methods (DARE, DELLA).
+//! Deterministic, counter-based randomness for random methods (DARE, DELLA).
 //!
-//! Each (seed, tensor name, input index) gets its own ChaCha8 stream, so a tensor's mask does
-//! not depend on which thread computes it or in what order tensors are visited.
+//! Element `i` of input `m` of tensor `name` draws `hash(key(seed, name, m), i)`: a value that
+//! depends on nothing else, so masks do not change with the thread count, the order tensors are
+//! visited in, or how a tensor is cut into chunks. The hash is the SplitMix64 finaliser (a
+//! bijective 64-bit mixer) applied to a Weyl sequence, one call per element.
 
-use rand_chacha::ChaCha8Rng;
-use rand_core::{Rng, SeedableRng};
-
-/// A stream of uniform f64s in [0, 1) for one tensor of one input.
-pub struct Stream(ChaCha8Rng);
+/// The random key of one (seed, tensor, input).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Key(u64);
 
 /// FNV-1a, to fold a tensor name into the key.
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -16,30 +16,46 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+#[inline]
+fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
-impl Stream {
-    /// The stream for `input` of tensor `name` under `seed`.
-    pub fn new(seed: u64, name: &str, input: usize) -> Stream {
-        let mut key = [0u8; 32];
-        let mut s = seed
-            ^ fnv1a(name.as_bytes()).rotate_left(17)
-            ^ (input as u64).wrapping_mul(0xA24B_AED4_963E_E407);
-        for chunk in key.chunks_exact_mut(8) {
-            s = splitmix(s);
-            chunk.copy_from_slice(&s.to_le_bytes());
-        }
-        Stream(ChaCha8Rng::from_seed(key))
+impl Key {
+    /// The key for `input` of tensor `name` under `seed`.
+    pub fn new(seed: u64, name: &str, input: usize) -> Key {
+        let k = mix(seed ^ 0x6a09_e667_f3bc_c909)
+            ^ mix(fnv1a(name.as_bytes()))
+            ^ mix((input as u64).wrapping_add(0x3c6e_f372_fe94_f82b));
+        Key(mix(k))
     }
 
-    /// The next uniform value in [0, 1), with 53 random bits.
-    pub fn uniform(&mut self) -> f64 {
-        (self.0.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    /// 64 random bits for element `index`.
+    #[inline]
+    pub fn bits(&self, index: u64) -> u64 {
+        mix(self
+            .0
+            .wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+    }
+
+    /// A uniform value in [0, 1) for element `index` (53 random bits).
+    #[inline]
+    pub fn uniform(&self, index: u64) -> f64 {
+        (self.bits(index) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// The 64-bit threshold below which `bits` counts as a success of probability `p`.
+#[inline]
+pub fn threshold(p: f64) -> u64 {
+    if p >= 1.0 {
+        u64::MAX
+    } else if p <= 0.0 {
+        0
+    } else {
+        (p * 18_446_744_073_709_551_616.0) as u64
     }
 }
 
@@ -48,15 +64,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn streams_are_reproducible_and_distinct() {
-        let take = |s: &mut Stream| (0..4).map(|_| s.uniform()).collect::<Vec<_>>();
-        let a = take(&mut Stream::new(1, "w", 0));
-        assert_eq!(a, take(&mut Stream::new(1, "w", 0)));
-        assert_ne!(a, take(&mut Stream::new(1, "w", 1)));
-        assert_ne!(a, take(&mut Stream::new(1, "v", 0)));
-        assert_ne!(a, take(&mut Stream::new(2, "w", 0)));
-        let mut s = Stream::new(7, "m", 3);
-        let mean = (0..100_000).map(|_| s.uniform()).sum::<f64>() / 100_000.0;
-        assert!((mean - 0.5).abs() < 0.005, "{mean}");
+    fn keys_are_reproducible_and_distinct() {
+        let take = |k: Key| (0..4).map(|i| k.uniform(i)).collect::<Vec<_>>();
+        let a = take(Key::new(1, "w", 0));
+        assert_eq!(a, take(Key::new(1, "w", 0)));
+        assert_ne!(a, take(Key::new(1, "w", 1)));
+        assert_ne!(a, take(Key::new(1, "v", 0)));
+        assert_ne!(a, take(Key::new(2, "w", 0)));
+    }
+
+    #[test]
+    fn uniform_moments_and_bernoulli_rate() {
+        let k = Key::new(7, "m", 3);
+        let n = 1_000_000u64;
+        let (mut s, mut s2) = (0f64, 0f64);
+        for i in 0..n {
+            let u = k.uniform(i);
+            s += u;
+            s2 += u * u;
+        }
+        let mean = s / n as f64;
+        let var = s2 / n as f64 - mean * mean;
+        assert!((mean - 0.5).abs() < 2e-3, "{mean}");
+        assert!((var - 1.0 / 12.0).abs() < 1e-3, "{var}");
+        let t = threshold(0.3);
+        let hits = (0..n).filter(|&i| k.bits(i) < t).count() as f64 / n as f64;
+        assert!((hits - 0.3).abs() < 2e-3, "{hits}");
+        // Neighbouring elements are not correlated.
+        let c = (0..n - 1)
+            .map(|i| (k.uniform(i) - 0.5) * (k.uniform(i + 1) - 0.5))
+            .sum::<f64>()
+            / n as f64;
+        assert!(c.abs() < 1e-3, "{c}");
     }
 }

@@ -1,0 +1,316 @@
+//! Exact rank selection over magnitudes, streamed: no sort and no copy of the tensor.
+//!
+//! The key of an element is the bit pattern of `|x|` as f32, which orders non-negative floats
+//! like their values. A first pass counts the top 16 bits of every key (65,536 bins), which
+//! locates the bin holding each wanted rank; a second pass counts the low 16 bits inside those
+//! bins, which gives the exact value at the rank and how many elements lie below it. Elements
+//! equal to a boundary value are then kept or dropped by their position among those ties in
+//! index order, which reproduces a stable sort: "top k, lower index first among ties" for TIES
+//! and "ascending positions [a, b), lower index first" for Breadcrumbs.
+
+/// The sort key of `x`: `|x|` as bits.
+#[inline]
+pub fn key(x: f32) -> u32 {
+    x.to_bits() & 0x7fff_ffff
+}
+
+const BINS: usize = 1 << 16;
+
+/// A boundary: elements equal to `value` are kept when their tie position (in index order) is
+/// in `[lo_t, hi_t)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Edge {
+    value: u32,
+    lo_t: u64,
+    hi_t: u64,
+}
+
+/// Which elements survive: those strictly between the edges, and ties at an edge by position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    lower: Option<Edge>,
+    upper: Option<Edge>,
+    none: bool,
+    seen_lower: u64,
+    seen_upper: u64,
+}
+
+impl Selection {
+    /// Keep everything.
+    pub fn all() -> Selection {
+        Selection {
+            lower: None,
+            upper: None,
+            none: false,
+            seen_lower: 0,
+            seen_upper: 0,
+        }
+    }
+
+    /// Keep nothing.
+    pub fn nothing() -> Selection {
+        Selection {
+            none: true,
+            ..Selection::all()
+        }
+    }
+
+    /// Restart the tie counters for another pass over the tensor.
+    pub fn rewind(&mut self) {
+        self.seen_lower = 0;
+        self.seen_upper = 0;
+    }
+
+    /// Whether the next element (in index order) with key `k` is kept.
+    #[inline]
+    pub fn keep(&mut self, k: u32) -> bool {
+        if self.none {
+            return false;
+        }
+        let mut ok = true;
+        let mut at_lower = false;
+        if let Some(e) = self.lower {
+            if k < e.value {
+                return false;
+            }
+            if k == e.value {
+                at_lower = true;
+                let t = self.seen_lower;
+                self.seen_lower += 1;
+                ok &= t >= e.lo_t && t < e.hi_t;
+                if let Some(u) = self.upper
+                    && u.value == k
+                {
+                    ok &= t >= u.lo_t && t < u.hi_t;
+                }
+            }
+        }
+        if let Some(e) = self.upper {
+            if k > e.value {
+                return false;
+            }
+            if k == e.value && !at_lower {
+                let t = self.seen_upper;
+                self.seen_upper += 1;
+                ok &= t >= e.lo_t && t < e.hi_t;
+            }
+        }
+        ok
+    }
+}
+
+/// What is wanted of one tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// The `k` largest (ties: lower index first).
+    TopK(usize),
+    /// Ascending positions `[a, b)` (ties: lower index first).
+    Window(usize, usize),
+}
+
+/// The streamed two-pass selection of one tensor of `n` elements.
+pub struct Selector {
+    n: usize,
+    want: Want,
+    /// Ascending ranks whose values are needed.
+    ranks: Vec<usize>,
+    hi: Vec<u32>,
+    /// Per rank: (top-16 bin, elements below that bin).
+    bins: Vec<(u32, usize)>,
+    lo: Vec<Vec<u32>>,
+}
+
+/// The value at an ascending rank and how many elements are below it.
+#[derive(Clone, Copy, Debug)]
+struct Located {
+    value: u32,
+    less: usize,
+    count: usize,
+}
+
+fn locate(hist: &[u32], rank: usize) -> (u32, usize) {
+    let mut below = 0usize;
+    for (b, &c) in hist.iter().enumerate() {
+        if rank < below + c as usize {
+            return (b as u32, below);
+        }
+        below += c as usize;
+    }
+    unreachable!("rank {rank} beyond the {below} counted elements")
+}
+
+impl Selector {
+    /// A selector for a tensor of `n` elements, or the final selection when no pass is needed.
+    pub fn new(n: usize, want: Want) -> Result<Selector, Selection> {
+        let ranks = match want {
+            Want::TopK(k) if k >= n => return Err(Selection::all()),
+            Want::TopK(0) => return Err(Selection::nothing()),
+            Want::TopK(k) => vec![n - k],
+            Want::Window(a, b) if a >= b || a >= n => return Err(Selection::nothing()),
+            Want::Window(0, b) if b >= n => return Err(Selection::all()),
+            Want::Window(a, b) => vec![a, b.min(n) - 1],
+        };
+        Ok(Selector {
+            n,
+            want,
+            ranks,
+            hi: vec![0; BINS],
+            bins: Vec::new(),
+            lo: Vec::new(),
+        })
+    }
+
+    /// Pass 1: count the top bits of `keys`.
+    pub fn count_high(&mut self, keys: impl Iterator<Item = u32>) {
+        for k in keys {
+            self.hi[(k >> 16) as usize] += 1;
+        }
+    }
+
+    /// Between the passes: find the bins of the wanted ranks.
+    pub fn end_high(&mut self) {
+        self.bins = self.ranks.iter().map(|&r| locate(&self.hi, r)).collect();
+        self.lo = self.bins.iter().map(|_| vec![0; BINS]).collect();
+        self.hi = Vec::new();
+    }
+
+    /// Pass 2: count the low bits of the keys inside the wanted bins.
+    pub fn count_low(&mut self, keys: impl Iterator<Item = u32>) {
+        let (b0, b1) = (self.bins[0].0, self.bins.last().expect("a rank").0);
+        for k in keys {
+            let h = k >> 16;
+            if h == b0 {
+                self.lo[0][(k & 0xffff) as usize] += 1;
+            } else if h == b1 {
+                let last = self.lo.len() - 1;
+                self.lo[last][(k & 0xffff) as usize] += 1;
+            }
+        }
+    }
+
+    /// After pass 2: the selection.
+    pub fn finish(self) -> Selection {
+        // Two ranks in one bin share its low histogram (counted into the first).
+        let shared = self.bins.len() == 2 && self.bins[0].0 == self.bins[1].0;
+        let at = |i: usize| {
+            let (bin, below) = self.bins[i];
+            let hist = &self.lo[if shared { 0 } else { i }];
+            let (low, below_low) = locate(hist, self.ranks[i] - below);
+            Located {
+                value: (bin << 16) | low,
+                less: below + below_low,
+                count: hist[low as usize] as usize,
+            }
+        };
+        match self.want {
+            Want::TopK(k) => {
+                let t = at(0);
+                let greater = self.n - t.less - t.count;
+                Selection {
+                    lower: Some(Edge {
+                        value: t.value,
+                        lo_t: 0,
+                        hi_t: (k - greater) as u64,
+                    }),
+                    ..Selection::all()
+                }
+            }
+            Want::Window(a, b) => {
+                let (l, u) = (at(0), at(1));
+                Selection {
+                    lower: Some(Edge {
+                        value: l.value,
+                        lo_t: (a - l.less) as u64,
+                        hi_t: u64::MAX,
+                    }),
+                    upper: Some(Edge {
+                        value: u.value,
+                        lo_t: 0,
+                        hi_t: (b.min(self.n) - u.less) as u64,
+                    }),
+                    ..Selection::all()
+                }
+            }
+        }
+    }
+}
+
+/// Run a whole selection over an in-memory slice (used by tests and small tensors).
+pub fn select(x: &[f32], want: Want) -> Selection {
+    match Selector::new(x.len(), want) {
+        Err(done) => done,
+        Ok(mut s) => {
+            s.count_high(x.iter().map(|&v| key(v)));
+            s.end_high();
+            s.count_low(x.iter().map(|&v| key(v)));
+            s.finish()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reference: a stable sort by (|x|, index).
+    fn reference(x: &[f32], want: Want) -> Vec<bool> {
+        let mut order: Vec<usize> = (0..x.len()).collect();
+        let mut keep = vec![false; x.len()];
+        match want {
+            Want::TopK(k) => {
+                order.sort_by(|&a, &b| key(x[b]).cmp(&key(x[a])).then(a.cmp(&b)));
+                order.iter().take(k).for_each(|&i| keep[i] = true);
+            }
+            Want::Window(a, b) => {
+                order.sort_by(|&p, &q| key(x[p]).cmp(&key(x[q])).then(p.cmp(&q)));
+                order[a.min(x.len())..b.min(x.len())]
+                    .iter()
+                    .for_each(|&i| keep[i] = true);
+            }
+        }
+        keep
+    }
+
+    fn check(x: &[f32], want: Want) {
+        let mut sel = select(x, want);
+        let got: Vec<bool> = x.iter().map(|&v| sel.keep(key(v))).collect();
+        assert_eq!(got, reference(x, want), "{want:?} on {x:?}");
+    }
+
+    #[test]
+    fn matches_a_stable_sort_with_many_ties() {
+        let mut s = 1u64;
+        for trial in 0..300 {
+            let n = 1 + trial % 37;
+            let levels = 1 + trial % 5;
+            let x: Vec<f32> = (0..n)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let v = ((s >> 33) % levels as u64) as f32 * 0.25;
+                    if s & 1 == 0 { v } else { -v }
+                })
+                .collect();
+            for k in 0..=n + 1 {
+                check(&x, Want::TopK(k));
+            }
+            for a in 0..=n {
+                for b in a..=n + 1 {
+                    check(&x, Want::Window(a, b));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn distinguishes_values_sharing_high_bits() {
+        let x: Vec<f32> = (0..1000).map(|i| 1.0 + i as f32 * 1e-6).collect();
+        check(&x, Want::TopK(10));
+        check(&x, Want::Window(100, 900));
+        let x: Vec<f32> = (0..1000)
+            .map(|i| if i % 2 == 0 { 1e30 } else { -1e-30 * i as f32 })
+            .collect();
+        check(&x, Want::TopK(600));
+    }
+}
