@@ -54,6 +54,10 @@ enum Command {
         /// when the models' token ids agree (mergekit's flag).
         #[arg(long)]
         unsafe_truncate_embeddings: bool,
+        /// Elements per chunk for streamed methods (tests use tiny chunks to check that the
+        /// result does not depend on the chunking).
+        #[arg(long, default_value_t = 0, hide = true)]
+        chunk_elements: usize,
     },
     /// Summarise a model: architecture, tensors, parameters, dtypes, shards, largest tensors.
     Inspect {
@@ -151,6 +155,7 @@ fn run() -> Result<ExitCode> {
             overwrite,
             allow_crimes,
             unsafe_truncate_embeddings,
+            chunk_elements,
         } => {
             let plan_opts = amalgam::plan::PlanOptions {
                 allow_crimes,
@@ -166,6 +171,7 @@ fn run() -> Result<ExitCode> {
                 existing: existing(overwrite),
                 seed,
                 plan: plan_opts,
+                chunk_elements,
             };
             let bar = progress::Bar::new("merge", cli.quiet);
             plan.warnings

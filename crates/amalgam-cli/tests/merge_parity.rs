@@ -16,6 +16,10 @@ fn fixtures() -> PathBuf {
 /// Merge `case` with amalgam; a first line `# flags: ...` in the config gives command-line
 /// flags that the generator also passed to mergekit.
 fn merge_case(case: &str, out: &Path) -> std::process::Output {
+    merge_case_with(case, out, &[])
+}
+
+fn merge_case_with(case: &str, out: &Path, extra: &[&str]) -> std::process::Output {
     let config = format!("configs/{case}.yml");
     let text = std::fs::read_to_string(fixtures().join(&config)).unwrap();
     let flags: Vec<&str> = text
@@ -28,6 +32,7 @@ fn merge_case(case: &str, out: &Path) -> std::process::Output {
         .current_dir(fixtures())
         .args(["merge", &config, s(out), "-q"])
         .args(flags)
+        .args(extra)
         .output()
         .unwrap()
 }
@@ -76,6 +81,21 @@ fn check(case: &str, rtol: f64) -> serde_json::Value {
         report["differ"], false,
         "{case}: worst rel error {:e} at {}",
         worst.0, worst.1
+    );
+    // Streamed methods see the tensor in chunks; cutting it into tiny odd-sized chunks (several
+    // per row) must give the same bytes.
+    let chunked = d.path().join("chunked");
+    let run = merge_case_with(case, &chunked, &["--chunk-elements", "7"]);
+    assert!(
+        run.status.success(),
+        "{case}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let same = amalgam(&["diff", s(&out), s(&chunked)]);
+    assert!(
+        same.status.success(),
+        "{case}: chunked result differs\n{}",
+        String::from_utf8_lossy(&same.stdout)
     );
     report
 }

@@ -17,16 +17,6 @@ pub struct Scratch {
     pub bytes: Vec<u8>,
 }
 
-impl Scratch {
-    /// Ensure at least `n` f32 buffers exist and return them.
-    pub fn f32_buffers(&mut self, n: usize) -> &mut [Vec<f32>] {
-        if self.f32s.len() < n {
-            self.f32s.resize_with(n, Vec::new);
-        }
-        &mut self.f32s[..n]
-    }
-}
-
 /// Run `produce(i, scratch)` for every output tensor `i` of `writer`, in parallel on the current
 /// rayon pool. `produce` writes its result with [`ModelWriter::write`]. Stops at the first error.
 pub fn run<F>(writer: &ModelWriter, progress: &dyn Progress, produce: F) -> Result<()>

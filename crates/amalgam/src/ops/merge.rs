@@ -8,8 +8,8 @@ use crate::config::MergeConfig;
 use crate::dtype::{decode_f32, encode_f32};
 use crate::error::{Error, Result};
 use crate::exec::{self, Scratch};
-use crate::io::{Existing, ModelWriter, TensorSpec, modeldir};
-use crate::methods::MergeJob;
+use crate::io::{Existing, ModelWriter, TensorEntry, TensorSpec, TensorView, modeldir};
+use crate::methods::{MergeJob, Streaming};
 use crate::plan::{self, ModelSet, Op, Plan, PlannedTensor};
 use crate::progress::Progress;
 
@@ -24,7 +24,12 @@ pub struct MergeOptions {
     pub seed: u64,
     /// Planning flags.
     pub plan: plan::PlanOptions,
+    /// Elements per chunk for streamed methods (0: the default, 1M).
+    pub chunk_elements: usize,
 }
+
+/// Default chunk: 1M elements, 4 MiB of f32 per input.
+const DEFAULT_CHUNK: usize = 1 << 20;
 
 /// Load `config_path` and open its models; returns the config, the models and the plan.
 pub fn prepare(
@@ -68,41 +73,32 @@ pub fn execute(
         })
         .collect();
     let writer = ModelWriter::create(output, specs, opts.shard_size, opts.existing)?;
+    let chunk = if opts.chunk_elements == 0 {
+        DEFAULT_CHUNK
+    } else {
+        opts.chunk_elements
+    };
     exec::run(&writer, progress, |i, scratch| {
         let t = &plan.tensors[i];
-        produce(set, plan, t, opts.seed, scratch, &writer, i)
+        produce(set, plan, t, opts.seed, chunk, scratch, &writer, i)
     })?;
     write_side_files(config, set, plan, writer.staging_dir())?;
     writer.finish()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn produce(
     set: &ModelSet,
     plan: &Plan,
     t: &PlannedTensor,
     seed: u64,
+    chunk: usize,
     scratch: &mut Scratch,
     writer: &ModelWriter,
     index: usize,
 ) -> Result<()> {
     match &t.op {
-        Op::CopyBuffer { inputs } => {
-            let first = set.models[inputs[0].model].tensor(&inputs[0].tensor)?;
-            for i in &inputs[1..] {
-                let other = set.models[i.model].tensor(&i.tensor)?;
-                if other.dtype != first.dtype || other.bytes != first.bytes {
-                    return Err(Error::Numeric {
-                        name: t.name.clone(),
-                        reason: format!(
-                            "non-float buffer differs between {} and {}; make them agree before merging",
-                            set.models[inputs[0].model].path.display(),
-                            set.models[i.model].path.display()
-                        ),
-                    });
-                }
-            }
-            writer.write(index, first.bytes)
-        }
+        Op::CopyBuffer { inputs } => copy_buffer(set, t, inputs, writer, index),
         Op::Merge {
             inputs,
             base,
@@ -111,38 +107,184 @@ fn produce(
             ..
         } => {
             let n = t.shape.iter().product::<usize>();
-            if scratch.f32s.len() < inputs.len() + 1 {
-                scratch.f32s.resize_with(inputs.len() + 1, Vec::new);
-            }
-            let bufs = &mut scratch.f32s[..inputs.len() + 1];
-            let (ins, rest) = bufs.split_at_mut(inputs.len());
-            for (buf, input) in ins.iter_mut().zip(inputs) {
-                let model = &set.models[input.model];
-                let view = model.tensor(&input.tensor)?;
-                decode_f32(view.dtype, view.bytes, buf);
-                // A vocabulary cut to the smallest input keeps each input's leading rows.
-                buf.truncate(n);
-                model.release(&input.tensor);
-            }
-            let out = &mut rest[0];
-            out.clear();
-            out.resize(n, 0.0);
-            let job = MergeJob {
+            let meta = MergeJob {
                 name: &t.name,
                 shape: &t.shape,
-                inputs: ins.iter().map(|b| b.as_slice()).collect(),
+                inputs: Vec::new(),
                 base: *base,
                 shared,
                 per_input,
                 seed,
             };
-            plan.method.merge(&job, out)?;
-            if out.iter().any(|v| !v.is_finite()) {
-                return Err(non_finite(set, t, inputs, &job));
+            let views: Vec<TensorView> = inputs
+                .iter()
+                .map(|i| set.models[i.model].tensor(&i.tensor))
+                .collect::<Result<_>>()?;
+            let entries: Vec<&TensorEntry> = inputs
+                .iter()
+                .map(|i| set.models[i.model].entry(&i.tensor))
+                .collect::<Result<_>>()?;
+            let source = Source {
+                set,
+                inputs,
+                views: &views,
+                entries: &entries,
+            };
+            match plan.method.streaming(&meta) {
+                Some(s) => {
+                    let granule = s.granule(&meta).max(1);
+                    let step = (chunk / granule).max(1) * granule;
+                    streamed(s, &meta, &source, n, step, t, scratch, writer, index)
+                }
+                None => whole(plan, &meta, &source, n, t, scratch, writer, index),
             }
-            encode_f32(t.dtype, out, &mut scratch.bytes);
-            writer.write(index, &scratch.bytes)
         }
+    }
+}
+
+/// The inputs of one output tensor, read chunk by chunk.
+struct Source<'a> {
+    set: &'a ModelSet,
+    inputs: &'a [plan::Input],
+    views: &'a [TensorView<'a>],
+    entries: &'a [&'a TensorEntry],
+}
+
+impl Source<'_> {
+    /// Decode elements `range` of every input into `bufs`, then drop their pages.
+    fn read(&self, range: std::ops::Range<usize>, bufs: &mut [Vec<f32>]) {
+        for ((buf, view), (entry, input)) in bufs
+            .iter_mut()
+            .zip(self.views)
+            .zip(self.entries.iter().zip(self.inputs))
+        {
+            let size = view.dtype.size();
+            // A vocabulary cut to the smallest input reads each input's leading rows only.
+            let bytes = &view.bytes[range.start * size..range.end * size];
+            decode_f32(view.dtype, bytes, buf);
+            let start = entry.range.start + range.start * size;
+            self.set.models[input.model].release_range(entry.shard, start..start + bytes.len());
+        }
+    }
+}
+
+fn buffers(f32s: &mut Vec<Vec<f32>>, n: usize) -> &mut [Vec<f32>] {
+    if f32s.len() < n {
+        f32s.resize_with(n, Vec::new);
+    }
+    &mut f32s[..n]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn streamed(
+    s: &dyn Streaming,
+    meta: &MergeJob,
+    source: &Source,
+    n: usize,
+    step: usize,
+    t: &PlannedTensor,
+    scratch: &mut Scratch,
+    writer: &ModelWriter,
+    index: usize,
+) -> Result<()> {
+    let k = source.inputs.len();
+    let mut state = s.begin(meta)?;
+    let chunks = || {
+        (0..n.max(1))
+            .step_by(step)
+            .map(move |a| a..(a + step).min(n))
+    };
+    for pass in 0..s.passes(&state) {
+        for range in chunks() {
+            crate::cancel::check()?;
+            let bufs = buffers(&mut scratch.f32s, k);
+            source.read(range.clone(), bufs);
+            let job = MergeJob {
+                inputs: bufs.iter().map(|b| b.as_slice()).collect(),
+                ..meta.clone()
+            };
+            s.observe(pass, &job, range.start, &mut state)?;
+        }
+        s.end_pass(pass, meta, &mut state)?;
+    }
+    let size = t.dtype.size() as u64;
+    for range in chunks() {
+        crate::cancel::check()?;
+        let bufs = buffers(&mut scratch.f32s, k + 1);
+        let (ins, rest) = bufs.split_at_mut(k);
+        source.read(range.clone(), ins);
+        let out = &mut rest[0];
+        out.clear();
+        out.resize(range.len(), 0.0);
+        let job = MergeJob {
+            inputs: ins.iter().map(|b| b.as_slice()).collect(),
+            ..meta.clone()
+        };
+        s.apply(&job, range.start, &mut state, out)?;
+        check_finite(source, t, &job, out)?;
+        encode_f32(t.dtype, out, &mut scratch.bytes);
+        writer.write_part(index, range.start as u64 * size, &scratch.bytes)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn whole(
+    plan: &Plan,
+    meta: &MergeJob,
+    source: &Source,
+    n: usize,
+    t: &PlannedTensor,
+    scratch: &mut Scratch,
+    writer: &ModelWriter,
+    index: usize,
+) -> Result<()> {
+    let k = source.inputs.len();
+    let bufs = buffers(&mut scratch.f32s, k + 1);
+    let (ins, rest) = bufs.split_at_mut(k);
+    source.read(0..n, ins);
+    let out = &mut rest[0];
+    out.clear();
+    out.resize(n, 0.0);
+    let job = MergeJob {
+        inputs: ins.iter().map(|b| b.as_slice()).collect(),
+        ..meta.clone()
+    };
+    plan.method.merge(&job, out)?;
+    check_finite(source, t, &job, out)?;
+    encode_f32(t.dtype, out, &mut scratch.bytes);
+    writer.write(index, &scratch.bytes)
+}
+
+fn copy_buffer(
+    set: &ModelSet,
+    t: &PlannedTensor,
+    inputs: &[plan::Input],
+    writer: &ModelWriter,
+    index: usize,
+) -> Result<()> {
+    let first = set.models[inputs[0].model].tensor(&inputs[0].tensor)?;
+    for i in &inputs[1..] {
+        let other = set.models[i.model].tensor(&i.tensor)?;
+        if other.dtype != first.dtype || other.bytes != first.bytes {
+            return Err(Error::Numeric {
+                name: t.name.clone(),
+                reason: format!(
+                    "non-float buffer differs between {} and {}; make them agree before merging",
+                    set.models[inputs[0].model].path.display(),
+                    set.models[i.model].path.display()
+                ),
+            });
+        }
+    }
+    writer.write(index, first.bytes)
+}
+
+fn check_finite(source: &Source, t: &PlannedTensor, job: &MergeJob, out: &[f32]) -> Result<()> {
+    if out.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(non_finite(source.set, t, source.inputs, job))
     }
 }
 
