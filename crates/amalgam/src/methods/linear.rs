@@ -29,6 +29,30 @@ impl Method for Linear {
     }
 
     fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()> {
+        merge_whole(self, job, out)
+    }
+
+    fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
+        Some(self)
+    }
+}
+
+impl Streaming for Linear {
+    fn begin(&self, _job: &MergeJob) -> Result<State> {
+        Ok(Box::new(()))
+    }
+
+    fn passes(&self, _state: &State) -> usize {
+        0
+    }
+
+    fn apply(
+        &self,
+        job: &MergeJob,
+        _offset: usize,
+        _state: &mut State,
+        out: &mut [f32],
+    ) -> Result<()> {
         let weights: Vec<f32> = job.per_input.iter().map(|p| p.f("weight") as f32).collect();
         weighted_sum(&job.inputs, &weights, out);
         if job.shared.b("normalize") {

@@ -31,6 +31,30 @@ impl Method for NearSwap {
     }
 
     fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()> {
+        merge_whole(self, job, out)
+    }
+
+    fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
+        Some(self)
+    }
+}
+
+impl Streaming for NearSwap {
+    fn begin(&self, _job: &MergeJob) -> Result<State> {
+        Ok(Box::new(()))
+    }
+
+    fn passes(&self, _state: &State) -> usize {
+        0
+    }
+
+    fn apply(
+        &self,
+        job: &MergeJob,
+        _offset: usize,
+        _state: &mut State,
+        out: &mut [f32],
+    ) -> Result<()> {
         let t = job.shared.f("t") as f32;
         let a = job.base_tensor();
         let b = job.inputs[job.non_base()[0]];

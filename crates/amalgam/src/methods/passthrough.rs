@@ -34,6 +34,30 @@ impl Method for Passthrough {
     }
 
     fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()> {
+        merge_whole(self, job, out)
+    }
+
+    fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
+        Some(self)
+    }
+}
+
+impl Streaming for Passthrough {
+    fn begin(&self, _job: &MergeJob) -> Result<State> {
+        Ok(Box::new(()))
+    }
+
+    fn passes(&self, _state: &State) -> usize {
+        0
+    }
+
+    fn apply(
+        &self,
+        job: &MergeJob,
+        _offset: usize,
+        _state: &mut State,
+        out: &mut [f32],
+    ) -> Result<()> {
         out.copy_from_slice(job.inputs[0]);
         if let Some(s) = job.per_input[0].opt_f("scale") {
             let s = s as f32;

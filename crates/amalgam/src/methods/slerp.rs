@@ -28,14 +28,15 @@ impl Default for Slerp {
     }
 }
 
-/// Coefficients `(ca, cb)` with `slerp(t, a, b) = ca·a + cb·b`. Zero-norm inputs are not
-/// normalised (their norm is taken as 1), as in mergekit.
-pub fn coefficients(t: f64, a: &[f32], b: &[f32]) -> (f64, f64) {
-    let na = norm(a);
-    let nb = norm(b);
+/// Coefficients `(ca, cb)` with `slerp(t, a, b) = ca·a + cb·b`, from the norms and dot product
+/// of the two tensors. Zero-norm inputs are not normalised (their norm is taken as 1), as in
+/// mergekit.
+pub fn coefficients_from(t: f64, sums: &Sums) -> (f64, f64) {
+    let na = sums.aa.sqrt();
+    let nb = sums.bb.sqrt();
     let na = if na > EPS { na } else { 1.0 };
     let nb = if nb > EPS { nb } else { 1.0 };
-    let d = (dot(a, b) / (na * nb)).clamp(-1.0, 1.0);
+    let d = (sums.ab / (na * nb)).clamp(-1.0, 1.0);
     if d.abs() > DOT_THRESHOLD {
         return (1.0 - t, t);
     }
@@ -44,17 +45,79 @@ pub fn coefficients(t: f64, a: &[f32], b: &[f32]) -> (f64, f64) {
     (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
 }
 
+/// `coefficients_from` for two whole tensors.
+pub fn coefficients(t: f64, a: &[f32], b: &[f32]) -> (f64, f64) {
+    let mut sums = Sums::default();
+    sums.add(a, b);
+    coefficients_from(t, &sums)
+}
+
+/// Running `Σa²`, `Σb²`, `Σab` in f64.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sums {
+    aa: f64,
+    bb: f64,
+    ab: f64,
+}
+
+impl Sums {
+    fn add(&mut self, a: &[f32], b: &[f32]) {
+        for (&x, &y) in a.iter().zip(b) {
+            let (x, y) = (x as f64, y as f64);
+            self.aa += x * x;
+            self.bb += y * y;
+            self.ab += x * y;
+        }
+    }
+}
+
 impl Method for Slerp {
     fn spec(&self) -> &MethodSpec {
         &self.0
     }
 
     fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()> {
-        let t = job.shared.f("t");
+        merge_whole(self, job, out)
+    }
+
+    fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
+        Some(self)
+    }
+}
+
+impl Streaming for Slerp {
+    fn begin(&self, _job: &MergeJob) -> Result<State> {
+        Ok(Box::new(Sums::default()))
+    }
+
+    fn passes(&self, _state: &State) -> usize {
+        1
+    }
+
+    fn observe(
+        &self,
+        _pass: usize,
+        job: &MergeJob,
+        _offset: usize,
+        state: &mut State,
+    ) -> Result<()> {
         let a = job.base_tensor();
         let b = job.inputs[job.non_base()[0]];
-        let (ca, cb) = coefficients(t, a, b);
+        state_mut::<Sums>(state).add(a, b);
+        Ok(())
+    }
+
+    fn apply(
+        &self,
+        job: &MergeJob,
+        _offset: usize,
+        state: &mut State,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (ca, cb) = coefficients_from(job.shared.f("t"), state_mut::<Sums>(state));
         let (ca, cb) = (ca as f32, cb as f32);
+        let a = job.base_tensor();
+        let b = job.inputs[job.non_base()[0]];
         for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
             *o = ca * x + cb * y;
         }
