@@ -41,10 +41,10 @@ config() { # method, extra model params, global params
     echo "base_model: $set_dir/base"
     echo "models:"
     for i in 1 2 3; do echo "  - model: $set_dir/ft$i"; echo "    parameters: {$p}"; done
-    [ -n "$g" ] && echo "parameters: {$g}"
+    if [ -n "$g" ]; then echo "parameters: {$g}"; fi
   } > "$work/configs/$m.yml"
 }
-config linear "weight: 1.0" ""
+config linear "weight: 1.0" "weight: 1.0"   # the base is an input of linear too
 config task_arithmetic "weight: 0.5" ""
 config ties "weight: 1.0, density: 0.5" ""
 config dare_ties "weight: 1.0, density: 0.5" ""

@@ -7,5 +7,5 @@ pub mod model;
 pub mod modeldir;
 pub mod writer;
 
-pub use model::{Model, TensorEntry, TensorView};
+pub use model::{Model, RELEASE_BLOCK, TensorEntry, TensorView};
 pub use writer::{Existing, ModelWriter, TensorSpec, parse_shard_size};

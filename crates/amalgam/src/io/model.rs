@@ -24,6 +24,10 @@ pub struct Shard {
     pub header: Header,
 }
 
+/// The granularity at which a sequential reader can safely release pages behind it: the largest
+/// block the kernel maps around one fault (a PMD-sized large folio).
+pub const RELEASE_BLOCK: usize = 2 << 20;
+
 /// Where a tensor lives in a model.
 #[derive(Clone, Debug)]
 pub struct TensorEntry {
@@ -331,19 +335,25 @@ impl Model {
         }
     }
 
-    /// [`release`](Self::release) for bytes `range` (absolute, in shard `shard`'s file).
+    /// [`release`](Self::release) for bytes `range` (absolute, in shard `shard`'s file), widened
+    /// to whole pages.
+    ///
+    /// The kernel maps file pages in blocks around a fault (64 KiB, or a whole large folio of up
+    /// to 2 MiB), so pages just before a released range can come back when the next bytes are
+    /// read: a reader walking a tensor should release only whole [`RELEASE_BLOCK`]s behind it
+    /// and the rest once done (see the merge executor).
     pub fn release_range(&self, shard: usize, range: std::ops::Range<usize>) {
-        if range.is_empty() {
+        const PAGE: usize = 4096;
+        let map = &self.shards[shard].map;
+        let start = range.start / PAGE * PAGE;
+        let end = range.end.div_ceil(PAGE).saturating_mul(PAGE).min(map.len());
+        if start >= end {
             return;
         }
         // SAFETY: the map is read-only and file-backed, so dropping its pages loses nothing:
         // later reads fault the same bytes back from the file.
         let _ = unsafe {
-            self.shards[shard].map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                range.start,
-                range.len(),
-            )
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
         };
     }
 

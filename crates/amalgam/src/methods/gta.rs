@@ -229,6 +229,10 @@ struct GtaState {
     models: Vec<PerModel>,
     passes: Vec<Pass>,
     rescale_l1: bool,
+    /// Per-model masked, scaled, weighted deltas of the current chunk.
+    buffers: Vec<Vec<f32>>,
+    /// Per element of the chunk: the sum that elects the sign, the merged delta, the divisor.
+    sums: [Vec<f32>; 3],
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -258,6 +262,8 @@ impl GtaState {
             models,
             passes,
             rescale_l1,
+            buffers: Vec::new(),
+            sums: Default::default(),
         }
     }
 }
@@ -406,53 +412,99 @@ impl Streaming for Gta {
             out.copy_from_slice(base);
             return Ok(());
         }
+        // One tight loop per model and step, then one over the elements to combine: the same
+        // f32 operations in the same order as an element-at-a-time loop, but vectorisable.
+        let n = out.len();
+        st.buffers.resize_with(st.models.len(), Vec::new);
+        for (m, d) in st.models.iter_mut().zip(st.buffers.iter_mut()) {
+            let x = job.inputs[m.input];
+            d.clear();
+            d.extend(x.iter().zip(base).map(|(&a, &b)| a - b));
+            match &mut m.mask {
+                Mask::All => {}
+                Mask::Nothing => d.fill(0.0),
+                Mask::Select(_, sel) => sel.apply(d),
+                Mask::Random(k, t) => {
+                    let t = *t;
+                    for (j, v) in d.iter_mut().enumerate() {
+                        if k.bits((offset + j) as u64) >= t {
+                            *v = 0.0;
+                        }
+                    }
+                }
+                Mask::Given(f) => d
+                    .iter_mut()
+                    .zip(&f[offset..offset + n])
+                    .for_each(|(v, &g)| *v *= g),
+            }
+            if let Some(p) = m.inverse_density {
+                d.iter_mut().for_each(|v| *v = (*v as f64 / p) as f32);
+            } else if st.rescale_l1 {
+                let s = m.scale;
+                d.iter_mut().for_each(|v| *v *= s);
+            }
+            let w = m.weight;
+            d.iter_mut().for_each(|v| *v *= w);
+        }
         let normalize = job.shared.b("normalize");
         let lambda = job.shared.f("lambda") as f32;
         let weight_sum: f32 = st.models.iter().map(|m| m.weight).sum();
-        let rescale_l1 = st.rescale_l1;
-        let mut d = vec![0f32; st.models.len()];
-        for (j, o) in out.iter_mut().enumerate() {
-            let b = base[j];
-            for (dv, m) in d.iter_mut().zip(st.models.iter_mut()) {
-                let raw = job.inputs[m.input][j] - b;
-                let mut v = if m.keeps(offset + j, raw) { raw } else { 0.0 };
-                if let Mask::Given(f) = &m.mask {
-                    v *= f[offset + j];
-                }
-                if let Some(p) = m.inverse_density {
-                    v = (v as f64 / p) as f32;
-                } else if rescale_l1 {
-                    v *= m.scale;
-                }
-                *dv = v * m.weight;
+        let plain_divisor = if weight_sum.abs() < 1e-8 {
+            1.0
+        } else {
+            weight_sum
+        };
+        // Accumulate model by model into per-element sums: the additions happen in the same
+        // order as summing each element over the models, so results do not change.
+        let [sum, mixed, divisor] = &mut st.sums;
+        for v in [&mut *sum, &mut *mixed, &mut *divisor] {
+            v.clear();
+            v.resize(n, 0.0);
+        }
+        if self.consensus {
+            for d in &st.buffers {
+                sum.iter_mut().zip(d).for_each(|(s, &v)| *s += v);
             }
-            let (mut mixed, mut divisor) = (0f32, 0f32);
-            if self.consensus {
-                let sign = elect_sign_sum(d.iter().copied());
-                for (&v, m) in d.iter().zip(&st.models) {
-                    if v != 0.0 && (v > 0.0) == (sign > 0.0) {
-                        mixed += v;
-                        divisor += m.weight;
-                    }
+            for (d, m) in st.buffers.iter().zip(&st.models) {
+                let w = m.weight;
+                for ((x, dv), (&v, &s)) in mixed
+                    .iter_mut()
+                    .zip(divisor.iter_mut())
+                    .zip(d.iter().zip(sum.iter()))
+                {
+                    // Agree with the elected sign (`+` when the sum is ≥ 0); zero agrees with
+                    // neither. Non-short-circuit `&`/`|` keep the loop branch-free.
+                    let up = s >= 0.0;
+                    let agree = ((v > 0.0) & up) | ((v < 0.0) & !up);
+                    *x += if agree { v } else { 0.0 };
+                    *dv += if agree { w } else { 0.0 };
                 }
-                if divisor == 0.0 {
-                    divisor = 1.0;
-                }
-            } else {
-                mixed = d.iter().sum();
-                divisor = if weight_sum.abs() < 1e-8 {
-                    1.0
-                } else {
-                    weight_sum
-                };
             }
+            divisor.iter_mut().for_each(|d| {
+                if *d == 0.0 {
+                    *d = 1.0
+                }
+            });
+        } else {
+            for d in &st.buffers {
+                mixed.iter_mut().zip(d).for_each(|(s, &v)| *s += v);
+            }
+            divisor.fill(plain_divisor);
+        }
+        for (((o, &b), &x), &dv) in out
+            .iter_mut()
+            .zip(base)
+            .zip(mixed.iter())
+            .zip(divisor.iter())
+        {
+            let mut x = x;
             if normalize {
-                mixed /= divisor;
+                x /= dv;
             }
             if lambda != 1.0 {
-                mixed *= lambda;
+                x *= lambda;
             }
-            *o = b + mixed;
+            *o = b + x;
         }
         Ok(())
     }

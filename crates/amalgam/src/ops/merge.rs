@@ -8,7 +8,9 @@ use crate::config::MergeConfig;
 use crate::dtype::{decode_f32, encode_f32};
 use crate::error::{Error, Result};
 use crate::exec::{self, Scratch};
-use crate::io::{Existing, ModelWriter, TensorEntry, TensorSpec, TensorView, modeldir};
+use crate::io::{
+    Existing, ModelWriter, RELEASE_BLOCK, TensorEntry, TensorSpec, TensorView, modeldir,
+};
 use crate::methods::{MergeJob, Streaming};
 use crate::plan::{self, ModelSet, Op, Plan, PlannedTensor};
 use crate::progress::Progress;
@@ -24,12 +26,12 @@ pub struct MergeOptions {
     pub seed: u64,
     /// Planning flags.
     pub plan: plan::PlanOptions,
-    /// Elements per chunk for streamed methods (0: the default, 1M).
+    /// Elements per chunk for streamed methods (0: the default, 64K).
     pub chunk_elements: usize,
 }
 
-/// Default chunk: 1M elements, 4 MiB of f32 per input.
-const DEFAULT_CHUNK: usize = 1 << 20;
+/// Default chunk: 64K elements, 256 KiB of f32 per input, so a worker's buffers stay in cache.
+const DEFAULT_CHUNK: usize = 1 << 16;
 
 /// Load `config_path` and open its models; returns the config, the models and the plan.
 pub fn prepare(
@@ -124,12 +126,7 @@ fn produce(
                 .iter()
                 .map(|i| set.models[i.model].entry(&i.tensor))
                 .collect::<Result<_>>()?;
-            let source = Source {
-                set,
-                inputs,
-                views: &views,
-                entries: &entries,
-            };
+            let source = Source::new(set, inputs, &views, &entries);
             match plan.method.streaming(&meta) {
                 Some(s) => {
                     let granule = s.granule(&meta).max(1);
@@ -142,29 +139,78 @@ fn produce(
     }
 }
 
-/// The inputs of one output tensor, read chunk by chunk.
+/// The inputs of one output tensor, read chunk by chunk in index order, releasing their
+/// pages behind the reader in whole [`RELEASE_BLOCK`]s (so pages the kernel maps back around
+/// later faults are released too) and the rest at the end of each pass.
 struct Source<'a> {
     set: &'a ModelSet,
     inputs: &'a [plan::Input],
     views: &'a [TensorView<'a>],
     entries: &'a [&'a TensorEntry],
+    /// Per input: absolute file offset below which pages were released in this pass.
+    released: Vec<std::cell::Cell<usize>>,
 }
 
-impl Source<'_> {
-    /// Decode elements `range` of every input into `bufs`, then drop their pages.
-    fn read(&self, range: std::ops::Range<usize>, bufs: &mut [Vec<f32>]) {
-        for ((buf, view), (entry, input)) in bufs
-            .iter_mut()
-            .zip(self.views)
-            .zip(self.entries.iter().zip(self.inputs))
-        {
+impl<'a> Source<'a> {
+    fn new(
+        set: &'a ModelSet,
+        inputs: &'a [plan::Input],
+        views: &'a [TensorView<'a>],
+        entries: &'a [&'a TensorEntry],
+    ) -> Self {
+        let released = entries
+            .iter()
+            .map(|e| std::cell::Cell::new(e.range.start))
+            .collect();
+        Source {
+            set,
+            inputs,
+            views,
+            entries,
+            released,
+        }
+    }
+
+    /// Decode elements `range` of every input into `bufs`. An input holding NaN or infinity is
+    /// an error naming its file and tensor.
+    fn read(&self, range: std::ops::Range<usize>, bufs: &mut [Vec<f32>]) -> Result<()> {
+        for (k, (buf, view)) in bufs.iter_mut().zip(self.views).enumerate() {
             let size = view.dtype.size();
             // A vocabulary cut to the smallest input reads each input's leading rows only.
             let bytes = &view.bytes[range.start * size..range.end * size];
             decode_f32(view.dtype, bytes, buf);
-            let start = entry.range.start + range.start * size;
-            self.set.models[input.model].release_range(entry.shard, start..start + bytes.len());
+            if !buf.iter().fold(true, |ok, v| ok & v.is_finite()) {
+                return Err(Error::Numeric {
+                    name: self.inputs[k].tensor.clone(),
+                    reason: format!(
+                        "input {} holds NaN or infinite values; fix or exclude that model",
+                        self.model(k).path.display()
+                    ),
+                });
+            }
+            let entry = self.entries[k];
+            let done = (entry.range.start + range.end * size) / RELEASE_BLOCK * RELEASE_BLOCK;
+            let from = self.released[k].get();
+            if done > from {
+                self.model(k).release_range(entry.shard, from..done);
+                self.released[k].set(done);
+            }
         }
+        Ok(())
+    }
+
+    /// The pass is over: release what is left of every input and start over.
+    fn end_pass(&self) {
+        for (k, entry) in self.entries.iter().enumerate() {
+            let start = entry.range.start / RELEASE_BLOCK * RELEASE_BLOCK;
+            let end = entry.range.end.div_ceil(RELEASE_BLOCK) * RELEASE_BLOCK;
+            self.model(k).release_range(entry.shard, start..end);
+            self.released[k].set(entry.range.start);
+        }
+    }
+
+    fn model(&self, k: usize) -> &crate::io::Model {
+        &self.set.models[self.inputs[k].model]
     }
 }
 
@@ -198,13 +244,14 @@ fn streamed(
         for range in chunks() {
             crate::cancel::check()?;
             let bufs = buffers(&mut scratch.f32s, k);
-            source.read(range.clone(), bufs);
+            source.read(range.clone(), bufs)?;
             let job = MergeJob {
                 inputs: bufs.iter().map(|b| b.as_slice()).collect(),
                 ..meta.clone()
             };
             s.observe(pass, &job, range.start, &mut state)?;
         }
+        source.end_pass();
         s.end_pass(pass, meta, &mut state)?;
     }
     let size = t.dtype.size() as u64;
@@ -212,7 +259,7 @@ fn streamed(
         crate::cancel::check()?;
         let bufs = buffers(&mut scratch.f32s, k + 1);
         let (ins, rest) = bufs.split_at_mut(k);
-        source.read(range.clone(), ins);
+        source.read(range.clone(), ins)?;
         let out = &mut rest[0];
         out.clear();
         out.resize(range.len(), 0.0);
@@ -221,10 +268,11 @@ fn streamed(
             ..meta.clone()
         };
         s.apply(&job, range.start, &mut state, out)?;
-        check_finite(source, t, &job, out)?;
+        check_finite(t, out)?;
         encode_f32(t.dtype, out, &mut scratch.bytes);
         writer.write_part(index, range.start as u64 * size, &scratch.bytes)?;
     }
+    source.end_pass();
     Ok(())
 }
 
@@ -242,7 +290,8 @@ fn whole(
     let k = source.inputs.len();
     let bufs = buffers(&mut scratch.f32s, k + 1);
     let (ins, rest) = bufs.split_at_mut(k);
-    source.read(0..n, ins);
+    source.read(0..n, ins)?;
+    source.end_pass();
     let out = &mut rest[0];
     out.clear();
     out.resize(n, 0.0);
@@ -251,7 +300,7 @@ fn whole(
         ..meta.clone()
     };
     plan.method.merge(&job, out)?;
-    check_finite(source, t, &job, out)?;
+    check_finite(t, out)?;
     encode_f32(t.dtype, out, &mut scratch.bytes);
     writer.write(index, &scratch.bytes)
 }
@@ -280,27 +329,17 @@ fn copy_buffer(
     writer.write(index, first.bytes)
 }
 
-fn check_finite(source: &Source, t: &PlannedTensor, job: &MergeJob, out: &[f32]) -> Result<()> {
-    if out.iter().all(|v| v.is_finite()) {
+fn check_finite(t: &PlannedTensor, out: &[f32]) -> Result<()> {
+    if out.iter().fold(true, |ok, v| ok & v.is_finite()) {
         Ok(())
     } else {
-        Err(non_finite(source.set, t, source.inputs, job))
+        Err(non_finite(t))
     }
 }
 
-/// Name the culprit of a NaN or infinity in a merge result: an input, or the method.
-fn non_finite(set: &ModelSet, t: &PlannedTensor, inputs: &[plan::Input], job: &MergeJob) -> Error {
-    for (input, data) in inputs.iter().zip(&job.inputs) {
-        if data.iter().any(|v| !v.is_finite()) {
-            return Error::Numeric {
-                name: input.tensor.clone(),
-                reason: format!(
-                    "input {} holds NaN or infinite values; fix or exclude that model",
-                    set.models[input.model].path.display()
-                ),
-            };
-        }
-    }
+/// A NaN or infinity in a merge result: inputs are checked as they are read, so the method
+/// produced it.
+fn non_finite(t: &PlannedTensor) -> Error {
     Error::Numeric {
         name: t.name.clone(),
         reason: "the merge produced NaN or infinite values from finite inputs; check the parameters (e.g. weights summing to zero)".into(),
