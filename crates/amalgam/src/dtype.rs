@@ -264,25 +264,24 @@ pub fn decode_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> bool {
         return false;
     }
     let n = bytes.len() / dtype.size();
-    out.resize(n, 0.0);
+    out.reserve(n);
     match dtype {
-        // Bulk paths for aligned input: a shift for bf16, F16C (when present) for f16.
+        // Bulk paths for aligned input: a shift for bf16, F16C (when present) for f16. `extend`
+        // writes each element once (no zero-fill first).
         DType::BF16 => match bytemuck::try_cast_slice::<u8, u16>(bytes) {
-            Ok(src) => out
-                .iter_mut()
-                .zip(src)
-                .for_each(|(o, &b)| *o = f32::from_bits((b as u32) << 16)),
+            Ok(src) => out.extend(src.iter().map(|&b| f32::from_bits((b as u32) << 16))),
             Err(_) => decode_slow::<bf16>(bytes, out),
         },
         DType::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
             Ok(src) => {
                 use half::slice::HalfFloatSliceExt;
+                out.resize(n, 0.0);
                 src.convert_to_f32_slice(out)
             }
             Err(_) => decode_slow::<f16>(bytes, out),
         },
         DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-            Ok(src) => out.copy_from_slice(src),
+            Ok(src) => out.extend_from_slice(src),
             Err(_) => decode_slow::<f32>(bytes, out),
         },
         _ => decode_slow::<f64>(bytes, out),
@@ -290,12 +289,8 @@ pub fn decode_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> bool {
     true
 }
 
-fn decode_slow<T: FloatElem>(bytes: &[u8], out: &mut [f32]) {
-    let mut i = 0;
-    for_each_elem::<T>(bytes, |x| {
-        out[i] = FloatElem::to_f32(x);
-        i += 1;
-    });
+fn decode_slow<T: FloatElem>(bytes: &[u8], out: &mut Vec<f32>) {
+    for_each_elem::<T>(bytes, |x| out.push(FloatElem::to_f32(x)));
 }
 
 /// Encode f32 values as `dtype` bytes, appended to `out` (cleared first).
