@@ -233,6 +233,8 @@ struct GtaState {
     buffers: Vec<Vec<f32>>,
     /// Per element of the chunk: the sum that elects the sign, the merged delta, the divisor.
     sums: [Vec<f32>; 3],
+    /// Keys of the current chunk (selection passes).
+    keys: Vec<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -264,6 +266,7 @@ impl GtaState {
             rescale_l1,
             buffers: Vec::new(),
             sums: Default::default(),
+            keys: Vec::new(),
         }
     }
 }
@@ -346,7 +349,11 @@ impl Streaming for Gta {
             let deltas = x.iter().zip(base).map(|(&a, &b)| a - b);
             match (kind, &mut m.mask) {
                 (Pass::HighBits, Mask::Select(Some(s), _)) => s.count_high(deltas.map(key)),
-                (Pass::LowBits, Mask::Select(Some(s), _)) => s.count_low(deltas.map(key)),
+                (Pass::LowBits, Mask::Select(Some(s), _)) => {
+                    st.keys.clear();
+                    st.keys.extend(deltas.map(key));
+                    s.count_low(&st.keys);
+                }
                 (Pass::L1Sums, _) => {
                     for (j, d) in deltas.enumerate() {
                         let a = d.abs() as f64;

@@ -75,35 +75,57 @@ impl Selection {
         if lo.is_none() && hi.is_none() {
             return;
         }
-        // Keys never exceed 0x7fff_ffff, so u32::MAX matches no key. Boundary ties are rare
-        // enough to handle one by one; everything else takes one unsigned comparison.
+        // Keys never exceed 0x7fff_ffff, so u32::MAX matches no key.
         let (lo_eq, hi_eq) = (lo.unwrap_or(u32::MAX), hi.unwrap_or(u32::MAX));
-        let mut ties = std::mem::take(&mut self.ties);
-        ties.clear();
-        for (j, &v) in x.iter().enumerate() {
+        let (mut n_lo, mut n_hi) = (0u64, 0u64);
+        for &v in x.iter() {
             let k = key(v);
-            if k == lo_eq || k == hi_eq {
-                ties.push((j, v));
-            }
+            n_lo += (k == lo_eq) as u64;
+            n_hi += (k == hi_eq) as u64;
         }
-        // Strictly inside the edges: `first..end`.
-        let first = lo.map_or(0, |v| v + 1);
-        let end = hi.unwrap_or(0x8000_0000);
-        if end <= first {
-            x.fill(0.0);
+        // The ties at each edge in this chunk are tie positions [seen, seen + n) of that edge;
+        // the edge keeps positions [lo_t, hi_t). Usually all or none of them are kept, and the
+        // chunk takes one branch-free pass; only the chunk where the quota runs out is walked.
+        let decide = |e: Option<Edge>, seen: u64, n: u64| -> Option<bool> {
+            let Some(e) = e else { return Some(false) };
+            if n == 0 || (seen >= e.lo_t && seen + n <= e.hi_t) {
+                Some(true)
+            } else if seen + n <= e.lo_t || seen >= e.hi_t {
+                Some(false)
+            } else {
+                None
+            }
+        };
+        let same = lo.is_some() && lo == hi;
+        let keep_lo = decide(self.lower, self.seen_lower, n_lo);
+        let keep_hi = if same {
+            // One tie sequence under both edges' ranges.
+            decide(self.upper, self.seen_lower, n_lo)
         } else {
-            let width = end - first;
+            decide(self.upper, self.seen_upper, n_hi)
+        };
+        let (Some(keep_lo), Some(keep_hi)) = (keep_lo, keep_hi) else {
             for v in x.iter_mut() {
-                let inside = key(*v).wrapping_sub(first) < width;
-                *v = if inside { *v } else { 0.0 };
+                if !self.keep(key(*v)) {
+                    *v = 0.0;
+                }
             }
+            return;
+        };
+        let keep_lo = keep_lo && (!same || keep_hi);
+        let keep_hi = keep_hi && (!same || keep_lo);
+        self.seen_lower += n_lo;
+        if !same {
+            self.seen_upper += n_hi;
         }
-        for &(j, v) in &ties {
-            if self.keep(key(v)) {
-                x[j] = v;
-            }
+        let has_lo = lo.is_some();
+        let has_hi = hi.is_some();
+        for v in x.iter_mut() {
+            let k = key(*v);
+            let above = !has_lo | (k > lo_eq) | (keep_lo & (k == lo_eq));
+            let below = !has_hi | (k < hi_eq) | (keep_hi & (k == hi_eq));
+            *v = if above & below { *v } else { 0.0 };
         }
-        self.ties = ties;
     }
 
     /// Whether the next element (in index order) with key `k` is kept.
@@ -220,14 +242,30 @@ impl Selector {
     }
 
     /// Pass 2: count the low bits of the keys inside the wanted bins.
-    pub fn count_low(&mut self, keys: impl Iterator<Item = u32>) {
+    pub fn count_low(&mut self, keys: &[u32]) {
         let (b0, b1) = (self.bins[0].0, self.bins.last().expect("a rank").0);
-        for k in keys {
+        if b0 == b1 {
+            // Branch-free: keys outside the bin land in spare slots past the 65,536 real ones,
+            // spread over 16 so that consecutive misses do not wait on one counter.
+            let hist = &mut self.lo[0];
+            hist.resize(BINS + 16, 0);
+            for (j, &k) in keys.iter().enumerate() {
+                let slot = if k >> 16 == b0 {
+                    (k & 0xffff) as usize
+                } else {
+                    BINS + (j & 15)
+                };
+                hist[slot] += 1;
+            }
+            hist.truncate(BINS);
+            return;
+        }
+        let last = self.lo.len() - 1;
+        for &k in keys {
             let h = k >> 16;
             if h == b0 {
                 self.lo[0][(k & 0xffff) as usize] += 1;
             } else if h == b1 {
-                let last = self.lo.len() - 1;
                 self.lo[last][(k & 0xffff) as usize] += 1;
             }
         }
@@ -287,7 +325,8 @@ pub fn select(x: &[f32], want: Want) -> Selection {
         Ok(mut s) => {
             s.count_high(x.iter().map(|&v| key(v)));
             s.end_high();
-            s.count_low(x.iter().map(|&v| key(v)));
+            let keys: Vec<u32> = x.iter().map(|&v| key(v)).collect();
+            s.count_low(&keys);
             s.finish()
         }
     }
