@@ -26,8 +26,12 @@ where
     let specs = writer.specs();
     let total: u64 = specs.iter().filter_map(|s| s.nbytes()).sum();
     progress.start(specs.len() as u64, total);
-    (0..specs.len())
+    // Largest tensors first, so no worker is left with a big one at the end.
+    let mut order: Vec<usize> = (0..specs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(specs[i].nbytes().unwrap_or(0)));
+    order
         .into_par_iter()
+        .with_max_len(1)
         .try_for_each_init(Scratch::default, |scratch, i| {
             crate::cancel::check()?;
             produce(i, scratch)?;

@@ -207,7 +207,7 @@ enum Mask {
     /// Everything dropped.
     Nothing,
     /// Magnitude selection: pending (two passes) or final.
-    Select(Option<Selector>, Selection),
+    Select(Option<Box<Selector>>, Selection),
     /// Random: keep element `i` when `key.bits(i) < threshold`.
     Random(Key, u64),
     /// A factor per element (0 = dropped), computed whole (DELLA).
@@ -519,7 +519,7 @@ impl Streaming for Gta {
 
 fn selector(n: usize, want: Want) -> Mask {
     match Selector::new(n, want) {
-        Ok(s) => Mask::Select(Some(s), Selection::all()),
+        Ok(s) => Mask::Select(Some(Box::new(s)), Selection::all()),
         Err(done) => Mask::Select(None, done),
     }
 }
