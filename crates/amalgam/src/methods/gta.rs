@@ -11,7 +11,7 @@
 //! exact top-k boundary in two histogram passes ([`select`](super::select)), the L1 rescale
 //! sums in one more, and the output pass applies masks, election and merge in one sweep.
 
-use super::rng::{Key, threshold};
+use super::rng::{Key, threshold32};
 use super::select::{Selection, Selector, Want, key};
 use super::sparsify::{Rescale, della_mask};
 use super::*;
@@ -208,10 +208,37 @@ enum Mask {
     Nothing,
     /// Magnitude selection: pending (two passes) or final.
     Select(Option<Box<Selector>>, Selection),
-    /// Random: keep element `i` when `key.bits(i) < threshold`.
-    Random(Key, u64),
+    /// Random: keep element `i` when `key.bits32(i) < threshold`.
+    Random(Key, u32),
     /// A factor per element (0 = dropped), computed whole (DELLA).
     Given(Vec<f32>),
+}
+
+/// A sum in 8 lanes by absolute element index (lane = index mod 8), combined in lane order at the
+/// end: the result does not depend on how the tensor is cut into chunks, and the loop vectorises.
+#[derive(Clone, Copy, Debug, Default)]
+struct LaneSum([f64; 8]);
+
+impl LaneSum {
+    fn add(&mut self, offset: usize, values: &[f32]) {
+        let head = ((8 - offset % 8) % 8).min(values.len());
+        for (j, &v) in values[..head].iter().enumerate() {
+            self.0[(offset + j) % 8] += v as f64;
+        }
+        let mut blocks = values[head..].chunks_exact(8);
+        for block in &mut blocks {
+            for (acc, &v) in self.0.iter_mut().zip(block) {
+                *acc += v as f64;
+            }
+        }
+        for (acc, &v) in self.0.iter_mut().zip(blocks.remainder()) {
+            *acc += v as f64;
+        }
+    }
+
+    fn total(&self) -> f64 {
+        self.0.iter().sum()
+    }
 }
 
 struct PerModel {
@@ -219,7 +246,7 @@ struct PerModel {
     weight: f32,
     mask: Mask,
     /// Σ|δ| and Σ|kept δ| for the L1 rescale.
-    l1: (f64, f64),
+    l1: (LaneSum, LaneSum),
     /// Multiplier of kept entries (L1 match or 1/p); 1 when not rescaling.
     scale: f32,
     inverse_density: Option<f64>,
@@ -235,6 +262,8 @@ struct GtaState {
     sums: [Vec<f32>; 3],
     /// Keys of the current chunk (selection passes).
     keys: Vec<u32>,
+    /// |δ| and kept |δ| of the current chunk (L1 pass).
+    l1_scratch: [Vec<f32>; 2],
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -267,6 +296,7 @@ impl GtaState {
             buffers: Vec::new(),
             sums: Default::default(),
             keys: Vec::new(),
+            l1_scratch: Default::default(),
         }
     }
 }
@@ -279,7 +309,7 @@ impl PerModel {
             Mask::All => true,
             Mask::Nothing => false,
             Mask::Select(_, sel) => sel.keep(key(d)),
-            Mask::Random(k, t) => k.bits(index as u64) < *t,
+            Mask::Random(k, t) => k.bits32(index as u64) < *t,
             Mask::Given(f) => f[index] != 0.0,
         }
     }
@@ -312,7 +342,7 @@ impl Streaming for Gta {
                         }
                         Sparsifier::Random if density <= 0.0 => Mask::Nothing,
                         Sparsifier::Random => {
-                            Mask::Random(Key::new(job.seed, job.name, i), threshold(density))
+                            Mask::Random(Key::new(job.seed, job.name, i), threshold32(density))
                         }
                         // Filled in by `merge_della`, which has the whole tensor.
                         Sparsifier::DellaMagprune => Mask::Given(Vec::new()),
@@ -324,7 +354,7 @@ impl Streaming for Gta {
                     input: i,
                     weight: p.f("weight") as f32,
                     mask,
-                    l1: (0.0, 0.0),
+                    l1: (LaneSum::default(), LaneSum::default()),
                     scale: 1.0,
                     inverse_density: (sparse && rescale == Rescale::InverseKeepProbability)
                         .then_some(density),
@@ -355,13 +385,26 @@ impl Streaming for Gta {
                     s.count_low(&st.keys);
                 }
                 (Pass::L1Sums, _) => {
-                    for (j, d) in deltas.enumerate() {
-                        let a = d.abs() as f64;
-                        m.l1.0 += a;
-                        if m.keeps(offset + j, d) {
-                            m.l1.1 += a;
+                    let [all, kept] = &mut st.l1_scratch;
+                    all.clear();
+                    all.extend(deltas.map(f32::abs));
+                    kept.clear();
+                    match &m.mask {
+                        Mask::Random(k, t) => {
+                            kept.extend_from_slice(all);
+                            k.mask32(offset as u64, *t, kept);
+                        }
+                        _ => {
+                            let x = job.inputs[m.input];
+                            for (j, (&a, (&v, &b))) in
+                                all.iter().zip(x.iter().zip(base)).enumerate()
+                            {
+                                kept.push(if m.keeps(offset + j, v - b) { a } else { 0.0 });
+                            }
                         }
                     }
+                    m.l1.0.add(offset, all);
+                    m.l1.1.add(offset, kept);
                 }
                 _ => {}
             }
@@ -390,7 +433,7 @@ impl Streaming for Gta {
             }
             Pass::L1Sums => {
                 for m in &mut st.models {
-                    let (before, after) = m.l1;
+                    let (before, after) = (m.l1.0.total(), m.l1.1.total());
                     if !matches!(m.mask, Mask::All) && before >= 1e-7 && after >= 1e-7 {
                         m.scale = (before / after) as f32;
                     }
@@ -426,19 +469,18 @@ impl Streaming for Gta {
         for (m, d) in st.models.iter_mut().zip(st.buffers.iter_mut()) {
             let x = job.inputs[m.input];
             d.clear();
+            let w = m.weight;
+            if matches!(m.mask, Mask::All) && m.inverse_density.is_none() && !st.rescale_l1 {
+                // Nothing between the subtraction and the weighting: one pass.
+                d.extend(x.iter().zip(base).map(|(&a, &b)| (a - b) * w));
+                continue;
+            }
             d.extend(x.iter().zip(base).map(|(&a, &b)| a - b));
             match &mut m.mask {
                 Mask::All => {}
                 Mask::Nothing => d.fill(0.0),
                 Mask::Select(_, sel) => sel.apply(d),
-                Mask::Random(k, t) => {
-                    let t = *t;
-                    for (j, v) in d.iter_mut().enumerate() {
-                        if k.bits((offset + j) as u64) >= t {
-                            *v = 0.0;
-                        }
-                    }
-                }
+                Mask::Random(k, t) => k.mask32(offset as u64, *t, d),
                 Mask::Given(f) => d
                     .iter_mut()
                     .zip(&f[offset..offset + n])
@@ -450,7 +492,6 @@ impl Streaming for Gta {
                 let s = m.scale;
                 d.iter_mut().for_each(|v| *v *= s);
             }
-            let w = m.weight;
             d.iter_mut().for_each(|v| *v *= w);
         }
         let normalize = job.shared.b("normalize");
@@ -462,41 +503,58 @@ impl Streaming for Gta {
             weight_sum
         };
         // Accumulate model by model into per-element sums: the additions happen in the same
-        // order as summing each element over the models, so results do not change.
-        let [sum, mixed, divisor] = &mut st.sums;
-        for v in [&mut *sum, &mut *mixed, &mut *divisor] {
-            v.clear();
-            v.resize(n, 0.0);
+        // order as summing each element over the models (from 0.0), so results do not change.
+        let d = &st.buffers;
+        if !self.consensus {
+            for (o, &v) in out.iter_mut().zip(&d[0]) {
+                *o = 0.0 + v;
+            }
+            for dm in &d[1..] {
+                out.iter_mut().zip(dm).for_each(|(o, &v)| *o += v);
+            }
+            for (o, &b) in out.iter_mut().zip(base) {
+                let mut x = *o;
+                if normalize {
+                    x /= plain_divisor;
+                }
+                if lambda != 1.0 {
+                    x *= lambda;
+                }
+                *o = b + x;
+            }
+            return Ok(());
         }
-        if self.consensus {
-            for d in &st.buffers {
-                sum.iter_mut().zip(d).for_each(|(s, &v)| *s += v);
+        let [sum, mixed, divisor] = &mut st.sums;
+        sum.clear();
+        sum.extend(d[0].iter().map(|&v| 0.0 + v));
+        for dm in &d[1..] {
+            sum.iter_mut().zip(dm).for_each(|(s, &v)| *s += v);
+        }
+        // Agree with the elected sign (`+` when the sum is ≥ 0); zero agrees with neither.
+        // Non-short-circuit `&`/`|` keep the loops branch-free.
+        let agrees = |v: f32, s: f32| {
+            let up = s >= 0.0;
+            ((v > 0.0) & up) | ((v < 0.0) & !up)
+        };
+        let w0 = st.models[0].weight;
+        mixed.clear();
+        divisor.clear();
+        for (&v, &s) in d[0].iter().zip(sum.iter()) {
+            let agree = agrees(v, s);
+            mixed.push(0.0 + if agree { v } else { 0.0 });
+            divisor.push(0.0 + if agree { w0 } else { 0.0 });
+        }
+        for (dm, m) in d[1..].iter().zip(&st.models[1..]) {
+            let w = m.weight;
+            for ((x, dv), (&v, &s)) in mixed
+                .iter_mut()
+                .zip(divisor.iter_mut())
+                .zip(dm.iter().zip(sum.iter()))
+            {
+                let agree = agrees(v, s);
+                *x += if agree { v } else { 0.0 };
+                *dv += if agree { w } else { 0.0 };
             }
-            for (d, m) in st.buffers.iter().zip(&st.models) {
-                let w = m.weight;
-                for ((x, dv), (&v, &s)) in mixed
-                    .iter_mut()
-                    .zip(divisor.iter_mut())
-                    .zip(d.iter().zip(sum.iter()))
-                {
-                    // Agree with the elected sign (`+` when the sum is ≥ 0); zero agrees with
-                    // neither. Non-short-circuit `&`/`|` keep the loop branch-free.
-                    let up = s >= 0.0;
-                    let agree = ((v > 0.0) & up) | ((v < 0.0) & !up);
-                    *x += if agree { v } else { 0.0 };
-                    *dv += if agree { w } else { 0.0 };
-                }
-            }
-            divisor.iter_mut().for_each(|d| {
-                if *d == 0.0 {
-                    *d = 1.0
-                }
-            });
-        } else {
-            for d in &st.buffers {
-                mixed.iter_mut().zip(d).for_each(|(s, &v)| *s += v);
-            }
-            divisor.fill(plain_divisor);
         }
         for (((o, &b), &x), &dv) in out
             .iter_mut()
@@ -506,7 +564,7 @@ impl Streaming for Gta {
         {
             let mut x = x;
             if normalize {
-                x /= dv;
+                x /= if dv == 0.0 { 1.0 } else { dv };
             }
             if lambda != 1.0 {
                 x *= lambda;

@@ -275,8 +275,14 @@ impl<'a> MergeJob<'a> {
 pub trait Method: Sync + Send {
     /// Metadata.
     fn spec(&self) -> &MethodSpec;
-    /// Merge `job`'s whole inputs into `out` (the tensor's length).
-    fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()>;
+    /// Merge `job`'s whole inputs into `out` (the tensor's length). By default, the streamed
+    /// form over the whole tensor as one chunk; methods without one implement this.
+    fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()> {
+        let s = self
+            .streaming(job)
+            .expect("a method without a streamed form implements merge");
+        merge_whole(s, job, out)
+    }
     /// The streamed form of this method, if it has one: the executor then feeds the inputs in
     /// chunks, so a worker holds a few chunks instead of a few whole tensors.
     fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
@@ -292,10 +298,14 @@ pub type State = Box<dyn std::any::Any + Send>;
 /// as `job.inputs` = the chunk's slices, starting at element `offset` of the tensor; every
 /// pass sees every element once. The result must not depend on how the tensor is cut.
 pub trait Streaming: Sync {
-    /// Fresh state for one tensor (`job.inputs` is empty here).
-    fn begin(&self, job: &MergeJob) -> Result<State>;
-    /// How many statistics passes `state` needs.
-    fn passes(&self, state: &State) -> usize;
+    /// Fresh state for one tensor (`job.inputs` is empty here). Default: none.
+    fn begin(&self, _job: &MergeJob) -> Result<State> {
+        Ok(Box::new(()))
+    }
+    /// How many statistics passes `state` needs. Default: none (an elementwise method).
+    fn passes(&self, _state: &State) -> usize {
+        0
+    }
     /// Chunks hold a whole number of this many elements (a row, for row-wise statistics).
     fn granule(&self, _job: &MergeJob) -> usize {
         1

@@ -103,10 +103,6 @@ impl Method for ModelStock {
         &self.0
     }
 
-    fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()> {
-        merge_whole(self, job, out)
-    }
-
     fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
         Some(self)
     }

@@ -33,24 +33,12 @@ impl Method for Passthrough {
         &self.0
     }
 
-    fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()> {
-        merge_whole(self, job, out)
-    }
-
     fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
         Some(self)
     }
 }
 
 impl Streaming for Passthrough {
-    fn begin(&self, _job: &MergeJob) -> Result<State> {
-        Ok(Box::new(()))
-    }
-
-    fn passes(&self, _state: &State) -> usize {
-        0
-    }
-
     fn apply(
         &self,
         job: &MergeJob,

@@ -2,8 +2,9 @@
 //!
 //! Element `i` of input `m` of tensor `name` draws `hash(key(seed, name, m), i)`: a value that
 //! depends on nothing else, so masks do not change with the thread count, the order tensors are
-//! visited in, or how a tensor is cut into chunks. The hash is the SplitMix64 finaliser (a
-//! bijective 64-bit mixer) applied to a Weyl sequence, one call per element.
+//! visited in, or how a tensor is cut into chunks. [`Key::bits`] is the SplitMix64 finaliser (a
+//! bijective 64-bit mixer) applied to a Weyl sequence; [`Key::bits32`], used for DARE masks, is
+//! the 32-bit Murmur3 finaliser of a keyed Weyl sequence, which vectorises (32-bit multiplies).
 
 /// The random key of one (seed, tensor, input).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +41,47 @@ impl Key {
             .wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
     }
 
+    /// The 32-bit key for elements whose index has high half `hi`.
+    #[inline]
+    fn key32(&self, hi: u32) -> u32 {
+        (self.0 as u32) ^ ((self.0 >> 32) as u32).wrapping_mul(hi | 1)
+    }
+
+    /// 32 random bits for element `index` (indices past 2^32 fold their high half into the key).
+    #[inline]
+    pub fn bits32(&self, index: u64) -> u32 {
+        fmix32(
+            (index as u32)
+                .wrapping_mul(0x9E37_79B9)
+                .wrapping_add(self.key32((index >> 32) as u32)),
+        )
+    }
+
+    /// Zero the entries of `values` (elements `offset..`) whose `bits32` is not below `t`: a
+    /// Bernoulli mask, computed in a loop that vectorises.
+    pub fn mask32(&self, offset: u64, t: u32, values: &mut [f32]) {
+        let mut start = 0usize;
+        while start < values.len() {
+            // Split where the index's high half changes, so the key is constant per run.
+            let index = offset + start as u64;
+            let room = (1u64 << 32) - (index & 0xffff_ffff);
+            let end = values
+                .len()
+                .min(start + room.min(usize::MAX as u64) as usize);
+            let k = self.key32((index >> 32) as u32);
+            let lo = index as u32;
+            for (j, v) in values[start..end].iter_mut().enumerate() {
+                let h = fmix32(
+                    lo.wrapping_add(j as u32)
+                        .wrapping_mul(0x9E37_79B9)
+                        .wrapping_add(k),
+                );
+                *v = if h < t { *v } else { 0.0 };
+            }
+            start = end;
+        }
+    }
+
     /// A uniform value in [0, 1) for element `index` (53 random bits).
     #[inline]
     pub fn uniform(&self, index: u64) -> f64 {
@@ -57,6 +99,23 @@ pub fn threshold(p: f64) -> u64 {
     } else {
         (p * 18_446_744_073_709_551_616.0) as u64
     }
+}
+
+/// The Murmur3 32-bit finaliser.
+#[inline]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The 32-bit threshold below which `bits32` counts as a success of probability `p`
+/// (resolution 2^-32).
+#[inline]
+pub fn threshold32(p: f64) -> u32 {
+    (threshold(p) >> 32) as u32
 }
 
 #[cfg(test)]
@@ -90,6 +149,23 @@ mod tests {
         let t = threshold(0.3);
         let hits = (0..n).filter(|&i| k.bits(i) < t).count() as f64 / n as f64;
         assert!((hits - 0.3).abs() < 2e-3, "{hits}");
+        let t32 = threshold32(0.3);
+        let hits = (0..n).filter(|&i| k.bits32(i) < t32).count() as f64 / n as f64;
+        assert!((hits - 0.3).abs() < 2e-3, "{hits}");
+        // Runs of kept/dropped elements are as long as chance makes them (no striping).
+        let pairs = (0..n - 1)
+            .filter(|&i| (k.bits32(i) < t32) && (k.bits32(i + 1) < t32))
+            .count() as f64
+            / n as f64;
+        assert!((pairs - 0.09).abs() < 2e-3, "{pairs}");
+        // The vectorised mask agrees with bits32, also across the 2^32 index boundary.
+        for offset in [0u64, 5, (1 << 32) - 3] {
+            let mut v = vec![1.0f32; 10];
+            k.mask32(offset, t32, &mut v);
+            for (j, &x) in v.iter().enumerate() {
+                assert_eq!(x != 0.0, k.bits32(offset + j as u64) < t32, "{offset} {j}");
+            }
+        }
         // Neighbouring elements are not correlated.
         let c = (0..n - 1)
             .map(|i| (k.uniform(i) - 0.5) * (k.uniform(i + 1) - 0.5))
