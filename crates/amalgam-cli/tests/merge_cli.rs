@@ -412,3 +412,17 @@ fn sharded_output_matches_single_file() {
     assert!(listing(&b).contains(&"model.safetensors.index.json".to_string()));
     assert!(ok(&["diff", s(&a), s(&b)]).contains("models match"));
 }
+
+#[test]
+fn vocabulary_mismatch_explains_the_options() {
+    rejected(
+        "merge_method: task_arithmetic\nbase_model: $M/llama_base\nmodels: [{model: $M/llama_ft_bigvocab, parameters: {weight: 1}}]\ntokenizer_source: base\n",
+        &[
+            "model.embed_tokens.weight",
+            "[64, 16]",
+            "[72, 16]",
+            "vocabularies differ",
+            "--unsafe-truncate-embeddings",
+        ],
+    );
+}
