@@ -23,7 +23,6 @@ impl Default for ArceeFusion {
                 max_inputs: Some(2),
                 ..Contract::WITH_BASE
             },
-            optional_policy: OptionalPolicy::PassthroughSingleton,
         })
     }
 }

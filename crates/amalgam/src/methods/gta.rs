@@ -172,7 +172,6 @@ impl Gta {
                 reference,
                 params,
                 contract: Contract::WITH_BASE,
-                optional_policy: OptionalPolicy::Error,
             },
             sparsifier,
             consensus,

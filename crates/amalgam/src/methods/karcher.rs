@@ -19,7 +19,6 @@ impl Default for Karcher {
                 ParamSpec::new("tol", Kind::Float, Scope::Shared, Value::Float(1e-5)),
             ],
             contract: Contract::ANY,
-            optional_policy: OptionalPolicy::Error,
         })
     }
 }

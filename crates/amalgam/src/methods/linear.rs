@@ -18,7 +18,6 @@ impl Default for Linear {
                 ParamSpec::new("normalize", Kind::Bool, Scope::Shared, Value::Bool(true)),
             ],
             contract: Contract::ANY,
-            optional_policy: OptionalPolicy::Error,
         })
     }
 }

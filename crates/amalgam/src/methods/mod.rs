@@ -145,19 +145,6 @@ impl Contract {
     }
 }
 
-/// What to do when a tied or optional tensor is missing from some inputs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OptionalPolicy {
-    /// Merge what is there (with the usual input checks).
-    Error,
-    /// If only one input has it, copy that one.
-    PassthroughSingleton,
-    /// If only the base has it, copy it.
-    PassthroughBaseSingleton,
-    /// Copy the base if it alone has it; skip the tensor if too few inputs have it.
-    BaseOrSkip,
-}
-
 /// A method's metadata.
 #[derive(Clone, Debug)]
 pub struct MethodSpec {
@@ -171,8 +158,6 @@ pub struct MethodSpec {
     pub params: Vec<ParamSpec>,
     /// Inputs accepted.
     pub contract: Contract,
-    /// Missing optional tensors.
-    pub optional_policy: OptionalPolicy,
 }
 
 /// Resolved parameters for one tensor: shared values and one map per input.
@@ -414,9 +399,4 @@ pub fn norm(x: &[f32]) -> f64 {
         .map(|&v| (v as f64) * (v as f64))
         .sum::<f64>()
         .sqrt()
-}
-
-/// Dot product accumulated in f64.
-pub fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }

@@ -25,7 +25,6 @@ impl Default for ModelStock {
                 min_inputs: 3,
                 ..Contract::WITH_BASE
             },
-            optional_policy: OptionalPolicy::BaseOrSkip,
         })
     }
 }

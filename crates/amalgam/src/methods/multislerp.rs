@@ -30,7 +30,6 @@ impl Default for MultiSlerp {
                 min_non_base: 1,
                 ..Contract::ANY
             },
-            optional_policy: OptionalPolicy::Error,
         })
     }
 }

@@ -20,7 +20,6 @@ impl Default for NearSwap {
                 max_inputs: Some(2),
                 ..Contract::WITH_BASE
             },
-            optional_policy: OptionalPolicy::PassthroughBaseSingleton,
         })
     }
 }

@@ -35,7 +35,6 @@ impl Default for NuSlerp {
                 max_non_base: Some(2),
                 ..Contract::ANY
             },
-            optional_policy: OptionalPolicy::PassthroughSingleton,
         })
     }
 }

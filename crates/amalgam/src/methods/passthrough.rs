@@ -23,7 +23,6 @@ impl Default for Passthrough {
                 max_inputs: Some(1),
                 ..Contract::ANY
             },
-            optional_policy: OptionalPolicy::Error,
         })
     }
 }

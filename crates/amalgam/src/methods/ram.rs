@@ -41,7 +41,6 @@ impl Ram {
                 reference: "https://arxiv.org/abs/2601.13572",
                 params,
                 contract: Contract::WITH_BASE,
-                optional_policy: OptionalPolicy::Error,
             },
             plus,
         }

@@ -21,7 +21,6 @@ impl Default for Sce {
                 ParamSpec::new("select_topk", Kind::Float, Scope::Shared, Value::Float(1.0)),
             ],
             contract: Contract::WITH_BASE,
-            optional_policy: OptionalPolicy::Error,
         })
     }
 }

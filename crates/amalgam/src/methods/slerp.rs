@@ -23,7 +23,6 @@ impl Default for Slerp {
                 max_inputs: Some(2),
                 ..Contract::WITH_BASE
             },
-            optional_policy: OptionalPolicy::PassthroughSingleton,
         })
     }
 }
