@@ -60,34 +60,30 @@ pub enum Setting {
     Condition(Conditional),
 }
 
-/// Parameters by name, in the order written (kept for `--dry-run` output).
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(transparent)]
-pub struct Parameters(pub serde_json::Map<String, serde_json::Value>);
+/// Parameters by name, in the order written, each parsed into a [`Setting`] as the config is
+/// read (a value of the wrong shape is a load error naming the parameter).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Parameters(Vec<(String, Setting)>);
 
 impl Parameters {
-    /// The setting for `name`, if given (shape checked at load time).
-    pub fn get(&self, name: &str) -> Option<Setting> {
-        self.0
-            .get(name)
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
+    /// The setting for `name`, if given.
+    pub fn get(&self, name: &str) -> Option<&Setting> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, s)| s)
     }
+}
 
-    /// Names given.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.0.keys().map(String::as_str)
-    }
-
-    /// Check that every value has the shape of a setting.
-    fn validate(&self) -> std::result::Result<(), String> {
-        for (k, v) in &self.0 {
-            if serde_json::from_value::<Setting>(v.clone()).is_err() {
-                return Err(format!(
+impl<'de> Deserialize<'de> for Parameters {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        map.into_iter()
+            .map(|(k, v)| match serde_json::from_value::<Setting>(v.clone()) {
+                Ok(setting) => Ok((k, setting)),
+                Err(_) => Err(serde::de::Error::custom(format!(
                     "parameter '{k}': {v} is not a scalar, a list of numbers, or {{filter, value}} entries"
-                ));
-            }
-        }
-        Ok(())
+                ))),
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map(Parameters)
     }
 }
 
@@ -242,17 +238,11 @@ impl MergeConfig {
         if self.tokenizer_source.is_some() && self.tokenizer.is_some() {
             return Err(self.error("give either 'tokenizer_source' or 'tokenizer', not both"));
         }
-        let mut all = vec![&self.parameters];
-        for m in self.models.iter().flatten() {
-            all.push(&m.parameters);
-        }
         for s in self.slices.iter().flatten() {
-            all.push(&s.parameters);
             if s.sources.is_empty() {
                 return Err(self.error("a slice has no sources"));
             }
             for src in &s.sources {
-                all.push(&src.parameters);
                 let [a, b] = src.layer_range;
                 if b < a {
                     return Err(self.error(format!(
@@ -261,9 +251,6 @@ impl MergeConfig {
                     )));
                 }
             }
-        }
-        for p in all {
-            p.validate().map_err(|e| self.error(e))?;
         }
         Ok(())
     }

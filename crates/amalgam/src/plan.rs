@@ -555,7 +555,7 @@ impl Planner<'_> {
     ) -> Result<Value> {
         for scope in scopes {
             if let Some(setting) = scope.get(p.name) {
-                let v = config::evaluate(&setting, tensor, t, p.kind)
+                let v = config::evaluate(setting, tensor, t, p.kind)
                     .map_err(|e| self.config.error(format!("parameter '{}': {e}", p.name)))?;
                 if let Some(v) = v {
                     return Ok(v);
