@@ -458,21 +458,21 @@ dtype: float32
         let models = c.models.as_ref().unwrap();
         let w = models[1].parameters.get("weight").unwrap();
         assert_eq!(
-            evaluate(&w, "model.layers.0.mlp.up_proj.weight", 0.0, Kind::Float).unwrap(),
+            evaluate(w, "model.layers.0.mlp.up_proj.weight", 0.0, Kind::Float).unwrap(),
             Some(Value::Float(2.0))
         );
         assert_eq!(
-            evaluate(&w, "model.norm.weight", 0.0, Kind::Float).unwrap(),
+            evaluate(w, "model.norm.weight", 0.0, Kind::Float).unwrap(),
             Some(Value::Float(1.0))
         );
         let d = models[0].parameters.get("density").unwrap();
         assert_eq!(
-            evaluate(&d, "x", 0.5, Kind::Float).unwrap(),
+            evaluate(d, "x", 0.5, Kind::Float).unwrap(),
             Some(Value::Float(0.5))
         );
         let l = c.parameters.get("lambda").unwrap();
         assert_eq!(
-            evaluate(&l, "x", 0.0, Kind::Float).unwrap(),
+            evaluate(l, "x", 0.0, Kind::Float).unwrap(),
             Some(Value::Float(0.1))
         );
         assert_eq!(c.referenced_models()[0].0, "base");
