@@ -149,6 +149,8 @@ struct Source<'a> {
     entries: &'a [&'a TensorEntry],
     /// Per input: absolute file offset below which pages were released in this pass.
     released: Vec<std::cell::Cell<usize>>,
+    /// Whether a whole pass has read (and so checked) every input already.
+    checked: std::cell::Cell<bool>,
 }
 
 impl<'a> Source<'a> {
@@ -168,18 +170,19 @@ impl<'a> Source<'a> {
             views,
             entries,
             released,
+            checked: std::cell::Cell::new(false),
         }
     }
 
-    /// Decode elements `range` of every input into `bufs`. An input holding NaN or infinity is
-    /// an error naming its file and tensor.
+    /// Decode elements `range` of every input into `bufs`. In the first pass, an input holding
+    /// NaN or infinity is an error naming its file and tensor (later passes read the same bytes).
     fn read(&self, range: std::ops::Range<usize>, bufs: &mut [Vec<f32>]) -> Result<()> {
         for (k, (buf, view)) in bufs.iter_mut().zip(self.views).enumerate() {
             let size = view.dtype.size();
             // A vocabulary cut to the smallest input reads each input's leading rows only.
             let bytes = &view.bytes[range.start * size..range.end * size];
             decode_f32(view.dtype, bytes, buf);
-            if !buf.iter().fold(true, |ok, v| ok & v.is_finite()) {
+            if !self.checked.get() && !buf.iter().fold(true, |ok, v| ok & v.is_finite()) {
                 return Err(Error::Numeric {
                     name: self.inputs[k].tensor.clone(),
                     reason: format!(
@@ -207,6 +210,7 @@ impl<'a> Source<'a> {
             self.model(k).release_range(entry.shard, start..end);
             self.released[k].set(entry.range.start);
         }
+        self.checked.set(true);
     }
 
     fn model(&self, k: usize) -> &crate::io::Model {
@@ -268,9 +272,14 @@ fn streamed(
             ..meta.clone()
         };
         s.apply(&job, range.start, &mut state, out)?;
-        check_finite(t, out)?;
-        encode_f32(t.dtype, out, &mut scratch.bytes);
-        writer.write_part(index, range.start as u64 * size, &scratch.bytes)?;
+        emit(
+            t,
+            out,
+            &mut scratch.bytes,
+            writer,
+            index,
+            range.start as u64 * size,
+        )?;
     }
     source.end_pass();
     Ok(())
@@ -300,9 +309,27 @@ fn whole(
         ..meta.clone()
     };
     plan.method.merge(&job, out)?;
-    check_finite(t, out)?;
-    encode_f32(t.dtype, out, &mut scratch.bytes);
-    writer.write(index, &scratch.bytes)
+    emit(t, out, &mut scratch.bytes, writer, index, 0)
+}
+
+/// Check a computed part of output tensor `index` (a NaN or infinity from finite inputs is the
+/// method's: inputs were checked as they were read), encode it and write it at byte `pos`.
+fn emit(
+    t: &PlannedTensor,
+    out: &[f32],
+    bytes: &mut Vec<u8>,
+    writer: &ModelWriter,
+    index: usize,
+    pos: u64,
+) -> Result<()> {
+    if !out.iter().fold(true, |ok, v| ok & v.is_finite()) {
+        return Err(Error::Numeric {
+            name: t.name.clone(),
+            reason: "the merge produced NaN or infinite values from finite inputs; check the parameters (e.g. weights summing to zero)".into(),
+        });
+    }
+    encode_f32(t.dtype, out, bytes);
+    writer.write_part(index, pos, bytes)
 }
 
 fn copy_buffer(
@@ -327,23 +354,6 @@ fn copy_buffer(
         }
     }
     writer.write(index, first.bytes)
-}
-
-fn check_finite(t: &PlannedTensor, out: &[f32]) -> Result<()> {
-    if out.iter().fold(true, |ok, v| ok & v.is_finite()) {
-        Ok(())
-    } else {
-        Err(non_finite(t))
-    }
-}
-
-/// A NaN or infinity in a merge result: inputs are checked as they are read, so the method
-/// produced it.
-fn non_finite(t: &PlannedTensor) -> Error {
-    Error::Numeric {
-        name: t.name.clone(),
-        reason: "the merge produced NaN or infinite values from finite inputs; check the parameters (e.g. weights summing to zero)".into(),
-    }
 }
 
 fn write_side_files(config: &MergeConfig, set: &ModelSet, plan: &Plan, dir: &Path) -> Result<()> {
