@@ -23,6 +23,8 @@ pub struct ModelSet {
     pub refs: Vec<ModelRef>,
     /// Opened, parallel to `refs`.
     pub models: Vec<Model>,
+    /// Each model's layout (read once: config.json and a scan of the tensor names).
+    pub layouts: Vec<Layout>,
 }
 
 impl ModelSet {
@@ -49,7 +51,12 @@ impl ModelSet {
                 Model::open(&path)
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(ModelSet { refs, models })
+        let layouts = models.iter().map(Layout::of).collect();
+        Ok(ModelSet {
+            refs,
+            models,
+            layouts,
+        })
     }
 
     /// Index of `r`.
@@ -158,13 +165,13 @@ pub fn build(config: &MergeConfig, set: &ModelSet, opts: PlanOptions) -> Result<
         .map(|b| set.index(b))
         .unwrap_or(0);
     let reference = &set.models[donor];
-    let layout = Layout::of(reference);
+    let layout = &set.layouts[donor];
     let mut planner = Planner {
         config,
         set,
         method,
         truncate_embeddings: opts.truncate_embeddings,
-        layout: &layout,
+        layout,
         out_dtype,
         tensors: Vec::new(),
         warnings: Vec::new(),
@@ -201,7 +208,7 @@ pub fn build(config: &MergeConfig, set: &ModelSet, opts: PlanOptions) -> Result<
     for name in &post {
         planner.plan_tensor(name, &inputs_same_name(last, name), last, 0.0)?;
     }
-    let out_config = out_config(reference, config, &layout, out_dtype, out_layer);
+    let out_config = out_config(reference, config, layout, out_dtype, out_layer);
     Ok(Plan {
         method,
         tensors: planner.tensors,
@@ -212,11 +219,7 @@ pub fn build(config: &MergeConfig, set: &ModelSet, opts: PlanOptions) -> Result<
 }
 
 fn check_same_architecture(config: &MergeConfig, set: &ModelSet) -> Result<()> {
-    let archs: Vec<Option<String>> = set
-        .models
-        .iter()
-        .map(|m| Layout::of(m).architecture)
-        .collect();
+    let archs: Vec<Option<String>> = set.layouts.iter().map(|l| l.architecture.clone()).collect();
     let Some(first) = archs.iter().flatten().next() else {
         return Ok(());
     };
@@ -274,13 +277,13 @@ fn normalise<'a>(config: &'a MergeConfig, set: &ModelSet) -> Result<Vec<Slice<'a
             .iter()
             .map(|m| {
                 let i = set.index(&m.model);
-                (i, [0, Layout::of(&set.models[i]).num_layers], &m.parameters)
+                (i, [0, set.layouts[i].num_layers], &m.parameters)
             })
             .collect();
         if let Some(b) = base
             && !sources.iter().any(|s| s.0 == b)
         {
-            sources.push((b, [0, Layout::of(&set.models[b]).num_layers], &EMPTY));
+            sources.push((b, [0, set.layouts[b].num_layers], &EMPTY));
         }
         let slice = Slice {
             sources,
@@ -325,7 +328,7 @@ fn check_slice(config: &MergeConfig, set: &ModelSet, slice: &Slice) -> Result<()
         )));
     }
     for s in &slice.sources {
-        let available = Layout::of(&set.models[s.0]).num_layers;
+        let available = set.layouts[s.0].num_layers;
         if s.1[1] > available {
             return Err(config.error(format!(
                 "layer_range [{}, {}] of {} is past its {available} layers",
