@@ -621,11 +621,7 @@ impl Gta {
             }
         }
         *st = GtaState::new(models, rescale);
-        for pass in 0..self.passes(&state) {
-            self.observe(pass, job, 0, &mut state)?;
-            self.end_pass(pass, job, &mut state)?;
-        }
-        self.apply(job, 0, &mut state, out)
+        merge_whole_from(self, job, state, out)
     }
 }
 

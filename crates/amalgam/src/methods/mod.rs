@@ -325,7 +325,17 @@ pub fn merge_whole(s: &dyn Streaming, job: &MergeJob, out: &mut [f32]) -> Result
         inputs: Vec::new(),
         ..*job
     };
-    let mut state = s.begin(&meta)?;
+    let state = s.begin(&meta)?;
+    merge_whole_from(s, job, state, out)
+}
+
+/// [`merge_whole`] from a given state (a method that prepares part of it itself).
+pub fn merge_whole_from(
+    s: &dyn Streaming,
+    job: &MergeJob,
+    mut state: State,
+    out: &mut [f32],
+) -> Result<()> {
     for pass in 0..s.passes(&state) {
         s.observe(pass, job, 0, &mut state)?;
         s.end_pass(pass, job, &mut state)?;
