@@ -13,99 +13,12 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge")
 }
 
-/// Merge `case` with amalgam; a first line `# flags: ...` in the config gives command-line
-/// flags that the generator also passed to mergekit.
-fn merge_case(case: &str, out: &Path) -> std::process::Output {
-    merge_case_with(case, out, &[])
-}
-
-fn merge_case_with(case: &str, out: &Path, extra: &[&str]) -> std::process::Output {
-    let config = format!("configs/{case}.yml");
-    let text = std::fs::read_to_string(fixtures().join(&config)).unwrap();
-    let flags: Vec<&str> = text
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("# flags:"))
-        .map(|f| f.split_whitespace().collect())
-        .unwrap_or_default();
-    std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
-        .current_dir(fixtures())
-        .args(["merge", &config, s(out), "-q"])
-        .args(flags)
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-/// Merge `case` with amalgam and compare with mergekit's output at `rtol`.
-fn check(case: &str, rtol: f64) -> serde_json::Value {
-    let d = tempfile::tempdir().unwrap();
-    let out = d.path().join(case);
-    let run = merge_case(case, &out);
-    assert!(
-        run.status.success(),
-        "{case}: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let expected = fixtures().join("expected").join(case);
-    let json = amalgam(&[
-        "diff",
-        s(&out),
-        s(&expected),
-        "--rtol",
-        &rtol.to_string(),
-        "--json",
-    ]);
-    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    let worst = report["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|t| {
-            t["rel"]
-                .as_f64()
-                .map(|r| (r, t["name"].as_str().unwrap().to_string()))
-        })
-        .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a });
-    assert_eq!(
-        report["only_in_a"],
-        serde_json::json!([]),
-        "{case}: extra tensors"
-    );
-    assert_eq!(
-        report["only_in_b"],
-        serde_json::json!([]),
-        "{case}: missing tensors"
-    );
-    assert_eq!(
-        report["differ"], false,
-        "{case}: worst rel error {:e} at {}",
-        worst.0, worst.1
-    );
-    // Streamed methods see the tensor in chunks; cutting it into tiny odd-sized chunks (several
-    // per row) must give the same bytes.
-    let chunked = d.path().join("chunked");
-    let run = merge_case_with(case, &chunked, &["--chunk-elements", "7"]);
-    assert!(
-        run.status.success(),
-        "{case}: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let same = amalgam(&["diff", s(&out), s(&chunked)]);
-    assert!(
-        same.status.success(),
-        "{case}: chunked result differs\n{}",
-        String::from_utf8_lossy(&same.stdout)
-    );
-    report
-}
-
 macro_rules! parity {
     ($($case:ident),* $(,)?) => {
         $(
             #[test]
             fn $case() {
-                check(stringify!($case), 1e-5);
+                check(&fixtures(), stringify!($case), 1e-5);
             }
         )*
     };
@@ -157,7 +70,7 @@ fn bf16_ties_float32_differs_only_at_threshold_ties() {
     let case = "bf16_ties_float32";
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join(case);
-    assert!(merge_case(case, &out).status.success());
+    assert!(merge_case(&fixtures(), case, &out).status.success());
     let expected = fixtures().join("expected").join(case);
     let models = fixtures().join("models");
     let names: Vec<String> = amalgam::io::Model::open(&out)
@@ -205,7 +118,11 @@ fn bf16_ties_float32_differs_only_at_threshold_ties() {
 fn sliced_output_config_counts_its_layers() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("o");
-    assert!(merge_case("passthrough_stack", &out).status.success());
+    assert!(
+        merge_case(&fixtures(), "passthrough_stack", &out)
+            .status
+            .success()
+    );
     let ours: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     let theirs: serde_json::Value = serde_json::from_slice(

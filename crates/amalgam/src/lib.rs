@@ -13,6 +13,7 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod io;
+pub mod linalg;
 pub mod methods;
 pub mod ops;
 pub mod plan;

@@ -158,3 +158,92 @@ pub fn s(p: &Path) -> &str {
 pub fn p(dir: &tempfile::TempDir, rel: &str) -> PathBuf {
     dir.path().join(rel)
 }
+
+/// Merge `case` with amalgam; a first line `# flags: ...` in the config gives command-line
+/// flags that the generator also passed to mergekit.
+pub fn merge_case(dir: &Path, case: &str, out: &Path) -> std::process::Output {
+    merge_case_with(dir, case, out, &[])
+}
+
+pub fn merge_case_with(dir: &Path, case: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+    let config = format!("configs/{case}.yml");
+    let text = std::fs::read_to_string(dir.join(&config)).unwrap();
+    let flags: Vec<&str> = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("# flags:"))
+        .map(|f| f.split_whitespace().collect())
+        .unwrap_or_default();
+    std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
+        .current_dir(dir)
+        .args(["merge", &config, s(out), "-q"])
+        .args(flags)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Merge `case` (under `dir`) with amalgam and compare with the reference output in
+/// `dir/expected/case` at norm-relative `rtol`; then check a run in 7-element chunks gives the
+/// same bytes.
+pub fn check(dir: &Path, case: &str, rtol: f64) -> serde_json::Value {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join(case);
+    let run = merge_case(dir, case, &out);
+    assert!(
+        run.status.success(),
+        "{case}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let expected = dir.join("expected").join(case);
+    let json = amalgam(&[
+        "diff",
+        s(&out),
+        s(&expected),
+        "--rtol",
+        &rtol.to_string(),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let worst = report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| {
+            t["rel"]
+                .as_f64()
+                .map(|r| (r, t["name"].as_str().unwrap().to_string()))
+        })
+        .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a });
+    assert_eq!(
+        report["only_in_a"],
+        serde_json::json!([]),
+        "{case}: extra tensors"
+    );
+    assert_eq!(
+        report["only_in_b"],
+        serde_json::json!([]),
+        "{case}: missing tensors"
+    );
+    assert_eq!(
+        report["differ"], false,
+        "{case}: worst rel error {:e} at {}",
+        worst.0, worst.1
+    );
+    // Streamed methods see the tensor in chunks; cutting it into tiny odd-sized chunks (several
+    // per row) must give the same bytes.
+    let chunked = d.path().join("chunked");
+    let run = merge_case_with(dir, case, &chunked, &["--chunk-elements", "7"]);
+    assert!(
+        run.status.success(),
+        "{case}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let same = amalgam(&["diff", s(&out), s(&chunked)]);
+    assert!(
+        same.status.success(),
+        "{case}: chunked result differs\n{}",
+        String::from_utf8_lossy(&same.stdout)
+    );
+    report
+}

@@ -8,7 +8,9 @@ use crate::config::{Kind, Value};
 use crate::error::{Error, Result};
 
 pub mod arcee_fusion;
+pub mod emr;
 pub mod gta;
+pub mod iso;
 pub mod karcher;
 pub mod linear;
 pub mod model_stock;
@@ -22,6 +24,8 @@ pub mod sce;
 pub mod select;
 pub mod slerp;
 pub mod sparsify;
+pub mod subspace;
+pub mod tsv;
 
 /// Which inputs a parameter is bound for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,18 +265,51 @@ pub trait Method: Sync + Send {
     /// Metadata.
     fn spec(&self) -> &MethodSpec;
     /// Merge `job`'s whole inputs into `out` (the tensor's length). By default, the streamed
-    /// form over the whole tensor as one chunk; methods without one implement this.
+    /// or lazy form over the in-memory inputs; methods with neither implement this.
     fn merge(&self, job: &MergeJob, out: &mut [f32]) -> Result<()> {
+        if let Some(l) = self.lazy() {
+            let meta = MergeJob {
+                inputs: Vec::new(),
+                ..job.clone()
+            };
+            return l.merge(&meta, &job.inputs, out);
+        }
         let s = self
             .streaming(job)
-            .expect("a method without a streamed form implements merge");
+            .expect("a method without a streamed or lazy form implements merge");
         merge_whole(s, job, out)
+    }
+    /// The lazy form of this method, if it has one: the executor then hands it the inputs
+    /// undecoded and it reads them one at a time, so a worker holds the few whole tensors the
+    /// method needs (an SVD method: the base, one input, its accumulators) instead of all.
+    fn lazy(&self) -> Option<&dyn Lazy> {
+        None
     }
     /// The streamed form of this method, if it has one: the executor then feeds the inputs in
     /// chunks, so a worker holds a few chunks instead of a few whole tensors.
     fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
         None
     }
+}
+
+/// The whole inputs of one tensor, decoded to f32 on request.
+pub trait Inputs {
+    /// Decode input `k` (in config order) into `buf`, resized to the tensor's length.
+    fn read(&self, k: usize, buf: &mut Vec<f32>) -> Result<()>;
+}
+
+impl Inputs for Vec<&[f32]> {
+    fn read(&self, k: usize, buf: &mut Vec<f32>) -> Result<()> {
+        buf.clear();
+        buf.extend_from_slice(self[k]);
+        Ok(())
+    }
+}
+
+/// A method that reads whole inputs one at a time.
+pub trait Lazy: Sync {
+    /// Merge into `out`; `job.inputs` is empty, the inputs come from `inputs`.
+    fn merge(&self, job: &MergeJob, inputs: &dyn Inputs, out: &mut [f32]) -> Result<()>;
 }
 
 /// Per-tensor state of a streamed merge, owned by the executor between calls.
@@ -367,6 +404,10 @@ pub fn registry() -> &'static [Box<dyn Method>] {
             Box::new(sce::Sce::default()),
             Box::new(ram::Ram::new(false)),
             Box::new(ram::Ram::new(true)),
+            Box::new(iso::Iso::new(false)),
+            Box::new(iso::Iso::new(true)),
+            Box::new(tsv::TsvMerge::default()),
+            Box::new(emr::Emr::default()),
         ];
         v.extend(
             gta::all()

@@ -11,7 +11,7 @@ use crate::exec::{self, Scratch};
 use crate::io::{
     Existing, ModelWriter, RELEASE_BLOCK, TensorEntry, TensorSpec, TensorView, modeldir,
 };
-use crate::methods::{MergeJob, Streaming};
+use crate::methods::{Inputs, MergeJob, Streaming};
 use crate::plan::{self, ModelSet, Op, Plan, PlannedTensor};
 use crate::progress::Progress;
 
@@ -133,7 +133,16 @@ fn produce(
                     let step = (chunk / granule).max(1) * granule;
                     streamed(s, &meta, &source, n, step, t, scratch, writer, index)
                 }
-                None => whole(plan, &meta, &source, n, t, scratch, writer, index),
+                None => match plan.method.lazy() {
+                    Some(l) => {
+                        let out = &mut buffers(&mut scratch.f32s, 1)[0];
+                        out.clear();
+                        out.resize(n, 0.0);
+                        l.merge(&meta, &WholeInputs { source: &source, n }, out)?;
+                        emit(t, out, &mut scratch.bytes, writer, index, 0)
+                    }
+                    None => whole(plan, &meta, &source, n, t, scratch, writer, index),
+                },
             }
         }
     }
@@ -151,6 +160,25 @@ struct Source<'a> {
     released: Vec<std::cell::Cell<usize>>,
     /// Whether a whole pass has read (and so checked) every input already.
     checked: std::cell::Cell<bool>,
+}
+
+/// A lazy method's view of the inputs: each read decodes one whole input, checks it and
+/// releases its pages.
+struct WholeInputs<'a, 'b> {
+    source: &'b Source<'a>,
+    n: usize,
+}
+
+impl Inputs for WholeInputs<'_, '_> {
+    fn read(&self, k: usize, buf: &mut Vec<f32>) -> Result<()> {
+        self.source.read_input(k, 0..self.n, buf, true)?;
+        let entry = self.source.entries[k];
+        let start = entry.range.start / RELEASE_BLOCK * RELEASE_BLOCK;
+        let end = entry.range.end.div_ceil(RELEASE_BLOCK) * RELEASE_BLOCK;
+        self.source.model(k).release_range(entry.shard, start..end);
+        self.source.released[k].set(entry.range.start);
+        Ok(())
+    }
 }
 
 impl<'a> Source<'a> {
@@ -177,27 +205,41 @@ impl<'a> Source<'a> {
     /// Decode elements `range` of every input into `bufs`. In the first pass, an input holding
     /// NaN or infinity is an error naming its file and tensor (later passes read the same bytes).
     fn read(&self, range: std::ops::Range<usize>, bufs: &mut [Vec<f32>]) -> Result<()> {
-        for (k, (buf, view)) in bufs.iter_mut().zip(self.views).enumerate() {
-            let size = view.dtype.size();
-            // A vocabulary cut to the smallest input reads each input's leading rows only.
-            let bytes = &view.bytes[range.start * size..range.end * size];
-            decode_f32(view.dtype, bytes, buf);
-            if !self.checked.get() && !buf.iter().fold(true, |ok, v| ok & v.is_finite()) {
-                return Err(Error::Numeric {
-                    name: self.inputs[k].tensor.clone(),
-                    reason: format!(
-                        "input {} holds NaN or infinite values; fix or exclude that model",
-                        self.model(k).path.display()
-                    ),
-                });
-            }
-            let entry = self.entries[k];
-            let done = (entry.range.start + range.end * size) / RELEASE_BLOCK * RELEASE_BLOCK;
-            let from = self.released[k].get();
-            if done > from {
-                self.model(k).release_range(entry.shard, from..done);
-                self.released[k].set(done);
-            }
+        let check = !self.checked.get();
+        for (k, buf) in bufs.iter_mut().enumerate() {
+            self.read_input(k, range.clone(), buf, check)?;
+        }
+        Ok(())
+    }
+
+    /// Decode elements `range` of input `k` into `buf` and release the pages read.
+    fn read_input(
+        &self,
+        k: usize,
+        range: std::ops::Range<usize>,
+        buf: &mut Vec<f32>,
+        check: bool,
+    ) -> Result<()> {
+        let view = &self.views[k];
+        let size = view.dtype.size();
+        // A vocabulary cut to the smallest input reads each input's leading rows only.
+        let bytes = &view.bytes[range.start * size..range.end * size];
+        decode_f32(view.dtype, bytes, buf);
+        if check && !buf.iter().fold(true, |ok, v| ok & v.is_finite()) {
+            return Err(Error::Numeric {
+                name: self.inputs[k].tensor.clone(),
+                reason: format!(
+                    "input {} holds NaN or infinite values; fix or exclude that model",
+                    self.model(k).path.display()
+                ),
+            });
+        }
+        let entry = self.entries[k];
+        let done = (entry.range.start + range.end * size) / RELEASE_BLOCK * RELEASE_BLOCK;
+        let from = self.released[k].get();
+        if done > from {
+            self.model(k).release_range(entry.shard, from..done);
+            self.released[k].set(done);
         }
         Ok(())
     }

@@ -1,0 +1,35 @@
+//! Parity of the research merge methods with independent reference implementations
+//! (FusionBench 0.2.33; see scripts/gen_research_fixtures.py, which made every expected output
+//! under tests/fixtures/research). Norm-relative error per tensor must be at most 1e-4: the SVD
+//! methods are compared on the merged weights, so singular-vector signs and rotations within
+//! repeated singular values do not matter.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/research")
+}
+
+macro_rules! parity {
+    ($($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                common::check(&fixtures(), stringify!($case), 1e-4);
+            }
+        )*
+    };
+}
+
+parity!(
+    iso_c,
+    iso_c_exclude_lm_head,
+    iso_cts,
+    iso_cts_half,
+    tsv_m,
+    tsv_m_weights,
+    emr,
+    emr_lambda,
+);

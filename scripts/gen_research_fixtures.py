@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Generate the parity fixtures for amalgam's research merge methods (beyond mergekit).
+
+References: FusionBench 0.2.33 (`fusion_bench.method.*`: Iso-C, Iso-CTS, TSV-M, TIES with
+global trimming, TALL masks, EMR), torch 2.15. Install next to the mergekit peers with
+
+    /tmp/peers/bin/pip install --no-deps fusion-bench==0.2.33
+    /tmp/peers/bin/pip install omegaconf bidict hydra-core lightning_utilities lightning
+
+(FusionBench's package imports these at module load; the functions used here need only torch).
+Where FusionBench has no implementation (Consensus merging, PCB), the reference is noted at the
+case: built from FusionBench's own primitives where they exist.
+
+Inputs are the small float32 Llama-shaped models of the mergekit fixtures
+(crates/amalgam-cli/tests/fixtures/merge/models, made by gen_merge_fixtures.py): hidden 16,
+intermediate 32, vocabulary 64, 4 layers; their task vectors are full rank, so SVD results do
+not depend on the backend's choice of null-space vectors. Every reference here is
+deterministic.
+
+Run from the repository root:
+
+    /tmp/peers/bin/python scripts/gen_research_fixtures.py
+
+It writes one amalgam config per case under crates/amalgam-cli/tests/fixtures/research/configs/
+and the reference output under expected/<case>/. `tests/research_parity.rs` compares them.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fusion_bench.method.emr_merging.utils import emr_merge
+from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
+from fusion_bench.method.task_singular_vector.utils.TSVM_utils import (
+    compute_and_sum_svd_mem_reduction,
+)
+
+FIXTURES = Path(__file__).resolve().parent.parent / "crates/amalgam-cli/tests/fixtures"
+MODELS = FIXTURES / "merge/models"
+ROOT = FIXTURES / "research"
+TASKS = ["llama_ft1", "llama_ft2", "llama_ft3"]
+
+
+def load(name):
+    tensors = {}
+    for f in sorted((MODELS / name).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def task_vectors(weights=None):
+    base = load("llama_base")
+    tvs = []
+    for i, name in enumerate(TASKS):
+        ft = load(name)
+        w = 1.0 if weights is None else weights[i]
+        tvs.append({k: (ft[k] - base[k]) * w for k in base})
+    return base, tvs
+
+
+def config(method, parameters=None, weights=None):
+    lines = [f"merge_method: {method}", "base_model: ../merge/models/llama_base", "models:"]
+    for i, name in enumerate(TASKS):
+        lines.append(f"  - model: ../merge/models/{name}")
+        if weights is not None:
+            lines.append(f"    parameters: {{weight: {weights[i]}}}")
+    if parameters:
+        lines.append("parameters:")
+        for k, v in parameters.items():
+            lines.append(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+    return "\n".join(lines) + "\n"
+
+
+def write_case(case, text, base, merged_tv, lam):
+    (ROOT / "configs").mkdir(parents=True, exist_ok=True)
+    (ROOT / "configs" / f"{case}.yml").write_text(text)
+    out = ROOT / "expected" / case
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    tensors = {k: (base[k] + lam * merged_tv[k]).contiguous() for k in base}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(MODELS / "llama_base" / "config.json", out / "config.json")
+    print(case)
+
+
+def main():
+    shutil.rmtree(ROOT, ignore_errors=True)
+
+    base, tvs = task_vectors()
+    write_case("iso_c", config("iso_c", {"lambda": 1.5}), base,
+               iso_c(tvs, accelerator="cpu"), 1.5)
+    write_case("iso_c_exclude_lm_head",
+               config("iso_c", {"svd": "[{filter: lm_head, value: false}, {value: true}]"}),
+               base, iso_c(tvs, accelerator="cpu", exclude_keys=["lm_head.weight"]), 1.0)
+    write_case("iso_cts", config("iso_cts", {"lambda": 1.2}), base,
+               iso_cts(tvs, common_space_fraction=0.8, accelerator="cpu"), 1.2)
+    write_case("iso_cts_half", config("iso_cts", {"common_space_fraction": 0.5}), base,
+               iso_cts(tvs, common_space_fraction=0.5, accelerator="cpu"), 1.0)
+    write_case("tsv_m", config("tsv_m", {"lambda": 0.9}), base,
+               compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu"), 0.9)
+    # A list of per-task alphas pre-scales each task vector (FusionBench's `alpha` list).
+    weights = [0.5, 1.0, 1.5]
+    wbase, wtvs = task_vectors(weights)
+    write_case("tsv_m_weights", config("tsv_m", weights=weights), wbase,
+               compute_and_sum_svd_mem_reduction(wtvs, accelerator="cpu"), 1.0)
+    unified, _masks, _rescalers = emr_merge(tvs)
+    write_case("emr", config("emr"), base, unified, 1.0)
+    write_case("emr_lambda", config("emr", {"lambda": 0.7}), base, unified, 0.7)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
