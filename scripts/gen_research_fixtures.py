@@ -37,6 +37,11 @@ from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
 from fusion_bench.method.task_singular_vector.utils.TSVM_utils import (
     compute_and_sum_svd_mem_reduction,
 )
+from fusion_bench.method.ties_merging.ties_merging_utils import (
+    state_dict_to_vector,
+    ties_merging,
+    vector_to_state_dict,
+)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "crates/amalgam-cli/tests/fixtures"
 MODELS = FIXTURES / "merge/models"
@@ -51,27 +56,30 @@ def load(name):
     return tensors
 
 
-def task_vectors(weights=None):
-    base = load("llama_base")
+def task_vectors(weights=None, base_name="llama_base", tasks=TASKS):
+    base = {k: v.float() for k, v in load(base_name).items()}
     tvs = []
-    for i, name in enumerate(TASKS):
-        ft = load(name)
+    for i, name in enumerate(tasks):
+        ft = {k: v.float() for k, v in load(name).items()}
         w = 1.0 if weights is None else weights[i]
         tvs.append({k: (ft[k] - base[k]) * w for k in base})
     return base, tvs
 
 
-def config(method, parameters=None, weights=None):
-    lines = [f"merge_method: {method}", "base_model: ../merge/models/llama_base", "models:"]
-    for i, name in enumerate(TASKS):
+def config(method, parameters=None, weights=None, model_params=None, base_name="llama_base",
+           tasks=TASKS, extra=""):
+    lines = [f"merge_method: {method}", f"base_model: ../merge/models/{base_name}", "models:"]
+    for i, name in enumerate(tasks):
         lines.append(f"  - model: ../merge/models/{name}")
         if weights is not None:
             lines.append(f"    parameters: {{weight: {weights[i]}}}")
+        elif model_params is not None:
+            lines.append(f"    parameters: {model_params}")
     if parameters:
         lines.append("parameters:")
         for k, v in parameters.items():
             lines.append(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + extra
 
 
 def write_case(case, text, base, merged_tv, lam):
@@ -84,6 +92,13 @@ def write_case(case, text, base, merged_tv, lam):
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(MODELS / "llama_base" / "config.json", out / "config.json")
     print(case)
+
+
+def ties_global(base, tvs, density, merge_func):
+    """FusionBench's TIES: one flattened vector per task, global top-k, majority sign."""
+    flat = torch.vstack([state_dict_to_vector(tv) for tv in tvs])
+    merged = ties_merging(flat, reset_thresh=density, merge_func=merge_func)
+    return vector_to_state_dict(merged, base)
 
 
 def main():
@@ -109,6 +124,33 @@ def main():
     unified, _masks, _rescalers = emr_merge(tvs)
     write_case("emr", config("emr"), base, unified, 1.0)
     write_case("emr_lambda", config("emr", {"lambda": 0.7}), base, unified, 0.7)
+
+    # TIES as in the paper: global trim scope, majority sign for zero sums, disjoint sum or
+    # disjoint mean over the agreeing count (FusionBench `ties_merging`, `merge_func`).
+    paper = {"trim_scope": "global", "sign_tie": "majority"}
+    write_case("ties_global_sum",
+               config("ties", dict(paper, normalize=False, **{"lambda": 0.3}),
+                      model_params="{weight: 1.0, density: 0.2}"),
+               base, ties_global(base, tvs, 0.2, "sum"), 0.3)
+    write_case("ties_global_mean",
+               config("ties", dict(paper, normalize=True, mean_divisor="count"),
+                      model_params="{weight: 1.0, density: 0.5}"),
+               base, ties_global(base, tvs, 0.5, "mean"), 1.0)
+    # bf16 task vectors take few distinct values: exact zero sums and threshold ties occur, so
+    # the majority sign and keep-all-ties rules are exercised. Computed in f32 (bf16 upcast).
+    # With llama_bf16_ft2 as the base the global majority sign is −1, so the paper's rule
+    # differs from mergekit's "+1 on ties" (47 elements at density 0.8).
+    bname, btasks = "llama_bf16_ft2", ["llama_bf16_base", "llama_bf16_ft1"]
+    bbase, btvs = task_vectors(base_name=bname, tasks=btasks)
+    merged = ties_global(bbase, btvs, 0.8, "sum")
+    flat = torch.vstack([state_dict_to_vector(tv) for tv in btvs])
+    print("  bf16 elements (before trimming) where two nonzero deltas sum to zero:",
+          int(((flat[0] + flat[1]) == 0).logical_and(flat[0] != 0).sum()))
+    write_case("ties_global_bf16_majority",
+               config("ties", dict(paper, normalize=False), base_name=bname,
+                      tasks=btasks, model_params="{weight: 1.0, density: 0.8}",
+                      extra="dtype: float32\n"),
+               bbase, merged, 1.0)
 
 
 if __name__ == "__main__":

@@ -32,4 +32,7 @@ parity!(
     tsv_m_weights,
     emr,
     emr_lambda,
+    ties_global_sum,
+    ties_global_mean,
+    ties_global_bf16_majority,
 );

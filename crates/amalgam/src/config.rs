@@ -290,6 +290,8 @@ pub enum Value {
     Bool(bool),
     /// An integer.
     Int(i64),
+    /// One of a parameter's named choices.
+    Choice(&'static str),
     /// Absent (an optional parameter left unset).
     None,
 }
@@ -300,6 +302,7 @@ impl std::fmt::Display for Value {
             Value::Float(x) => write!(f, "{x}"),
             Value::Bool(b) => write!(f, "{b}"),
             Value::Int(i) => write!(f, "{i}"),
+            Value::Choice(c) => f.write_str(c),
             Value::None => f.write_str("none"),
         }
     }
@@ -316,6 +319,8 @@ pub enum Kind {
     Bool,
     /// An integer.
     Int,
+    /// One of these names.
+    Choice(&'static [&'static str]),
 }
 
 /// Validate a scalar as `kind`, as pydantic's lax mode does for mergekit.
@@ -351,6 +356,19 @@ pub fn validate(kind: Kind, s: &Scalar) -> std::result::Result<Value, String> {
             },
             _ => Err(format!("{s:?} is not a boolean")),
         },
+        Kind::Choice(names) => {
+            let given = match s {
+                Scalar::Str(t) => t.trim().to_string(),
+                Scalar::Bool(b) => b.to_string(),
+                Scalar::Int(i) => i.to_string(),
+                Scalar::Float(x) => x.to_string(),
+            };
+            names
+                .iter()
+                .find(|n| **n == given)
+                .map(|n| Value::Choice(n))
+                .ok_or_else(|| format!("'{given}' is not one of: {}", names.join(", ")))
+        }
     }
 }
 

@@ -88,6 +88,7 @@ mod tests {
             shared: &shared,
             per_input: &per_input,
             seed: 0,
+            global: None,
         };
         let mut out = vec![0.0; inputs[0].len()];
         Emr::default().merge(&job, &mut out).unwrap();

@@ -11,6 +11,7 @@
 //! exact top-k boundary in two histogram passes ([`select`](super::select)), the L1 rescale
 //! sums in one more, and the output pass applies masks, election and merge in one sweep.
 
+use super::gta_global::GlobalTrim;
 use super::rng::{Key, threshold32};
 use super::select::{Selection, Selector, Want, key};
 use super::sparsify::{Rescale, della_mask};
@@ -156,6 +157,30 @@ impl Gta {
             )),
             _ => {}
         }
+        if sparsifier == Sparsifier::Magnitude {
+            // amalgam's option: the TIES paper's threshold over the whole model per task.
+            params.push(ParamSpec::new(
+                "trim_scope",
+                Kind::Choice(&["tensor", "global"]),
+                Scope::Shared,
+                Value::Choice("tensor"),
+            ));
+        }
+        if consensus {
+            // amalgam's options: the TIES paper's sign election and disjoint mean.
+            params.push(ParamSpec::new(
+                "sign_tie",
+                Kind::Choice(&["positive", "majority"]),
+                Scope::Shared,
+                Value::Choice("positive"),
+            ));
+            params.push(ParamSpec::new(
+                "mean_divisor",
+                Kind::Choice(&["weight", "count"]),
+                Scope::Shared,
+                Value::Choice("weight"),
+            ));
+        }
         if matches!(sparsifier, Sparsifier::Random | Sparsifier::DellaMagprune) {
             // amalgam's option: the papers' unbiased 1/p rescale instead of L1-norm matching.
             params.push(ParamSpec::new(
@@ -178,7 +203,12 @@ impl Gta {
         }
     }
 
-    fn rescale(job: &MergeJob) -> Rescale {
+    /// Whether `job`'s tensor is trimmed against the whole-model threshold.
+    pub(super) fn global_scope(&self, job: &MergeJob) -> bool {
+        self.sparsifier == Sparsifier::Magnitude && job.shared.choice("trim_scope") == "global"
+    }
+
+    pub(super) fn rescale(job: &MergeJob) -> Rescale {
         match (
             job.shared.b("rescale"),
             job.shared.b("rescale_inverse_density"),
@@ -200,7 +230,7 @@ pub fn elect_sign_sum(values: impl Iterator<Item = f32>) -> f32 {
 }
 
 /// How one model's task vector is masked in the output pass.
-enum Mask {
+pub(super) enum Mask {
     /// Everything kept (density ≥ 1 or no sparsification).
     All,
     /// Everything dropped.
@@ -251,9 +281,14 @@ struct PerModel {
     inverse_density: Option<f64>,
 }
 
-struct GtaState {
+pub(super) struct GtaState {
     models: Vec<PerModel>,
     passes: Vec<Pass>,
+    /// The sign elected where the weighted sum is exactly 0 (`sign_tie: majority`): the sign of
+    /// the elected signs' sum over the trim scope; `None` until known or for `positive`.
+    majority: Option<f32>,
+    /// Σ of elected signs so far (the tensor-scope majority pass).
+    votes: i64,
     rescale_l1: bool,
     /// Per-model masked, scaled, weighted deltas of the current chunk.
     buffers: Vec<Vec<f32>>,
@@ -270,10 +305,72 @@ enum Pass {
     HighBits,
     LowBits,
     L1Sums,
+    SignVotes,
 }
 
 impl GtaState {
-    fn new(models: Vec<PerModel>, rescale: Rescale) -> GtaState {
+    /// Each model's masked, rescaled, weighted delta over the chunk at `offset` into
+    /// `self.buffers`: one tight loop per model and step, then callers combine over elements
+    /// (the same f32 operations in the same order as an element-at-a-time loop, but
+    /// vectorisable).
+    fn deltas(&mut self, job: &MergeJob, offset: usize, n: usize) {
+        let base = job.base_tensor();
+        self.buffers.resize_with(self.models.len(), Vec::new);
+        for (m, d) in self.models.iter_mut().zip(self.buffers.iter_mut()) {
+            let x = job.inputs[m.input];
+            d.clear();
+            let w = m.weight;
+            if matches!(m.mask, Mask::All) && m.inverse_density.is_none() && !self.rescale_l1 {
+                // Nothing between the subtraction and the weighting: one pass.
+                d.extend(x.iter().zip(base).map(|(&a, &b)| (a - b) * w));
+                continue;
+            }
+            d.extend(x.iter().zip(base).map(|(&a, &b)| a - b));
+            match &mut m.mask {
+                Mask::All => {}
+                Mask::Nothing => d.fill(0.0),
+                Mask::Select(_, sel) => sel.apply(d),
+                Mask::Random(k, t) => k.mask32(offset as u64, *t, d),
+                Mask::Given(f) => d
+                    .iter_mut()
+                    .zip(&f[offset..offset + n])
+                    .for_each(|(v, &g)| *v *= g),
+            }
+            if let Some(p) = m.inverse_density {
+                d.iter_mut().for_each(|v| *v = (*v as f64 / p) as f32);
+            } else if self.rescale_l1 {
+                let s = m.scale;
+                d.iter_mut().for_each(|v| *v *= s);
+            }
+            d.iter_mut().for_each(|v| *v *= w);
+        }
+    }
+
+    /// The per-element sums that elect the sign, into `self.sums[0]`, after [`deltas`].
+    fn sign_sums(&mut self) {
+        let d = &self.buffers;
+        let sum = &mut self.sums[0];
+        sum.clear();
+        sum.extend(d[0].iter().map(|&v| 0.0 + v));
+        for dm in &d[1..] {
+            sum.iter_mut().zip(dm).for_each(|(s, &v)| *s += v);
+        }
+    }
+
+    /// Σ sgn(elected sums) of a chunk (the majority-sign vote).
+    pub(super) fn vote(&mut self, job: &MergeJob, offset: usize) -> i64 {
+        if self.models.is_empty() {
+            return 0;
+        }
+        self.deltas(job, offset, job.inputs[0].len());
+        self.sign_sums();
+        self.sums[0]
+            .iter()
+            .map(|&s| (s > 0.0) as i64 - (s < 0.0) as i64)
+            .sum()
+    }
+
+    fn new(models: Vec<PerModel>, rescale: Rescale, majority: Majority) -> GtaState {
         let selecting = models
             .iter()
             .any(|m| matches!(m.mask, Mask::Select(Some(_), _)));
@@ -288,9 +385,17 @@ impl GtaState {
         if rescale_l1 {
             passes.push(Pass::L1Sums);
         }
+        if majority == Majority::Tensor {
+            passes.push(Pass::SignVotes);
+        }
         GtaState {
             models,
             passes,
+            majority: match majority {
+                Majority::Known(m) => Some(m),
+                _ => None,
+            },
+            votes: 0,
             rescale_l1,
             buffers: Vec::new(),
             sums: Default::default(),
@@ -298,6 +403,17 @@ impl GtaState {
             l1_scratch: Default::default(),
         }
     }
+}
+
+/// Where the sign for a zero weighted sum comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Majority {
+    /// `+` (mergekit, PEFT).
+    Positive,
+    /// The majority of elected signs over this tensor, found in a pass.
+    Tensor,
+    /// Already known (from the whole-model pass).
+    Known(f32),
 }
 
 impl PerModel {
@@ -318,13 +434,37 @@ impl Streaming for Gta {
     fn begin(&self, job: &MergeJob) -> Result<State> {
         let n = job.numel();
         let rescale = Gta::rescale(job);
+        let global = if self.global_scope(job) {
+            Some(
+                job.global
+                    .and_then(|g| g.downcast_ref::<GlobalTrim>())
+                    .ok_or_else(|| {
+                        job.error(
+                            "trim_scope: global needs the whole-model pass of `amalgam merge`",
+                        )
+                    })?,
+            )
+        } else {
+            None
+        };
+        let majority = match (
+            self.consensus && job.shared.choice("sign_tie") == "majority",
+            global,
+        ) {
+            (false, _) => Majority::Positive,
+            (true, Some(g)) => Majority::Known(g.majority),
+            (true, None) => Majority::Tensor,
+        };
         let models = job
             .non_base()
             .into_iter()
-            .map(|i| {
+            .enumerate()
+            .map(|(pos, i)| {
                 let p = &job.per_input[i];
                 let density = p.f("density");
-                let mask = if self.sparsifier == Sparsifier::None || density >= 1.0 {
+                let mask = if let Some(g) = global {
+                    g.mask(pos)
+                } else if self.sparsifier == Sparsifier::None || density >= 1.0 {
                     Mask::All
                 } else {
                     match self.sparsifier {
@@ -360,7 +500,7 @@ impl Streaming for Gta {
                 }
             })
             .collect::<Vec<_>>();
-        Ok(Box::new(GtaState::new(models, rescale)))
+        Ok(Box::new(GtaState::new(models, rescale, majority)))
     }
 
     fn passes(&self, state: &State) -> usize {
@@ -373,6 +513,10 @@ impl Streaming for Gta {
         let st = state_mut::<GtaState>(state);
         let base = job.base_tensor();
         let kind = st.passes[pass];
+        if kind == Pass::SignVotes {
+            st.votes += st.vote(job, offset);
+            return Ok(());
+        }
         for m in &mut st.models {
             let x = job.inputs[m.input];
             let deltas = x.iter().zip(base).map(|(&a, &b)| a - b);
@@ -430,6 +574,7 @@ impl Streaming for Gta {
                     }
                 }
             }
+            Pass::SignVotes => st.majority = Some(st.votes.signum() as f32),
             Pass::L1Sums => {
                 for m in &mut st.models {
                     let (before, after) = (m.l1.0.total(), m.l1.1.total());
@@ -461,38 +606,8 @@ impl Streaming for Gta {
             out.copy_from_slice(base);
             return Ok(());
         }
-        // One tight loop per model and step, then one over the elements to combine: the same
-        // f32 operations in the same order as an element-at-a-time loop, but vectorisable.
         let n = out.len();
-        st.buffers.resize_with(st.models.len(), Vec::new);
-        for (m, d) in st.models.iter_mut().zip(st.buffers.iter_mut()) {
-            let x = job.inputs[m.input];
-            d.clear();
-            let w = m.weight;
-            if matches!(m.mask, Mask::All) && m.inverse_density.is_none() && !st.rescale_l1 {
-                // Nothing between the subtraction and the weighting: one pass.
-                d.extend(x.iter().zip(base).map(|(&a, &b)| (a - b) * w));
-                continue;
-            }
-            d.extend(x.iter().zip(base).map(|(&a, &b)| a - b));
-            match &mut m.mask {
-                Mask::All => {}
-                Mask::Nothing => d.fill(0.0),
-                Mask::Select(_, sel) => sel.apply(d),
-                Mask::Random(k, t) => k.mask32(offset as u64, *t, d),
-                Mask::Given(f) => d
-                    .iter_mut()
-                    .zip(&f[offset..offset + n])
-                    .for_each(|(v, &g)| *v *= g),
-            }
-            if let Some(p) = m.inverse_density {
-                d.iter_mut().for_each(|v| *v = (*v as f64 / p) as f32);
-            } else if st.rescale_l1 {
-                let s = m.scale;
-                d.iter_mut().for_each(|v| *v *= s);
-            }
-            d.iter_mut().for_each(|v| *v *= w);
-        }
+        st.deltas(job, offset, n);
         let normalize = job.shared.b("normalize");
         let lambda = job.shared.f("lambda") as f32;
         let weight_sum: f32 = st.models.iter().map(|m| m.weight).sum();
@@ -523,19 +638,20 @@ impl Streaming for Gta {
             }
             return Ok(());
         }
+        st.sign_sums();
+        let d = &st.buffers;
         let [sum, mixed, divisor] = &mut st.sums;
-        sum.clear();
-        sum.extend(d[0].iter().map(|&v| 0.0 + v));
-        for dm in &d[1..] {
-            sum.iter_mut().zip(dm).for_each(|(s, &v)| *s += v);
-        }
-        // Agree with the elected sign (`+` when the sum is ≥ 0); zero agrees with neither.
-        // Non-short-circuit `&`/`|` keep the loops branch-free.
+        // Agree with the elected sign: `+` when the sum is > 0, `−` when < 0, and for a zero sum
+        // the tie sign (`+` by mergekit's rule; with `sign_tie: majority`, the majority of the
+        // elected signs, and when that is 0 too, `−` as the paper's code has it). Zero agrees
+        // with neither. Non-short-circuit `&`/`|` keep the loops branch-free.
+        let tie_up = st.majority.is_none_or(|m| m > 0.0);
         let agrees = |v: f32, s: f32| {
-            let up = s >= 0.0;
+            let up = (s > 0.0) | ((s == 0.0) & tie_up);
             ((v > 0.0) & up) | ((v < 0.0) & !up)
         };
-        let w0 = st.models[0].weight;
+        let by_count = job.shared.choice("mean_divisor") == "count";
+        let w0 = if by_count { 1.0 } else { st.models[0].weight };
         mixed.clear();
         divisor.clear();
         for (&v, &s) in d[0].iter().zip(sum.iter()) {
@@ -544,7 +660,7 @@ impl Streaming for Gta {
             divisor.push(0.0 + if agree { w0 } else { 0.0 });
         }
         for (dm, m) in d[1..].iter().zip(&st.models[1..]) {
-            let w = m.weight;
+            let w = if by_count { 1.0 } else { m.weight };
             for ((x, dv), (&v, &s)) in mixed
                 .iter_mut()
                 .zip(divisor.iter_mut())
@@ -620,7 +736,7 @@ impl Gta {
                 m.inverse_density = None;
             }
         }
-        *st = GtaState::new(models, rescale);
+        *st = GtaState::new(models, rescale, Majority::Positive);
         merge_whole_from(self, job, state, out)
     }
 }
@@ -639,5 +755,9 @@ impl Method for Gta {
 
     fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
         (self.sparsifier != Sparsifier::DellaMagprune).then_some(self as &dyn Streaming)
+    }
+
+    fn whole_model(&self) -> Option<&dyn WholeModel> {
+        (self.sparsifier == Sparsifier::Magnitude).then_some(self as &dyn WholeModel)
     }
 }

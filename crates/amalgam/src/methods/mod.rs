@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 pub mod arcee_fusion;
 pub mod emr;
 pub mod gta;
+mod gta_global;
 pub mod iso;
 pub mod karcher;
 pub mod linear;
@@ -187,7 +188,7 @@ impl Params {
             Value::Float(x) => *x,
             Value::Int(i) => *i as f64,
             Value::Bool(b) => *b as u8 as f64,
-            Value::None => 0.0,
+            Value::Choice(_) | Value::None => 0.0,
         }
     }
 
@@ -196,6 +197,14 @@ impl Params {
         match self.get(name) {
             Value::None => None,
             _ => Some(self.f(name)),
+        }
+    }
+
+    /// `name` as a choice (`""` if absent).
+    pub fn choice(&self, name: &str) -> &'static str {
+        match self.get(name) {
+            Value::Choice(c) => c,
+            _ => "",
         }
     }
 
@@ -230,6 +239,8 @@ pub struct MergeJob<'a> {
     pub per_input: &'a [Params],
     /// Seed for random methods.
     pub seed: u64,
+    /// What the method's whole-model passes found, if it ran any ([`WholeModel`]).
+    pub global: Option<&'a Global>,
 }
 
 impl<'a> MergeJob<'a> {
@@ -279,6 +290,12 @@ pub trait Method: Sync + Send {
             .expect("a method without a streamed or lazy form implements merge");
         merge_whole(s, job, out)
     }
+    /// The whole-model passes of this method, if it has any: statistics over every tensor,
+    /// gathered before the first output is computed and then visible to each tensor's merge as
+    /// [`MergeJob::global`].
+    fn whole_model(&self) -> Option<&dyn WholeModel> {
+        None
+    }
     /// The lazy form of this method, if it has one: the executor then hands it the inputs
     /// undecoded and it reads them one at a time, so a worker holds the few whole tensors the
     /// method needs (an SVD method: the base, one input, its accumulators) instead of all.
@@ -310,6 +327,47 @@ impl Inputs for Vec<&[f32]> {
 pub trait Lazy: Sync {
     /// Merge into `out`; `job.inputs` is empty, the inputs come from `inputs`.
     fn merge(&self, job: &MergeJob, inputs: &dyn Inputs, out: &mut [f32]) -> Result<()>;
+}
+
+/// Whole-model statistics, gathered by [`WholeModel`] passes.
+pub type Global = Box<dyn std::any::Any + Send + Sync>;
+
+/// Passes over the whole model before any output: e.g. TIES's global magnitude threshold over
+/// every tensor of a task vector. The executor streams every participating tensor through each
+/// pass (chunks in index order, tensors on any worker in any order), folds each tensor's
+/// accumulator into the model's with [`absorb`](WholeModel::absorb), and ends the pass.
+/// Folding must not depend on order (integer counts, or per-tensor slots combined at the end),
+/// so that results do not depend on the thread count.
+pub trait WholeModel: Sync {
+    /// The statistics to gather for these tensors (jobs without inputs, in plan order), or
+    /// `None` when this configuration needs no whole-model pass.
+    fn begin_model(&self, jobs: &[MergeJob]) -> Result<Option<Global>>;
+    /// How many passes `global` needs.
+    fn model_passes(&self, global: &Global) -> usize;
+    /// The model-wide accumulator of pass `pass`.
+    fn begin_pass(&self, pass: usize, global: &Global) -> State;
+    /// A fresh accumulator for tensor `index` (of `jobs`) in pass `pass`, or `None` if the
+    /// tensor does not take part.
+    fn begin_tensor(
+        &self,
+        pass: usize,
+        global: &Global,
+        index: usize,
+        job: &MergeJob,
+    ) -> Option<State>;
+    /// Observe a chunk of a participating tensor, starting at element `offset`.
+    fn observe_tensor(
+        &self,
+        pass: usize,
+        global: &Global,
+        job: &MergeJob,
+        offset: usize,
+        acc: &mut State,
+    ) -> Result<()>;
+    /// Fold tensor `index`'s accumulator `tensor` into the pass's accumulator `model`.
+    fn absorb(&self, pass: usize, global: &Global, model: &mut State, index: usize, tensor: State);
+    /// End of pass `pass`: keep what `model` gathered in `global`.
+    fn end_model_pass(&self, pass: usize, global: &mut Global, model: State) -> Result<()>;
 }
 
 /// Per-tensor state of a streamed merge, owned by the executor between calls.

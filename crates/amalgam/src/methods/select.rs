@@ -14,7 +14,8 @@ pub fn key(x: f32) -> u32 {
     x.to_bits() & 0x7fff_ffff
 }
 
-const BINS: usize = 1 << 16;
+/// Bins of each histogram pass (16 bits of the key).
+pub const BINS: usize = 1 << 16;
 
 /// A boundary: elements equal to `value` are kept when their tie position (in index order) is
 /// in `[lo_t, hi_t)`.
@@ -47,6 +48,19 @@ impl Selection {
             seen_lower: 0,
             seen_upper: 0,
             ties: Vec::new(),
+        }
+    }
+
+    /// Keep every element whose key is at least `value`, ties included (the papers' global
+    /// TIES rule: `|x| ≥ threshold`).
+    pub fn at_least(value: u32) -> Selection {
+        Selection {
+            lower: Some(Edge {
+                value,
+                lo_t: 0,
+                hi_t: u64::MAX,
+            }),
+            ..Selection::all()
         }
     }
 
@@ -195,13 +209,15 @@ struct Located {
     count: usize,
 }
 
-fn locate(hist: &[u32], rank: usize) -> (u32, usize) {
+/// The bin holding ascending `rank` of a histogram, and how many elements lie in lower bins.
+pub fn locate<C: Copy + Into<u64>>(hist: &[C], rank: usize) -> (u32, usize) {
     let mut below = 0usize;
     for (b, &c) in hist.iter().enumerate() {
-        if rank < below + c as usize {
+        let c = c.into() as usize;
+        if rank < below + c {
             return (b as u32, below);
         }
-        below += c as usize;
+        below += c;
     }
     unreachable!("rank {rank} beyond the {below} counted elements")
 }

@@ -11,9 +11,10 @@ use crate::exec::{self, Scratch};
 use crate::io::{
     Existing, ModelWriter, RELEASE_BLOCK, TensorEntry, TensorSpec, TensorView, modeldir,
 };
-use crate::methods::{Inputs, MergeJob, Streaming};
+use crate::methods::{Global, Inputs, MergeJob, Streaming};
 use crate::plan::{self, ModelSet, Op, Plan, PlannedTensor};
 use crate::progress::Progress;
+use rayon::prelude::*;
 
 /// Options for [`merge`].
 #[derive(Clone, Debug, Default)]
@@ -80,72 +81,190 @@ pub fn execute(
     } else {
         opts.chunk_elements
     };
+    let global = whole_model(set, plan, opts.seed, chunk, progress)?;
+    let ctx = Context {
+        set,
+        plan,
+        seed: opts.seed,
+        global: global.as_ref(),
+        chunk,
+    };
     exec::run(&writer, progress, |i, scratch| {
-        let t = &plan.tensors[i];
-        produce(set, plan, t, opts.seed, chunk, scratch, &writer, i)
+        produce(&ctx, &plan.tensors[i], scratch, &writer, i)
     })?;
     write_side_files(config, set, plan, writer.staging_dir())?;
     writer.finish()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn produce(
-    set: &ModelSet,
-    plan: &Plan,
-    t: &PlannedTensor,
+/// What every tensor's production shares.
+struct Context<'a> {
+    set: &'a ModelSet,
+    plan: &'a Plan,
     seed: u64,
+    global: Option<&'a Global>,
     chunk: usize,
-    scratch: &mut Scratch,
-    writer: &ModelWriter,
-    index: usize,
-) -> Result<()> {
-    match &t.op {
-        Op::CopyBuffer { inputs } => copy_buffer(set, t, inputs, writer, index),
-        Op::Merge {
-            inputs,
-            base,
-            shared,
-            per_input,
-            ..
-        } => {
-            let n = t.shape.iter().product::<usize>();
-            let meta = MergeJob {
+}
+
+impl<'a> Context<'a> {
+    /// The job of a merged tensor, without inputs.
+    fn meta(&self, t: &'a PlannedTensor) -> Option<MergeJob<'a>> {
+        match &t.op {
+            Op::CopyBuffer { .. } => None,
+            Op::Merge {
+                base,
+                shared,
+                per_input,
+                ..
+            } => Some(MergeJob {
                 name: &t.name,
                 shape: &t.shape,
                 inputs: Vec::new(),
                 base: *base,
                 shared,
                 per_input,
-                seed,
-            };
-            let views: Vec<TensorView> = inputs
-                .iter()
-                .map(|i| set.models[i.model].tensor(&i.tensor))
-                .collect::<Result<_>>()?;
-            let entries: Vec<&TensorEntry> = inputs
-                .iter()
-                .map(|i| set.models[i.model].entry(&i.tensor))
-                .collect::<Result<_>>()?;
-            let source = Source::new(set, inputs, &views, &entries);
-            match plan.method.streaming(&meta) {
-                Some(s) => {
-                    let granule = s.granule(&meta).max(1);
-                    let step = (chunk / granule).max(1) * granule;
-                    streamed(s, &meta, &source, n, step, t, scratch, writer, index)
-                }
-                None => match plan.method.lazy() {
-                    Some(l) => {
-                        let out = &mut buffers(&mut scratch.f32s, 1)[0];
-                        out.clear();
-                        out.resize(n, 0.0);
-                        l.merge(&meta, &WholeInputs { source: &source, n }, out)?;
-                        emit(t, out, &mut scratch.bytes, writer, index, 0)
-                    }
-                    None => whole(plan, &meta, &source, n, t, scratch, writer, index),
-                },
-            }
+                seed: self.seed,
+                global: self.global,
+            }),
         }
     }
+
+    /// Chunk length for a method whose chunks hold whole granules.
+    fn step(&self, granule: usize) -> usize {
+        let granule = granule.max(1);
+        (self.chunk / granule).max(1) * granule
+    }
+}
+
+/// Open the inputs of a merged tensor and hand them to `f` as a [`Source`].
+fn with_source<R>(
+    set: &ModelSet,
+    inputs: &[plan::Input],
+    f: impl FnOnce(&Source) -> Result<R>,
+) -> Result<R> {
+    let views: Vec<TensorView> = inputs
+        .iter()
+        .map(|i| set.models[i.model].tensor(&i.tensor))
+        .collect::<Result<_>>()?;
+    let entries: Vec<&TensorEntry> = inputs
+        .iter()
+        .map(|i| set.models[i.model].entry(&i.tensor))
+        .collect::<Result<_>>()?;
+    f(&Source::new(set, inputs, &views, &entries))
+}
+
+/// Chunks of `step` elements covering `0..n` (one empty chunk when `n` is 0).
+fn chunks(n: usize, step: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..n.max(1))
+        .step_by(step)
+        .map(move |a| a..(a + step).min(n))
+}
+
+/// Run the method's whole-model passes, if it has any: each pass streams every participating
+/// tensor (in parallel, largest first) and folds its accumulator into the model's.
+fn whole_model(
+    set: &ModelSet,
+    plan: &Plan,
+    seed: u64,
+    chunk: usize,
+    progress: &dyn Progress,
+) -> Result<Option<Global>> {
+    let Some(wm) = plan.method.whole_model() else {
+        return Ok(None);
+    };
+    let ctx = Context {
+        set,
+        plan,
+        seed,
+        global: None,
+        chunk,
+    };
+    let merged: Vec<&PlannedTensor> = plan
+        .tensors
+        .iter()
+        .filter(|t| matches!(t.op, Op::Merge { .. }))
+        .collect();
+    let jobs: Vec<MergeJob> = merged.iter().filter_map(|t| ctx.meta(t)).collect();
+    let Some(mut global) = wm.begin_model(&jobs)? else {
+        return Ok(None);
+    };
+    let step = ctx.step(1);
+    for pass in 0..wm.model_passes(&global) {
+        let model = std::sync::Mutex::new(wm.begin_pass(pass, &global));
+        let total: u64 = jobs.iter().map(|j| j.numel() as u64).sum();
+        progress.start(merged.len() as u64, total * 4);
+        let mut order: Vec<usize> = (0..merged.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(jobs[i].numel()));
+        order.into_par_iter().with_max_len(1).try_for_each_init(
+            Scratch::default,
+            |scratch, i| -> Result<()> {
+                crate::cancel::check()?;
+                let (t, meta) = (merged[i], &jobs[i]);
+                if let Some(mut acc) = wm.begin_tensor(pass, &global, i, meta) {
+                    let Op::Merge { inputs, .. } = &t.op else {
+                        unreachable!("merged tensors only")
+                    };
+                    with_source(set, inputs, |source| {
+                        let bufs = buffers(&mut scratch.f32s, inputs.len());
+                        for range in chunks(meta.numel(), step) {
+                            crate::cancel::check()?;
+                            source.read(range.clone(), bufs)?;
+                            let job = MergeJob {
+                                inputs: bufs.iter().map(|b| b.as_slice()).collect(),
+                                ..meta.clone()
+                            };
+                            wm.observe_tensor(pass, &global, &job, range.start, &mut acc)?;
+                        }
+                        source.end_pass();
+                        Ok(())
+                    })?;
+                    let mut m = model.lock().expect("no worker panics holding it");
+                    wm.absorb(pass, &global, &mut m, i, acc);
+                }
+                progress.advance(meta.numel() as u64 * 4);
+                Ok(())
+            },
+        )?;
+        progress.finish();
+        let model = model.into_inner().expect("no worker panics holding it");
+        wm.end_model_pass(pass, &mut global, model)?;
+    }
+    Ok(Some(global))
+}
+
+fn produce(
+    ctx: &Context,
+    t: &PlannedTensor,
+    scratch: &mut Scratch,
+    writer: &ModelWriter,
+    index: usize,
+) -> Result<()> {
+    let Some(meta) = ctx.meta(t) else {
+        let Op::CopyBuffer { inputs } = &t.op else {
+            unreachable!("merged tensors have a job")
+        };
+        return copy_buffer(ctx.set, t, inputs, writer, index);
+    };
+    let Op::Merge { inputs, .. } = &t.op else {
+        unreachable!("only merged tensors have a job")
+    };
+    let n = meta.numel();
+    let method = ctx.plan.method;
+    with_source(ctx.set, inputs, |source| match method.streaming(&meta) {
+        Some(s) => {
+            let step = ctx.step(s.granule(&meta));
+            streamed(s, &meta, source, n, step, t, scratch, writer, index)
+        }
+        None => match method.lazy() {
+            Some(l) => {
+                let out = &mut buffers(&mut scratch.f32s, 1)[0];
+                out.clear();
+                out.resize(n, 0.0);
+                l.merge(&meta, &WholeInputs { source, n }, out)?;
+                emit(t, out, &mut scratch.bytes, writer, index, 0)
+            }
+            None => whole(method, &meta, source, n, t, scratch, writer, index),
+        },
+    })
 }
 
 /// The inputs of one output tensor, read chunk by chunk in index order, releasing their
@@ -281,13 +400,8 @@ fn streamed(
 ) -> Result<()> {
     let k = source.inputs.len();
     let mut state = s.begin(meta)?;
-    let chunks = || {
-        (0..n.max(1))
-            .step_by(step)
-            .map(move |a| a..(a + step).min(n))
-    };
     for pass in 0..s.passes(&state) {
-        for range in chunks() {
+        for range in chunks(n, step) {
             crate::cancel::check()?;
             let bufs = buffers(&mut scratch.f32s, k);
             source.read(range.clone(), bufs)?;
@@ -301,7 +415,7 @@ fn streamed(
         s.end_pass(pass, meta, &mut state)?;
     }
     let size = t.dtype.size() as u64;
-    for range in chunks() {
+    for range in chunks(n, step) {
         crate::cancel::check()?;
         let bufs = buffers(&mut scratch.f32s, k + 1);
         let (ins, rest) = bufs.split_at_mut(k);
@@ -329,7 +443,7 @@ fn streamed(
 
 #[allow(clippy::too_many_arguments)]
 fn whole(
-    plan: &Plan,
+    method: &dyn crate::methods::Method,
     meta: &MergeJob,
     source: &Source,
     n: usize,
@@ -350,7 +464,7 @@ fn whole(
         inputs: ins.iter().map(|b| b.as_slice()).collect(),
         ..meta.clone()
     };
-    plan.method.merge(&job, out)?;
+    method.merge(&job, out)?;
     emit(t, out, &mut scratch.bytes, writer, index, 0)
 }
 
