@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from fusion_bench.method.emr_merging.utils import emr_merge
 from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
+from fusion_bench.method.tall_mask.utils import generate_task_masks
 from fusion_bench.method.task_singular_vector.utils.TSVM_utils import (
     compute_and_sum_svd_mem_reduction,
 )
@@ -101,6 +102,22 @@ def ties_global(base, tvs, density, merge_func):
     return vector_to_state_dict(merged, base)
 
 
+def consensus(base, tvs, merged, lambdas, k):
+    """Consensus merging as tall_masks does it (its TALL masks are FusionBench's
+    `generate_task_masks`; the count-and-threshold glue is tall_masks'
+    `construct_consensus_mask`, restated): returns the masked multi-task vector."""
+    flat_ptm = state_dict_to_vector(base)
+    flat_tv = torch.vstack([state_dict_to_vector(tv) for tv in tvs])
+    flat_ft = flat_tv + flat_ptm
+    flat_merged = state_dict_to_vector(merged)
+    count = torch.zeros_like(flat_ptm)
+    for t, lam in enumerate(lambdas):
+        mask = generate_task_masks(flat_tv[t], flat_ft[t], flat_ptm, tv=flat_merged,
+                                   tall_mask_lambda=lam)
+        count += mask.float()
+    return vector_to_state_dict(flat_merged * (count >= k), base)
+
+
 def main():
     shutil.rmtree(ROOT, ignore_errors=True)
 
@@ -136,6 +153,23 @@ def main():
                config("ties", dict(paper, normalize=True, mean_divisor="count"),
                       model_params="{weight: 1.0, density: 0.5}"),
                base, ties_global(base, tvs, 0.5, "mean"), 1.0)
+    # Consensus merging over task arithmetic (the plain sum) and over paper TIES (global
+    # density 0.2, majority sign, disjoint sum), with per-task TALL-mask lambdas.
+    lambdas = [0.4, 0.5, 0.6]
+    ta = {k: sum(tv[k] for tv in tvs) for k in base}
+    write_case("consensus_ta",
+               config("consensus", {"k": 2, "lambda": 0.8}, model_params=None, extra="")
+               .replace("  - model: ../merge/models/llama_ft1",
+                        "  - model: ../merge/models/llama_ft1\n    parameters: {tall_mask_lambda: 0.4}")
+               .replace("  - model: ../merge/models/llama_ft2",
+                        "  - model: ../merge/models/llama_ft2\n    parameters: {tall_mask_lambda: 0.5}")
+               .replace("  - model: ../merge/models/llama_ft3",
+                        "  - model: ../merge/models/llama_ft3\n    parameters: {tall_mask_lambda: 0.6}"),
+               base, consensus(base, tvs, ta, lambdas, 2), 0.8)
+    ties = ties_global(base, tvs, 0.2, "sum")
+    write_case("consensus_ties", config("consensus", {"base_merge": "ties", "k": 1}), base,
+               consensus(base, tvs, ties, [0.6] * 3, 1), 1.0)
+
     # bf16 task vectors take few distinct values: exact zero sums and threshold ties occur, so
     # the majority sign and keep-all-ties rules are exercised. Computed in f32 (bf16 upcast).
     # With llama_bf16_ft2 as the base the global majority sign is −1, so the paper's rule

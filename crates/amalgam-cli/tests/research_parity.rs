@@ -35,4 +35,6 @@ parity!(
     ties_global_sum,
     ties_global_mean,
     ties_global_bf16_majority,
+    consensus_ta,
+    consensus_ties,
 );

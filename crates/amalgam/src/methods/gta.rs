@@ -290,6 +290,9 @@ pub(super) struct GtaState {
     /// Σ of elected signs so far (the tensor-scope majority pass).
     votes: i64,
     rescale_l1: bool,
+    /// Output the merged delta itself (normalised, not scaled, no base): for methods built on
+    /// this one (consensus merging).
+    pub(super) raw: bool,
     /// Per-model masked, scaled, weighted deltas of the current chunk.
     buffers: Vec<Vec<f32>>,
     /// Per element of the chunk: the sum that elects the sign, the merged delta, the divisor.
@@ -397,6 +400,7 @@ impl GtaState {
             },
             votes: 0,
             rescale_l1,
+            raw: false,
             buffers: Vec::new(),
             sums: Default::default(),
             keys: Vec::new(),
@@ -603,13 +607,18 @@ impl Streaming for Gta {
         let st = state_mut::<GtaState>(state);
         let base = job.base_tensor();
         if st.models.is_empty() {
-            out.copy_from_slice(base);
+            if st.raw {
+                out.fill(0.0);
+            } else {
+                out.copy_from_slice(base);
+            }
             return Ok(());
         }
         let n = out.len();
         st.deltas(job, offset, n);
         let normalize = job.shared.b("normalize");
         let lambda = job.shared.f("lambda") as f32;
+        let raw = st.raw;
         let weight_sum: f32 = st.models.iter().map(|m| m.weight).sum();
         let plain_divisor = if weight_sum.abs() < 1e-8 {
             1.0
@@ -630,6 +639,10 @@ impl Streaming for Gta {
                 let mut x = *o;
                 if normalize {
                     x /= plain_divisor;
+                }
+                if raw {
+                    *o = x;
+                    continue;
                 }
                 if lambda != 1.0 {
                     x *= lambda;
@@ -680,6 +693,10 @@ impl Streaming for Gta {
             let mut x = x;
             if normalize {
                 x /= if dv == 0.0 { 1.0 } else { dv };
+            }
+            if raw {
+                *o = x;
+                continue;
             }
             if lambda != 1.0 {
                 x *= lambda;

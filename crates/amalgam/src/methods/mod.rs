@@ -8,6 +8,7 @@ use crate::config::{Kind, Value};
 use crate::error::{Error, Result};
 
 pub mod arcee_fusion;
+pub mod consensus;
 pub mod emr;
 pub mod gta;
 mod gta_global;
@@ -466,6 +467,7 @@ pub fn registry() -> &'static [Box<dyn Method>] {
             Box::new(iso::Iso::new(true)),
             Box::new(tsv::TsvMerge::default()),
             Box::new(emr::Emr::default()),
+            Box::new(consensus::Consensus::default()),
         ];
         v.extend(
             gta::all()
