@@ -118,6 +118,39 @@ def consensus(base, tvs, merged, lambdas, k):
     return vector_to_state_dict(flat_merged * (count >= k), base)
 
 
+def pcb_reference(tvs, weights, variant):
+    """PCB-Merging restated from the authors' code (duguodong7/pcb-merging at 31fa2dc:
+    vision_source_code/pcb.py for `vision`, pcb-merging.py for `nlp`), which is not packaged:
+    sort-based clamps at the same indices, min-max normalisation, exp/tanh balancing, the
+    (1 - ratio) drop, and the weighted average. Each task is one flattened row."""
+    clamp_ratio, pcb_ratio = (0.01, 0.05) if variant == "vision" else (0.0001, 0.1)
+    checks = torch.vstack([state_dict_to_vector(tv) for tv in tvs])
+    n, d = checks.shape
+
+    def clamp(x, lo_ratio, hi_ratio):
+        s, _ = torch.sort(x, dim=1)
+        lo = s[:, int(d * lo_ratio)].unsqueeze(1)
+        hi = s[:, int(d * (1 - hi_ratio) - 1)].unsqueeze(1)
+        return torch.clamp(x, lo, hi)
+
+    def normalize(x):
+        lo = x.min(dim=1, keepdim=True).values
+        hi = x.max(dim=1, keepdim=True).values
+        return (x - lo) / (hi - lo)
+
+    mag = clamp(checks.abs(), clamp_ratio, clamp_ratio)
+    clamped = torch.sign(checks) * mag
+    intra = torch.exp(n * normalize(mag) ** 2)
+    if variant == "vision":
+        inter = torch.tanh(checks * torch.sum(torch.sign(checks) * normalize(mag), dim=0))
+    else:
+        inter = torch.tanh(checks * torch.sum(checks, dim=0))
+    scale = normalize(clamp(intra * inter, 1 - pcb_ratio, 0))
+    lams = torch.tensor(weights).unsqueeze(1)
+    merged = torch.sum(clamped * lams * scale, dim=0) / torch.clamp(scale.sum(dim=0), min=1e-12)
+    return vector_to_state_dict(merged, tvs[0])
+
+
 def main():
     shutil.rmtree(ROOT, ignore_errors=True)
 
@@ -169,6 +202,11 @@ def main():
     ties = ties_global(base, tvs, 0.2, "sum")
     write_case("consensus_ties", config("consensus", {"base_merge": "ties", "k": 1}), base,
                consensus(base, tvs, ties, [0.6] * 3, 1), 1.0)
+
+    # PCB, both variants of the authors' code, with their per-task lambda 1.2 (`weight`).
+    write_case("pcb_vision", config("pcb"), base, pcb_reference(tvs, [1.2] * 3, "vision"), 1.0)
+    write_case("pcb_nlp", config("pcb", {"variant": "nlp"}, weights=[1.0, 0.8, 1.3]), base,
+               pcb_reference(tvs, [1.0, 0.8, 1.3], "nlp"), 1.0)
 
     # bf16 task vectors take few distinct values: exact zero sums and threshold ties occur, so
     # the majority sign and keep-all-ties rules are exercised. Computed in f32 (bf16 upcast).

@@ -37,4 +37,6 @@ parity!(
     ties_global_bf16_majority,
     consensus_ta,
     consensus_ties,
+    pcb_vision,
+    pcb_nlp,
 );

@@ -20,6 +20,7 @@ pub mod multislerp;
 pub mod nearswap;
 pub mod nuslerp;
 pub mod passthrough;
+pub mod pcb;
 pub mod ram;
 pub mod rng;
 pub mod sce;
@@ -468,6 +469,7 @@ pub fn registry() -> &'static [Box<dyn Method>] {
             Box::new(tsv::TsvMerge::default()),
             Box::new(emr::Emr::default()),
             Box::new(consensus::Consensus::default()),
+            Box::new(pcb::Pcb::default()),
         ];
         v.extend(
             gta::all()

@@ -1,0 +1,405 @@
+//! `pcb`: Parameter Competition Balancing (Du et al. 2024, ALGORITHMS.md §2.10).
+//!
+//! Each task vector `τ_t` is one row over the whole model (all merged tensors flattened, as the
+//! authors' code does). With `T` tasks, per task and element:
+//!
+//! 1. clamp `|τ_t|` to its own order statistics at ranks `⌊P·c⌋` and `⌊P(1−c) − 1⌋`
+//!    (`clamp_ratio` c); `τ̃_t = sgn(τ_t)·clamped`; `N_t` = the clamped magnitude min-max
+//!    normalised over the row;
+//! 2. intra-balancing `exp(T·N_t²)`; inter-balancing `tanh(τ_t · S)` with
+//!    `S = Σ_j sgn(τ_j)·N_j` (`variant: vision`, the authors' ViT code) or `S = Σ_j τ_j`
+//!    (`variant: nlp`, their T5 code); `β_t` = their product;
+//! 3. drop: `β_t` clamped from below at its order statistic of rank `⌊P(1−r)⌋` (`pcb_ratio` r)
+//!    and min-max normalised, so only the top `r` fraction keeps a positive score `s_t`;
+//! 4. `θ = θ₀ + Σ_t w_t τ̃_t s_t / max(Σ_t s_t, 1e-12)` (`weight` w_t, the authors' λ_t).
+//!
+//! The order statistics are exact: four streamed whole-model passes of 65,536-bin histograms
+//! (high then low 16 bits of an order-preserving key) find the magnitude quantiles, then the
+//! β threshold and maximum; the output pass recomputes β per element. Memory stays a few
+//! histograms per task and one chunk per worker, where the reference holds four `T × P`
+//! matrices. Where a row is constant (max = min) the reference divides 0 by 0; amalgam uses 0.
+
+use super::select::{BINS, locate};
+use super::*;
+use crate::config::Kind;
+
+/// PCB-Merging.
+pub struct Pcb {
+    spec: MethodSpec,
+}
+
+impl Default for Pcb {
+    fn default() -> Self {
+        Pcb {
+            spec: MethodSpec {
+                name: "pcb",
+                pretty_name: "Parameter Competition Balancing",
+                reference: "https://arxiv.org/abs/2410.02396",
+                params: vec![
+                    ParamSpec::new(
+                        "variant",
+                        Kind::Choice(&["vision", "nlp"]),
+                        Scope::Shared,
+                        Value::Choice("vision"),
+                    ),
+                    // Defaults by variant: vision 0.01 and 0.05, nlp 0.0001 and 0.1.
+                    ParamSpec::new(
+                        "clamp_ratio",
+                        Kind::OptionalFloat,
+                        Scope::Shared,
+                        Value::None,
+                    ),
+                    ParamSpec::new("pcb_ratio", Kind::OptionalFloat, Scope::Shared, Value::None),
+                    ParamSpec::new("weight", Kind::Float, Scope::NonBase, Value::Float(1.2)),
+                ],
+                contract: Contract::WITH_BASE,
+            },
+        }
+    }
+}
+
+impl Method for Pcb {
+    fn spec(&self) -> &MethodSpec {
+        &self.spec
+    }
+
+    fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
+        Some(self)
+    }
+
+    fn whole_model(&self) -> Option<&dyn WholeModel> {
+        Some(self)
+    }
+}
+
+/// An order-preserving key of any f32 (negative values below positive ones).
+#[inline]
+fn skey(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 { !b } else { b | 0x8000_0000 }
+}
+
+#[inline]
+fn from_skey(k: u32) -> f32 {
+    f32::from_bits(if k >> 31 == 1 { k & 0x7fff_ffff } else { !k })
+}
+
+/// Min-max normalisation with a constant row giving 0 (the reference: 0/0).
+#[inline]
+fn unit(x: f32, lo: f32, hi: f32) -> f32 {
+    if hi > lo { (x - lo) / (hi - lo) } else { 0.0 }
+}
+
+/// Exact order statistics of one value per task over the model, found in two passes.
+#[derive(Clone, Default)]
+struct Ranks {
+    /// Wanted ascending ranks.
+    ranks: Vec<u64>,
+    /// After the high pass: per rank, its bin and the count below the bin.
+    bins: Vec<(u32, u64)>,
+    /// After the low pass: per rank, the key.
+    keys: Vec<u32>,
+}
+
+/// What the whole-model passes found.
+struct GlobalPcb {
+    nlp: bool,
+    /// Per task: |τ| ranks (clamp low, clamp high) then β ranks (drop threshold).
+    abs: Vec<Ranks>,
+    beta: Vec<Ranks>,
+    /// Per task: the largest β.
+    beta_max: Vec<f32>,
+}
+
+impl GlobalPcb {
+    fn tasks(&self) -> usize {
+        self.abs.len()
+    }
+
+    /// `(lo, hi)` clamp bounds of task `t`'s magnitudes.
+    fn clamp(&self, t: usize) -> (f32, f32) {
+        let k = &self.abs[t].keys;
+        (f32::from_bits(k[0]), f32::from_bits(k[1]))
+    }
+
+    /// β of every task at one element (`taus`: the task vectors there) into `beta`, and the
+    /// clamped, signed task values into `clamped`.
+    fn balance(&self, taus: &[f32], beta: &mut [f32], clamped: &mut [f32]) {
+        let t_count = taus.len() as f32;
+        let mut s = 0.0f32;
+        for (t, &x) in taus.iter().enumerate() {
+            let (lo, hi) = self.clamp(t);
+            // torch.clamp(x, min, max) = min(max(x, min), max), even if min > max.
+            let a = x.abs().max(lo).min(hi);
+            let n = unit(a, lo, hi);
+            let sign = if x > 0.0 {
+                1.0
+            } else if x < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            clamped[t] = sign * a;
+            // β holds N for now; the intra term is finished below.
+            beta[t] = n;
+            s += if self.nlp { x } else { sign * n };
+        }
+        for (t, &x) in taus.iter().enumerate() {
+            let n = beta[t];
+            beta[t] = (t_count * (n * n)).exp() * (x * s).tanh();
+        }
+    }
+}
+
+/// Per-task histograms of one pass; for the β passes also each task's largest β.
+struct Acc {
+    hists: Vec<Vec<u64>>,
+    max: Vec<f32>,
+}
+
+impl Acc {
+    fn new(tasks: usize, lows: usize) -> Acc {
+        Acc {
+            hists: vec![vec![0u64; BINS]; tasks * lows],
+            max: vec![f32::NEG_INFINITY; tasks],
+        }
+    }
+}
+
+fn ratio(job: &MergeJob, name: &str, vision: f64, nlp: f64) -> f64 {
+    job.shared
+        .opt_f(name)
+        .unwrap_or(if job.shared.choice("variant") == "nlp" {
+            nlp
+        } else {
+            vision
+        })
+}
+
+/// The number of histograms a low pass keeps per task (one per wanted rank).
+const LOWS: usize = 2;
+
+impl WholeModel for Pcb {
+    fn begin_model(&self, jobs: &[MergeJob]) -> Result<Option<Global>> {
+        let Some(first) = jobs.first() else {
+            return Ok(None);
+        };
+        let tasks = first.non_base().len();
+        let total: u64 = jobs.iter().map(|j| j.numel() as u64).sum();
+        for job in jobs {
+            if job.non_base().len() != tasks {
+                return Err(job.error(format!(
+                    "pcb ranks each model over the whole model: every tensor needs the same {tasks} models"
+                )));
+            }
+        }
+        let c = ratio(first, "clamp_ratio", 0.01, 0.0001);
+        let r = ratio(first, "pcb_ratio", 0.05, 0.1);
+        if !(0.0..0.5).contains(&c) || !(0.0..=1.0).contains(&r) || r == 0.0 {
+            return Err(first.error(format!(
+                "pcb needs 0 ≤ clamp_ratio < 0.5 and 0 < pcb_ratio ≤ 1, got {c} and {r}"
+            )));
+        }
+        if total == 0 || tasks == 0 {
+            return Ok(None);
+        }
+        // The authors' indices, in f64 as Python computes them.
+        let p = total as f64;
+        let last = total - 1;
+        let lo = ((p * c) as u64).min(last);
+        let hi = ((p * (1.0 - c) - 1.0).max(0.0) as u64).min(last);
+        let drop = ((p * (1.0 - r)) as u64).min(last);
+        let ranks = |rs: Vec<u64>| Ranks {
+            ranks: rs,
+            ..Ranks::default()
+        };
+        Ok(Some(Box::new(GlobalPcb {
+            nlp: first.shared.choice("variant") == "nlp",
+            abs: vec![ranks(vec![lo, hi]); tasks],
+            beta: vec![ranks(vec![drop]); tasks],
+            beta_max: vec![f32::NEG_INFINITY; tasks],
+        })))
+    }
+
+    fn model_passes(&self, _global: &Global) -> usize {
+        4
+    }
+
+    fn begin_pass(&self, _pass: usize, global: &Global) -> State {
+        let g = global.downcast_ref::<GlobalPcb>().expect("ours");
+        Box::new(Acc::new(g.tasks(), LOWS))
+    }
+
+    fn begin_tensor(
+        &self,
+        _pass: usize,
+        global: &Global,
+        _index: usize,
+        _job: &MergeJob,
+    ) -> Option<State> {
+        let g = global.downcast_ref::<GlobalPcb>().expect("ours");
+        Some(Box::new(Acc::new(g.tasks(), LOWS)))
+    }
+
+    fn observe_tensor(
+        &self,
+        pass: usize,
+        global: &Global,
+        job: &MergeJob,
+        _offset: usize,
+        acc: &mut State,
+    ) -> Result<()> {
+        let g = global.downcast_ref::<GlobalPcb>().expect("ours");
+        let acc = state_mut::<Acc>(acc);
+        let base = job.base_tensor();
+        let nb = job.non_base();
+        let tasks = nb.len();
+        let mut taus = vec![0.0f32; tasks];
+        let (mut beta, mut clamped) = (vec![0.0f32; tasks], vec![0.0f32; tasks]);
+        for (j, &b) in base.iter().enumerate() {
+            for (t, &i) in nb.iter().enumerate() {
+                taus[t] = job.inputs[i][j] - b;
+            }
+            let (values, ranks): (&[f32], &[Ranks]) = if pass < 2 {
+                (&taus, &g.abs)
+            } else {
+                g.balance(&taus, &mut beta, &mut clamped);
+                (&beta, &g.beta)
+            };
+            for t in 0..tasks {
+                let k = if pass < 2 {
+                    values[t].abs().to_bits()
+                } else {
+                    skey(values[t])
+                };
+                if pass % 2 == 0 {
+                    acc.hists[t * LOWS][(k >> 16) as usize] += 1;
+                    if pass == 2 && values[t] > acc.max[t] {
+                        acc.max[t] = values[t];
+                    }
+                } else {
+                    for (w, &(bin, _)) in ranks[t].bins.iter().enumerate() {
+                        if k >> 16 == bin {
+                            acc.hists[t * LOWS + w][(k & 0xffff) as usize] += 1;
+                            // Two ranks in one bin share one histogram.
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn absorb(
+        &self,
+        _pass: usize,
+        _global: &Global,
+        model: &mut State,
+        _index: usize,
+        tensor: State,
+    ) {
+        let model = state_mut::<Acc>(model);
+        let tensor = tensor.downcast::<Acc>().expect("ours");
+        for (m, t) in model.hists.iter_mut().zip(&tensor.hists) {
+            m.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+        }
+        for (m, &t) in model.max.iter_mut().zip(&tensor.max) {
+            *m = m.max(t);
+        }
+    }
+
+    fn end_model_pass(&self, pass: usize, global: &mut Global, model: State) -> Result<()> {
+        let g = global.downcast_mut::<GlobalPcb>().expect("ours");
+        let acc = model.downcast::<Acc>().expect("ours");
+        let ranks = if pass < 2 { &mut g.abs } else { &mut g.beta };
+        for (t, r) in ranks.iter_mut().enumerate() {
+            if pass % 2 == 0 {
+                let hist = &acc.hists[t * LOWS];
+                r.bins = r
+                    .ranks
+                    .iter()
+                    .map(|&rank| {
+                        let (bin, below) = locate(hist, rank as usize);
+                        (bin, below as u64)
+                    })
+                    .collect();
+            } else {
+                r.keys = r
+                    .ranks
+                    .iter()
+                    .zip(&r.bins)
+                    .map(|(&rank, &(bin, below))| {
+                        // The histogram of the first rank in this bin holds its counts.
+                        let w = r.bins.iter().position(|&(b, _)| b == bin).expect("own bin");
+                        let (low, _) = locate(&acc.hists[t * LOWS + w], (rank - below) as usize);
+                        (bin << 16) | low
+                    })
+                    .collect();
+            }
+        }
+        if pass == 2 {
+            g.beta_max = acc.max.clone();
+        }
+        Ok(())
+    }
+}
+
+impl Streaming for Pcb {
+    fn apply(
+        &self,
+        job: &MergeJob,
+        _offset: usize,
+        _state: &mut State,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let base = job.base_tensor();
+        let nb = job.non_base();
+        let Some(g) = job.global.and_then(|g| g.downcast_ref::<GlobalPcb>()) else {
+            // No task vectors, or an empty model: nothing to merge.
+            out.copy_from_slice(base);
+            return Ok(());
+        };
+        let tasks = nb.len();
+        let weights: Vec<f32> = nb
+            .iter()
+            .map(|&i| job.per_input[i].f("weight") as f32)
+            .collect();
+        let floor: Vec<f32> = g.beta.iter().map(|r| from_skey(r.keys[0])).collect();
+        let mut taus = vec![0.0f32; tasks];
+        let (mut beta, mut clamped) = (vec![0.0f32; tasks], vec![0.0f32; tasks]);
+        for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
+            for (t, &i) in nb.iter().enumerate() {
+                taus[t] = job.inputs[i][j] - b;
+            }
+            g.balance(&taus, &mut beta, &mut clamped);
+            let (mut num, mut den) = (0.0f32, 0.0f32);
+            for t in 0..tasks {
+                let (lo, hi) = (floor[t], g.beta_max[t]);
+                let s = unit(beta[t].max(lo).min(hi), lo, hi);
+                num += clamped[t] * weights[t] * s;
+                den += s;
+            }
+            *o = b + num / den.max(1e-12);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_key_orders_like_the_values() {
+        let xs = [-3.5f32, -1.0, -0.0, 0.0, 1e-30, 2.0, f32::MAX, f32::MIN];
+        for &a in &xs {
+            assert_eq!(from_skey(skey(a)).to_bits(), a.to_bits());
+            for &b in &xs {
+                if a < b {
+                    assert!(skey(a) < skey(b), "{a} < {b}");
+                }
+            }
+        }
+    }
+}
