@@ -272,7 +272,7 @@ impl WholeModel for Pcb {
                 } else {
                     skey(values[t])
                 };
-                if pass % 2 == 0 {
+                if pass.is_multiple_of(2) {
                     acc.hists[t * LOWS][(k >> 16) as usize] += 1;
                     if pass == 2 && values[t] > acc.max[t] {
                         acc.max[t] = values[t];
@@ -314,7 +314,7 @@ impl WholeModel for Pcb {
         let acc = model.downcast::<Acc>().expect("ours");
         let ranks = if pass < 2 { &mut g.abs } else { &mut g.beta };
         for (t, r) in ranks.iter_mut().enumerate() {
-            if pass % 2 == 0 {
+            if pass.is_multiple_of(2) {
                 let hist = &acc.hists[t * LOWS];
                 r.bins = r
                     .ranks
