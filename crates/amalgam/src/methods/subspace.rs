@@ -190,3 +190,235 @@ impl Stacked {
         ))
     }
 }
+
+/// The edge cases of ALGORITHMS.md §1.9 and the invariants of §9 for the SVD methods.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use faer::Mat;
+
+    /// Run method `name` on in-memory tensors (input 0 is the base).
+    fn run(
+        name: &str,
+        shape: &[usize],
+        inputs: &[Vec<f32>],
+        shared: &[(&'static str, Value)],
+    ) -> Vec<f32> {
+        let method = get(name).unwrap();
+        let mut values: Vec<(&'static str, Value)> = method
+            .spec()
+            .params
+            .iter()
+            .filter(|p| p.scope == Scope::Shared)
+            .filter_map(|p| p.default.clone().map(|d| (p.name, d)))
+            .collect();
+        for (k, v) in shared {
+            values.retain(|(n, _)| n != k);
+            values.push((k, v.clone()));
+        }
+        let shared = Params { values };
+        let weight = Params {
+            values: vec![("weight", Value::Float(1.0))],
+        };
+        let per_input = vec![weight; inputs.len()];
+        let job = MergeJob {
+            name: "t",
+            shape,
+            inputs: inputs.iter().map(|v| v.as_slice()).collect(),
+            base: Some(0),
+            shared: &shared,
+            per_input: &per_input,
+            seed: 7,
+            global: None,
+        };
+        let mut out = vec![0.0; inputs[0].len()];
+        method.merge(&job, &mut out).unwrap();
+        out
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let key = rng::Key::new(seed, "sub", 0);
+        (0..n)
+            .map(|i| (key.uniform(i as u64) - 0.5) as f32)
+            .collect()
+    }
+
+    fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+        a.iter().zip(b).map(|(x, y)| x + y).collect()
+    }
+
+    fn delta(out: &[f32], base: &[f32]) -> Vec<f32> {
+        out.iter().zip(base).map(|(o, b)| o - b).collect()
+    }
+
+    fn singular_values(x: &[f32], m: usize, n: usize) -> Vec<f32> {
+        linalg::thin_svd(linalg::rows(x, m, n)).unwrap().s
+    }
+
+    const SVD_METHODS: [&str; 3] = ["iso_c", "iso_cts", "tsv_m"];
+
+    #[test]
+    fn iso_c_one_full_rank_task_flattens_its_spectrum() {
+        let (m, n) = (6, 4);
+        let base = random(m * n, 1);
+        let tau = random(m * n, 2);
+        let out = run("iso_c", &[m, n], &[base.clone(), add(&base, &tau)], &[]);
+        let d = delta(&out, &base);
+        let s = singular_values(&tau, m, n);
+        let mean = s.iter().sum::<f32>() / s.len() as f32;
+        for x in singular_values(&d, m, n) {
+            assert!((x - mean).abs() < 1e-5 * mean, "{x} vs {mean}");
+        }
+        // Same singular vectors: Δ = mean·U Vᵀ of τ.
+        let f = linalg::thin_svd(linalg::rows(&tau, m, n)).unwrap();
+        let mut want = Mat::<f32>::zeros(m, n);
+        linalg::compose(want.as_mut(), f.u.as_ref(), &vec![mean; n], f.v.as_ref());
+        let err: f32 = (0..m * n)
+            .map(|i| (d[i] - want[(i / n, i % n)]).powi(2))
+            .sum();
+        assert!(err.sqrt() < 1e-5 * mean);
+    }
+
+    #[test]
+    fn tsv_m_one_task_returns_it_unchanged() {
+        let (m, n) = (5, 7);
+        let base = random(m * n, 3);
+        let tau = random(m * n, 4);
+        let ft = add(&base, &tau);
+        let out = run("tsv_m", &[m, n], &[base, ft.clone()], &[]);
+        for (o, f) in out.iter().zip(&ft) {
+            assert!((o - f).abs() < 1e-5, "{o} vs {f}");
+        }
+    }
+
+    #[test]
+    fn all_zero_task_vectors_leave_the_base() {
+        let (m, n) = (4, 6);
+        let base = random(m * n, 5);
+        for name in SVD_METHODS {
+            let out = run(
+                name,
+                &[m, n],
+                &[base.clone(), base.clone(), base.clone()],
+                &[],
+            );
+            assert_eq!(out, base, "{name}");
+        }
+    }
+
+    #[test]
+    fn one_dimensional_tensors_are_averaged() {
+        let base = random(8, 6);
+        let a = add(&base, &random(8, 7));
+        let b = add(&base, &random(8, 8));
+        for name in SVD_METHODS {
+            let out = run(
+                name,
+                &[8],
+                &[base.clone(), a.clone(), b.clone()],
+                &[("lambda", Value::Float(2.0))],
+            );
+            for i in 0..8 {
+                let mean = ((a[i] - base[i]) + (b[i] - base[i])) / 2.0;
+                assert!((out[i] - (base[i] + 2.0 * mean)).abs() < 1e-6, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn svd_false_averages_a_matrix() {
+        let (m, n) = (3, 3);
+        let base = random(9, 9);
+        let a = add(&base, &random(9, 10));
+        let out = run(
+            "iso_c",
+            &[m, n],
+            &[base.clone(), a.clone()],
+            &[("svd", Value::Bool(false))],
+        );
+        assert_eq!(out, a);
+    }
+
+    #[test]
+    fn fewer_dimensions_than_tasks() {
+        // r = 2 < T = 3: TSV-M's reference gives a zero update; amalgam averages instead.
+        // Iso-CTS has no task-specific room and equals Iso-C.
+        let (m, n) = (2, 5);
+        let base = random(m * n, 11);
+        let inputs: Vec<Vec<f32>> = std::iter::once(base.clone())
+            .chain((0..3).map(|t| add(&base, &random(m * n, 12 + t))))
+            .collect();
+        let tsv = run("tsv_m", &[m, n], &inputs, &[]);
+        let mean = run("tsv_m", &[m, n], &inputs, &[("svd", Value::Bool(false))]);
+        assert_eq!(tsv, mean);
+        let iso_c = run("iso_c", &[m, n], &inputs, &[]);
+        let iso_cts = run("iso_cts", &[m, n], &inputs, &[]);
+        for (a, b) in iso_c.iter().zip(&iso_cts) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn rank_deficient_sum_gets_the_mean_on_every_direction() {
+        // Two rank-1 task vectors along the same direction: M has rank 1, so Iso-C's other
+        // singular directions are whatever the SVD backend picks. What does not depend on
+        // that choice: ‖Δ‖_F = σ̄·√r, and the known direction keeps weight σ̄.
+        let (m, n) = (5, 4);
+        let u = random(m, 13);
+        let v = random(n, 14);
+        let outer = |s: f32| -> Vec<f32> { (0..m * n).map(|i| s * u[i / n] * v[i % n]).collect() };
+        let base = random(m * n, 15);
+        let inputs = vec![
+            base.clone(),
+            add(&base, &outer(1.0)),
+            add(&base, &outer(2.0)),
+        ];
+        let d = delta(&run("iso_c", &[m, n], &inputs, &[]), &base);
+        assert!(d.iter().all(|x| x.is_finite()));
+        let sigma = 3.0 * norm(&u) as f32 * norm(&v) as f32;
+        let mean = sigma / n as f32;
+        let fro = norm(&d) as f32;
+        assert!((fro - mean * (n as f32).sqrt()).abs() < 1e-4 * fro, "{fro}");
+        let (nu, nv) = (norm(&u) as f32, norm(&v) as f32);
+        let along: f32 = (0..m * n).map(|i| d[i] * u[i / n] * v[i % n]).sum::<f32>() / (nu * nv);
+        assert!((along - mean).abs() < 1e-4 * mean, "{along} vs {mean}");
+        for name in ["iso_cts", "tsv_m"] {
+            let out = run(name, &[m, n], &inputs, &[]);
+            assert!(out.iter().all(|x| x.is_finite()), "{name}");
+        }
+    }
+
+    #[test]
+    fn randomized_top_k_is_reproducible_and_close_on_a_decaying_spectrum() {
+        // Low-rank task vectors (rank 3 each in a 40 × 30 matrix): the randomized sketch
+        // captures them, so the merge matches the exact one.
+        let (m, n) = (40, 30);
+        let base = random(m * n, 16);
+        let low_rank = |seed: u64| -> Vec<f32> {
+            let a = random(m * 3, seed);
+            let b = random(3 * n, seed + 100);
+            (0..m * n)
+                .map(|i| (0..3).map(|r| a[(i / n) * 3 + r] * b[r * n + i % n]).sum())
+                .collect()
+        };
+        let inputs: Vec<Vec<f32>> = std::iter::once(base.clone())
+            .chain((0..3).map(|t| add(&base, &low_rank(20 + t))))
+            .collect();
+        let exact = run("iso_cts", &[m, n], &inputs, &[]);
+        let fast = run(
+            "iso_cts",
+            &[m, n],
+            &inputs,
+            &[("randomized_svd", Value::Bool(true))],
+        );
+        let again = run(
+            "iso_cts",
+            &[m, n],
+            &inputs,
+            &[("randomized_svd", Value::Bool(true))],
+        );
+        assert_eq!(fast, again);
+        let diff: Vec<f32> = exact.iter().zip(&fast).map(|(a, b)| a - b).collect();
+        assert!(norm(&diff) < 1e-3 * norm(&delta(&exact, &base)));
+    }
+}
