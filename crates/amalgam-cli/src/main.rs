@@ -86,6 +86,9 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// LoRA adapters (PEFT format).
+    #[command(subcommand)]
+    Lora(LoraCommand),
     /// Compare two models tensor by tensor; exit code 1 if they differ beyond --rtol.
     Diff {
         /// First model.
@@ -101,6 +104,28 @@ enum Command {
         /// List every tensor, not only those that differ.
         #[arg(long)]
         all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LoraCommand {
+    /// Bake an adapter into its base model: W + scale·(α/r)·B·A (α/√r with rsLoRA), streaming.
+    Apply {
+        /// The base model the adapter was trained on.
+        base: PathBuf,
+        /// The PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+        adapter: PathBuf,
+        /// Output model directory.
+        output: PathBuf,
+        /// Multiplier of the adapter's delta.
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+        scale: f64,
+        /// Largest shard, mergekit's syntax: bytes, or a number with K, M, B (10^9): 5B, 500M.
+        #[arg(long, value_parser = parse_size)]
+        out_shard_size: Option<u64>,
+        /// Replace OUTPUT if it exists (only once the new model is complete).
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -206,6 +231,26 @@ fn run() -> Result<ExitCode> {
             };
             let bar = progress::Bar::new("convert", cli.quiet);
             let out = convert::convert(&input, &output, &opts, &bar)?;
+            if !cli.quiet {
+                eprintln!("wrote {}", out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lora(LoraCommand::Apply {
+            base,
+            adapter,
+            output,
+            scale,
+            out_shard_size,
+            overwrite,
+        }) => {
+            let opts = amalgam::ops::lora::ApplyOptions {
+                scale,
+                shard_size: out_shard_size,
+                existing: existing(overwrite),
+            };
+            let bar = progress::Bar::new("lora apply", cli.quiet);
+            let out = amalgam::ops::lora::apply(&base, &adapter, &output, &opts, &bar)?;
             if !cli.quiet {
                 eprintln!("wrote {}", out.display());
             }

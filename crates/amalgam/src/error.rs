@@ -49,6 +49,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A LoRA adapter that does not fit itself or its base model.
+    #[error("{}: {name}: {reason}", path.display())]
+    Adapter {
+        /// The adapter (or base model) file.
+        path: PathBuf,
+        /// The tensor or module concerned.
+        name: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
     /// A tensor that was asked for and is not in the model.
     #[error("{}: tensor '{name}' not found", path.display())]
     MissingTensor {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod exec;
 pub mod io;
 pub mod linalg;
+pub mod lora;
 pub mod methods;
 pub mod ops;
 pub mod plan;

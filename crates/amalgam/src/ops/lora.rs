@@ -1,0 +1,171 @@
+//! `lora apply`: bake a PEFT LoRA adapter into its base model, `W + scale·ΔW`, streaming.
+//!
+//! Every base tensor is written in its own dtype; adapted ones are decoded a block of rows at a
+//! time, the rows of `ΔW` are added in f32, and the block is encoded and written in place, so
+//! the working set is a block per worker plus the module's (small) factors.
+
+use std::path::{Path, PathBuf};
+
+use crate::dtype::{decode_f32, encode_f32};
+use crate::error::{Error, Result};
+use crate::exec;
+use crate::io::{Existing, Model, ModelWriter, TensorSpec, modeldir};
+use crate::lora::Adapter;
+use crate::progress::Progress;
+
+/// Options for [`apply`].
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    /// Multiplier of the adapter's delta (PEFT's `scale`; 1 for merge_and_unload).
+    pub scale: f64,
+    /// Shard byte budget; `None` writes a single file.
+    pub shard_size: Option<u64>,
+    /// What to do if the output exists.
+    pub existing: Existing,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            scale: 1.0,
+            shard_size: None,
+            existing: Existing::Refuse,
+        }
+    }
+}
+
+/// Elements per block of an adapted tensor.
+const BLOCK: usize = 1 << 20;
+
+/// Check that every module of `adapter` adapts a float tensor of `base` of the same shape.
+pub fn check(base: &Model, adapter: &Adapter) -> Result<()> {
+    let weights = adapter.dir.join("adapter_model.safetensors");
+    for (name, m) in &adapter.modules {
+        let Ok(entry) = base.entry(name) else {
+            return Err(Error::Adapter {
+                path: base.path.clone(),
+                name: name.clone(),
+                reason: format!(
+                    "adapter {} targets module {} but the base model has no tensor {name}; \
+                     is this the adapter's base model?",
+                    adapter.dir.display(),
+                    m.name
+                ),
+            });
+        };
+        if !entry.dtype.is_float() {
+            return Err(Error::Adapter {
+                path: base.path.clone(),
+                name: name.clone(),
+                reason: format!("has dtype {}; a LoRA target must be float", entry.dtype),
+            });
+        }
+        if entry.shape != m.shape {
+            return Err(Error::Adapter {
+                path: weights.clone(),
+                name: m.a.clone(),
+                reason: format!(
+                    "the adapter's delta for {name} is {:?} but the base tensor is {:?}",
+                    m.shape, entry.shape
+                ),
+            });
+        }
+    }
+    for (name, layer) in &adapter.base_layers {
+        let saved = adapter.file.entry(layer)?;
+        let shape_ok = base.entry(name).is_ok_and(|e| e.shape == saved.shape);
+        if !shape_ok {
+            return Err(Error::Adapter {
+                path: weights.clone(),
+                name: layer.clone(),
+                reason: format!(
+                    "the adapter carries a base layer for {name} of shape {:?} that does not fit \
+                     the base model (resized vocabularies are not supported yet)",
+                    saved.shape
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Apply the adapter at `adapter` to the model at `base`, writing a model directory at `output`.
+pub fn apply(
+    base: &Path,
+    adapter: &Path,
+    output: &Path,
+    opts: &ApplyOptions,
+    progress: &dyn Progress,
+) -> Result<PathBuf> {
+    if !opts.scale.is_finite() {
+        return Err(Error::argument("scale", "must be a finite number"));
+    }
+    let model = Model::open(base)?;
+    let adapter = Adapter::open(adapter)?;
+    check(&model, &adapter)?;
+    let specs: Vec<TensorSpec> = model
+        .tensors()
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let writer = ModelWriter::create(output, specs, opts.shard_size, opts.existing)?;
+    exec::run(&writer, progress, |i, scratch| {
+        let spec = &writer.specs()[i];
+        // A base layer saved in the adapter replaces the model's (PEFT loads it so).
+        let source = match adapter.base_layers.get(&spec.name) {
+            Some(layer) => adapter.file.tensor(layer)?,
+            None => model.tensor(&spec.name)?,
+        };
+        let Some(m) = adapter.modules.get(&spec.name) else {
+            if source.dtype == spec.dtype {
+                return writer.write(i, source.bytes);
+            }
+            let ok = crate::dtype::convert_bytes(
+                source.dtype,
+                source.bytes,
+                spec.dtype,
+                &mut scratch.bytes,
+            );
+            debug_assert!(ok, "float to float");
+            return writer.write(i, &scratch.bytes);
+        };
+        let (a, b) = adapter.factors(m)?;
+        let cols = m.shape[1];
+        let rows_per_block = (BLOCK / cols.max(1)).max(1);
+        let (from, to) = (source.dtype.size(), spec.dtype.size());
+        let [w, acc] = scratch_pair(&mut scratch.f32s);
+        for start in (0..m.shape[0]).step_by(rows_per_block) {
+            crate::cancel::check()?;
+            let rows = start..(start + rows_per_block).min(m.shape[0]);
+            let bytes = &source.bytes[rows.start * cols * from..rows.end * cols * from];
+            decode_f32(source.dtype, bytes, w);
+            m.add_delta_rows(&a, &b, opts.scale, rows.clone(), w, acc);
+            if !w.iter().all(|x| x.is_finite()) {
+                return Err(Error::Numeric {
+                    name: spec.name.clone(),
+                    reason: format!(
+                        "applying {} gives NaN or infinite values (check the base and the adapter's factors)",
+                        adapter.dir.display()
+                    ),
+                });
+            }
+            encode_f32(spec.dtype, w, &mut scratch.bytes);
+            writer.write_part(i, (rows.start * cols * to) as u64, &scratch.bytes)?;
+        }
+        model.release(&spec.name);
+        Ok(())
+    })?;
+    modeldir::copy_side_files(&model.dir, writer.staging_dir(), None)?;
+    writer.finish()
+}
+
+fn scratch_pair(f32s: &mut Vec<Vec<f32>>) -> &mut [Vec<f32>; 2] {
+    if f32s.len() < 2 {
+        f32s.resize_with(2, Vec::new);
+    }
+    (&mut f32s[..2]).try_into().expect("two buffers")
+}
