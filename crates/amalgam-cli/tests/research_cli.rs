@@ -107,3 +107,37 @@ fn bad_research_settings_are_clear_errors() {
         &["base_merge must be the same for every tensor"],
     );
 }
+
+/// Merge `yaml` (model paths under `$M/`) into `out`; panics with the stderr on failure.
+fn merged(dir: &Path, yaml: &str, out: &str) -> Vec<u8> {
+    let models = research().join("../merge/models");
+    let cfg = dir.join(format!("{out}.yml"));
+    std::fs::write(&cfg, yaml.replace("$M/", &format!("{}/", models.display()))).unwrap();
+    let out = dir.join(out);
+    ok(&["merge", s(&cfg), s(&out), "-q"]);
+    merged_bytes(&out)
+}
+
+#[test]
+fn reference_defects_are_avoided() {
+    let d = tempfile::tempdir().unwrap();
+    // PCB with a task vector that is all zero: the reference min-max normalises a constant row
+    // (0/0) and its whole merge turns NaN; amalgam treats the row as 0 and merges the rest.
+    // (The merge itself fails on any NaN, so success means every value is finite.)
+    let pcb = "merge_method: pcb\nbase_model: $M/llama_base\nmodels:\n  - model: $M/llama_ft1\n  - model: $M/llama_base\n";
+    let with_zero = merged(d.path(), pcb, "pcb");
+    let base = merged_bytes(&research().join("../merge/models/llama_base"));
+    assert_eq!(with_zero.len(), base.len());
+    assert_ne!(with_zero, base, "the nonzero task still moves the weights");
+    // Global TIES at density 1: the paper's code fails (k-th value of rank 0); amalgam keeps
+    // everything, exactly as the per-tensor form does.
+    let ties = |scope: &str| {
+        format!(
+            "merge_method: ties\nbase_model: $M/llama_base\nmodels:\n  - model: $M/llama_ft1\n    parameters: {{weight: 1, density: 1}}\n  - model: $M/llama_ft2\n    parameters: {{weight: 1, density: 1}}\nparameters: {{trim_scope: {scope}}}\n"
+        )
+    };
+    assert_eq!(
+        merged(d.path(), &ties("global"), "global"),
+        merged(d.path(), &ties("tensor"), "tensor")
+    );
+}
