@@ -106,7 +106,7 @@ fn missing_model_and_lora_references_are_clear() {
     );
     rejected(
         &TIES.replace("$M/llama_ft2", "$M/llama_ft2+M/adapter"),
-        &["not supported yet", "LoRA"],
+        &["adapter 'M/adapter'", "not found"],
     );
 }
 

@@ -281,6 +281,59 @@ impl Adapter {
         })
     }
 
+    /// Check that every module of `adapter` adapts a float tensor of `base` of the same shape.
+    pub fn check_base(&self, base: &Model) -> Result<()> {
+        let adapter = self;
+        let weights = adapter.dir.join("adapter_model.safetensors");
+        for (name, m) in &adapter.modules {
+            let Ok(entry) = base.entry(name) else {
+                return Err(Error::Adapter {
+                    path: base.path.clone(),
+                    name: name.clone(),
+                    reason: format!(
+                        "adapter {} targets module {} but the base model has no tensor {name}; \
+                         is this the adapter's base model?",
+                        adapter.dir.display(),
+                        m.name
+                    ),
+                });
+            };
+            if !entry.dtype.is_float() {
+                return Err(Error::Adapter {
+                    path: base.path.clone(),
+                    name: name.clone(),
+                    reason: format!("has dtype {}; a LoRA target must be float", entry.dtype),
+                });
+            }
+            if entry.shape != m.shape {
+                return Err(Error::Adapter {
+                    path: weights.clone(),
+                    name: m.a.clone(),
+                    reason: format!(
+                        "the adapter's delta for {name} is {:?} but the base tensor is {:?}",
+                        m.shape, entry.shape
+                    ),
+                });
+            }
+        }
+        for (name, layer) in &adapter.base_layers {
+            let saved = adapter.file.entry(layer)?;
+            let shape_ok = base.entry(name).is_ok_and(|e| e.shape == saved.shape);
+            if !shape_ok {
+                return Err(Error::Adapter {
+                    path: weights.clone(),
+                    name: layer.clone(),
+                    reason: format!(
+                        "the adapter carries a base layer for {name} of shape {:?} that does not fit \
+                         the base model (resized vocabularies are not supported yet)",
+                        saved.shape
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The factors of `m` decoded to f32: `(A, B)`.
     pub fn factors(&self, m: &Module) -> Result<(Vec<f32>, Vec<f32>)> {
         let decode = |name: &str| -> Result<Vec<f32>> {

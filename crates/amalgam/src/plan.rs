@@ -25,6 +25,9 @@ pub struct ModelSet {
     pub models: Vec<Model>,
     /// Each model's layout (read once: config.json and a scan of the tensor names).
     pub layouts: Vec<Layout>,
+    /// The LoRA adapter of a `model+adapter` reference, parallel to `refs`: its delta is added
+    /// to the model's tensors as they are read (mergekit's syntax).
+    pub adapters: Vec<Option<crate::lora::Adapter>>,
 }
 
 impl ModelSet {
@@ -32,30 +35,52 @@ impl ModelSet {
     /// with mergekit.
     pub fn open(config: &MergeConfig) -> Result<ModelSet> {
         let refs = config.referenced_models();
-        let models = refs
-            .iter()
-            .map(|r| {
-                if r.0.contains('+') && !PathBuf::from(&r.0).exists() {
+        let mut models = Vec::new();
+        let mut adapters = Vec::new();
+        for r in &refs {
+            let whole = PathBuf::from(&r.0);
+            let (path, adapter) = match r.0.rsplit_once('+') {
+                Some((m, a)) if !whole.exists() => (PathBuf::from(m), Some(PathBuf::from(a))),
+                _ => (whole, None),
+            };
+            if !path.exists() {
+                return Err(config.error(format!(
+                    "model '{}' not found: amalgam reads local model directories or .safetensors files (it does not download from a hub)",
+                    path.display()
+                )));
+            }
+            let model = Model::open(&path)?;
+            let adapter = match adapter {
+                None => None,
+                Some(a) if !a.exists() => {
                     return Err(config.error(format!(
-                        "model '{}': 'model+adapter' references (LoRA) are not supported yet; bake the adapter into the model first",
+                        "adapter '{}' of '{}' not found (a local PEFT adapter directory)",
+                        a.display(),
                         r.0
                     )));
                 }
-                let path = PathBuf::from(&r.0);
-                if !path.exists() {
-                    return Err(config.error(format!(
-                        "model '{}' not found: amalgam reads local model directories or .safetensors files (it does not download from a hub)",
-                        r.0
-                    )));
+                Some(a) => {
+                    let adapter = crate::lora::Adapter::open(&a)?;
+                    adapter.check_base(&model)?;
+                    if let Some(layer) = adapter.base_layers.values().next() {
+                        return Err(crate::Error::Adapter {
+                            path: a.clone(),
+                            name: layer.clone(),
+                            reason: "adapters that carry base layers (adapted embeddings) are not supported in merge configs yet; bake it with `amalgam lora apply` first".into(),
+                        });
+                    }
+                    Some(adapter)
                 }
-                Model::open(&path)
-            })
-            .collect::<Result<Vec<_>>>()?;
+            };
+            models.push(model);
+            adapters.push(adapter);
+        }
         let layouts = models.iter().map(Layout::of).collect();
         Ok(ModelSet {
             refs,
             models,
             layouts,
+            adapters,
         })
     }
 

@@ -37,58 +37,6 @@ impl Default for ApplyOptions {
 /// Elements per block of an adapted tensor.
 const BLOCK: usize = 1 << 20;
 
-/// Check that every module of `adapter` adapts a float tensor of `base` of the same shape.
-pub fn check(base: &Model, adapter: &Adapter) -> Result<()> {
-    let weights = adapter.dir.join("adapter_model.safetensors");
-    for (name, m) in &adapter.modules {
-        let Ok(entry) = base.entry(name) else {
-            return Err(Error::Adapter {
-                path: base.path.clone(),
-                name: name.clone(),
-                reason: format!(
-                    "adapter {} targets module {} but the base model has no tensor {name}; \
-                     is this the adapter's base model?",
-                    adapter.dir.display(),
-                    m.name
-                ),
-            });
-        };
-        if !entry.dtype.is_float() {
-            return Err(Error::Adapter {
-                path: base.path.clone(),
-                name: name.clone(),
-                reason: format!("has dtype {}; a LoRA target must be float", entry.dtype),
-            });
-        }
-        if entry.shape != m.shape {
-            return Err(Error::Adapter {
-                path: weights.clone(),
-                name: m.a.clone(),
-                reason: format!(
-                    "the adapter's delta for {name} is {:?} but the base tensor is {:?}",
-                    m.shape, entry.shape
-                ),
-            });
-        }
-    }
-    for (name, layer) in &adapter.base_layers {
-        let saved = adapter.file.entry(layer)?;
-        let shape_ok = base.entry(name).is_ok_and(|e| e.shape == saved.shape);
-        if !shape_ok {
-            return Err(Error::Adapter {
-                path: weights.clone(),
-                name: layer.clone(),
-                reason: format!(
-                    "the adapter carries a base layer for {name} of shape {:?} that does not fit \
-                     the base model (resized vocabularies are not supported yet)",
-                    saved.shape
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// Apply the adapter at `adapter` to the model at `base`, writing a model directory at `output`.
 pub fn apply(
     base: &Path,
@@ -102,7 +50,7 @@ pub fn apply(
     }
     let model = Model::open(base)?;
     let adapter = Adapter::open(adapter)?;
-    check(&model, &adapter)?;
+    adapter.check_base(&model)?;
     let specs: Vec<TensorSpec> = model
         .tensors()
         .iter()

@@ -149,7 +149,7 @@ fn with_source<R>(
         .iter()
         .map(|i| set.models[i.model].entry(&i.tensor))
         .collect::<Result<_>>()?;
-    f(&Source::new(set, inputs, &views, &entries))
+    f(&Source::new(set, inputs, &views, &entries)?)
 }
 
 /// Chunks of `step` elements covering `0..n` (one empty chunk when `n` is 0).
@@ -279,6 +279,38 @@ struct Source<'a> {
     released: Vec<std::cell::Cell<usize>>,
     /// Whether a whole pass has read (and so checked) every input already.
     checked: std::cell::Cell<bool>,
+    /// Per input: the LoRA delta of a `model+adapter` input (module and decoded factors).
+    patches: Vec<Option<Patch<'a>>>,
+    /// Scratch rows of a delta.
+    rows: std::cell::RefCell<(Vec<f32>, Vec<f32>)>,
+}
+
+/// A LoRA module added to one input as it is read.
+struct Patch<'a> {
+    module: &'a crate::lora::Module,
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Patch<'_> {
+    /// Add the delta of elements `range` (row-major) to `buf`. Whole rows are computed the same
+    /// way whatever the chunking, so results do not depend on it.
+    fn add(&self, range: std::ops::Range<usize>, buf: &mut [f32], rows: &mut (Vec<f32>, Vec<f32>)) {
+        let cols = self.module.shape[1];
+        if cols == 0 || range.is_empty() {
+            return;
+        }
+        let (r0, r1) = (range.start / cols, range.end.div_ceil(cols));
+        let (delta, acc) = rows;
+        delta.clear();
+        delta.resize((r1 - r0) * cols, 0.0);
+        self.module
+            .add_delta_rows(&self.a, &self.b, 1.0, r0..r1, delta, acc);
+        let skip = range.start - r0 * cols;
+        for (x, d) in buf.iter_mut().zip(&delta[skip..]) {
+            *x += d;
+        }
+    }
 }
 
 /// A lazy method's view of the inputs: each read decodes one whole input, checks it and
@@ -306,19 +338,34 @@ impl<'a> Source<'a> {
         inputs: &'a [plan::Input],
         views: &'a [TensorView<'a>],
         entries: &'a [&'a TensorEntry],
-    ) -> Self {
+    ) -> Result<Self> {
+        let patches = inputs
+            .iter()
+            .map(|i| {
+                let Some(adapter) = &set.adapters[i.model] else {
+                    return Ok(None);
+                };
+                let Some(module) = adapter.modules.get(&i.tensor) else {
+                    return Ok(None);
+                };
+                let (a, b) = adapter.factors(module)?;
+                Ok(Some(Patch { module, a, b }))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let released = entries
             .iter()
             .map(|e| std::cell::Cell::new(e.range.start))
             .collect();
-        Source {
+        Ok(Source {
             set,
             inputs,
             views,
             entries,
             released,
             checked: std::cell::Cell::new(false),
-        }
+            patches,
+            rows: Default::default(),
+        })
     }
 
     /// Decode elements `range` of every input into `bufs`. In the first pass, an input holding
@@ -344,6 +391,9 @@ impl<'a> Source<'a> {
         // A vocabulary cut to the smallest input reads each input's leading rows only.
         let bytes = &view.bytes[range.start * size..range.end * size];
         decode_f32(view.dtype, bytes, buf);
+        if let Some(p) = &self.patches[k] {
+            p.add(range.clone(), buf, &mut self.rows.borrow_mut());
+        }
         if check && !buf.iter().fold(true, |ok, v| ok & v.is_finite()) {
             return Err(Error::Numeric {
                 name: self.inputs[k].tensor.clone(),
