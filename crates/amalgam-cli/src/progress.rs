@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub struct Bar {
     bar: Option<ProgressBar>,
     quiet: bool,
+    what: String,
 }
 
 impl Bar {
@@ -25,13 +26,19 @@ impl Bar {
             b.set_prefix(what.to_string());
             b
         });
-        Bar { bar, quiet }
+        Bar {
+            bar,
+            quiet,
+            what: what.to_string(),
+        }
     }
 }
 
 impl amalgam::progress::Progress for Bar {
     fn start(&self, tensors: u64, bytes: u64) {
         if let Some(b) = &self.bar {
+            b.set_position(0);
+            b.reset_eta();
             b.set_length(bytes);
             b.set_message(format!("{tensors} tensors"));
         }
@@ -39,6 +46,15 @@ impl amalgam::progress::Progress for Bar {
     fn advance(&self, bytes: u64) {
         if let Some(b) = &self.bar {
             b.inc(bytes);
+        }
+    }
+    fn stage(&self, name: &str) {
+        if let Some(b) = &self.bar {
+            b.set_prefix(if name.is_empty() {
+                self.what.clone()
+            } else {
+                format!("{} ({name})", self.what)
+            });
         }
     }
     fn warn(&self, message: &str) {

@@ -6,6 +6,9 @@ pub trait Progress: Sync {
     fn start(&self, _tensors: u64, _bytes: u64) {}
     /// One tensor of `bytes` bytes is done.
     fn advance(&self, _bytes: u64) {}
+    /// A named stage of the work begins (e.g. one of a method's whole-model passes); the next
+    /// `start` counts that stage's work. An empty name is the main work.
+    fn stage(&self, _name: &str) {}
     /// A notice worth showing the user (e.g. a skipped tensor).
     fn warn(&self, _message: &str) {}
     /// Work is done.

@@ -188,7 +188,9 @@ fn whole_model(
         return Ok(None);
     };
     let step = ctx.step(1);
-    for pass in 0..wm.model_passes(&global) {
+    let passes = wm.model_passes(&global);
+    for pass in 0..passes {
+        progress.stage(&format!("whole-model pass {}/{passes}", pass + 1));
         let model = std::sync::Mutex::new(wm.begin_pass(pass, &global));
         let total: u64 = jobs.iter().map(|j| j.numel() as u64).sum();
         progress.start(merged.len() as u64, total * 4);
@@ -224,10 +226,10 @@ fn whole_model(
                 Ok(())
             },
         )?;
-        progress.finish();
         let model = model.into_inner().expect("no worker panics holding it");
         wm.end_model_pass(pass, &mut global, model)?;
     }
+    progress.stage("");
     Ok(Some(global))
 }
 
