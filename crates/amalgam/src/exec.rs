@@ -17,6 +17,14 @@ pub struct Scratch {
     pub bytes: Vec<u8>,
 }
 
+/// The first `n` of a worker's f32 buffers (`Scratch::f32s`), created as needed.
+pub fn buffers(f32s: &mut Vec<Vec<f32>>, n: usize) -> &mut [Vec<f32>] {
+    if f32s.len() < n {
+        f32s.resize_with(n, Vec::new);
+    }
+    &mut f32s[..n]
+}
+
 /// Run `produce(i, scratch)` for every output tensor `i` of `writer`, in parallel on the current
 /// rayon pool. `produce` writes its result with [`ModelWriter::write`]. Stops at the first error.
 pub fn run<F>(writer: &ModelWriter, progress: &dyn Progress, produce: F) -> Result<()>

@@ -138,6 +138,11 @@ pub fn matmul(dst: MatMut<'_, f32>, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) 
     faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par());
 }
 
+/// `dst −= lhs · rhs`.
+pub fn sub_product(dst: MatMut<'_, f32>, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) {
+    faer::linalg::matmul::matmul(dst, Accum::Add, lhs, rhs, -1.0f32, par());
+}
+
 /// The orthogonal polar factor `P Qᵀ` of `a = P S Qᵀ` (the nearest matrix with orthonormal
 /// columns, for a tall or square `a`).
 pub fn polar(a: MatRef<'_, f32>) -> Result<Mat<f32>, String> {

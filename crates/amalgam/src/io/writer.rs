@@ -32,6 +32,17 @@ pub struct TensorSpec {
     pub shape: Vec<usize>,
 }
 
+impl From<&super::TensorEntry> for TensorSpec {
+    /// The same tensor, to be written as it is stored.
+    fn from(e: &super::TensorEntry) -> TensorSpec {
+        TensorSpec {
+            name: e.name.clone(),
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+        }
+    }
+}
+
 impl TensorSpec {
     /// Bytes of data, or `None` on overflow.
     pub fn nbytes(&self) -> Option<u64> {

@@ -108,6 +108,7 @@ impl Streaming for Consensus {
     }
 
     fn passes(&self, state: &State) -> usize {
+        // The pass list lives in the GtaState itself, whichever inner method made it.
         self.ties.passes(state)
     }
 

@@ -12,17 +12,14 @@
 //! model: the paper's rule for elements whose sum is exactly zero.
 
 use super::gta::{Gta, GtaState, Mask};
-use super::select::{BINS, Selection, key, locate};
+use super::select::{ModelRanks, RankCounts, Selection, key};
 use super::*;
 
 /// What the whole-model passes found.
 pub(super) struct GlobalTrim {
-    /// Per task: elements kept by rank (`⌊ρP⌋`) and elements in scope (`P`).
-    want: Vec<(u64, u64)>,
-    /// Per task, after the first pass: the high bin holding the threshold and the count below.
-    bins: Vec<(u32, u64)>,
-    /// Per task, after the second pass: the threshold key, or `None` to keep everything.
-    thresholds: Vec<Option<u32>>,
+    /// Per task: the threshold's rank (`P − ⌊ρP⌋ − 1` ascending), or `None` to keep
+    /// everything.
+    thresholds: Vec<Option<ModelRanks>>,
     /// Whether a third pass counts the elected signs.
     vote: bool,
     /// The sign of the sum of elected signs over the model (0 when it is 0).
@@ -34,25 +31,23 @@ pub(super) struct GlobalTrim {
 impl GlobalTrim {
     /// The final mask of task `t`.
     pub fn mask(&self, t: usize) -> Mask {
-        match self.thresholds.get(t).copied().flatten() {
+        match self.thresholds.get(t).and_then(Option::as_ref) {
             None => Mask::All,
-            Some(v) => Mask::Select(None, Selection::at_least(v)),
+            Some(r) => Mask::Select(None, Selection::at_least(r.key(0))),
         }
     }
 
-    /// The ascending rank of the threshold of task `t`, or `None` to keep everything.
-    fn rank(&self, t: usize) -> Option<u64> {
-        let (k, p) = self.want[t];
-        (k < p).then(|| p - k - 1)
+    /// Zeroed counts of the current histogram pass, per task.
+    fn counts(&self) -> Hists {
+        self.thresholds
+            .iter()
+            .map(|r| r.as_ref().map(ModelRanks::counts))
+            .collect()
     }
 }
 
-/// Per-task histograms (one pass's accumulator).
-type Hists = Vec<Vec<u64>>;
-
-fn hists(tasks: usize) -> Hists {
-    vec![vec![0u64; BINS]; tasks]
-}
+/// Per-task histogram counts (one pass's accumulator; `None` for tasks that keep everything).
+type Hists = Vec<Option<RankCounts>>;
 
 impl WholeModel for Gta {
     fn begin_model(&self, jobs: &[MergeJob]) -> Result<Option<Global>> {
@@ -91,21 +86,15 @@ impl WholeModel for Gta {
             vote |= majority;
             total += job.numel() as u64;
         }
-        let want = densities
+        let thresholds = densities
             .iter()
             .map(|&d| {
-                let k = if d >= 1.0 {
-                    total
-                } else {
-                    (d.max(0.0) * total as f64) as u64
-                };
-                (k, total)
+                let kept = (d.max(0.0) * total as f64) as u64;
+                (d < 1.0 && kept < total).then(|| ModelRanks::new(vec![total - kept - 1]))
             })
             .collect();
         Ok(Some(Box::new(GlobalTrim {
-            want,
-            bins: Vec::new(),
-            thresholds: vec![None; tasks],
+            thresholds,
             vote,
             majority: 0.0,
             part,
@@ -120,7 +109,7 @@ impl WholeModel for Gta {
     fn begin_pass(&self, pass: usize, global: &Global) -> State {
         let g = global.downcast_ref::<GlobalTrim>().expect("ours");
         if pass < 2 {
-            Box::new(hists(g.want.len()))
+            Box::new(g.counts())
         } else {
             Box::new(0i64)
         }
@@ -138,7 +127,7 @@ impl WholeModel for Gta {
             return None;
         }
         if pass < 2 {
-            return Some(Box::new(hists(g.want.len())));
+            return Some(Box::new(g.counts()));
         }
         // The vote pass runs the tensor's own election with the final thresholds.
         let job = MergeJob {
@@ -165,18 +154,12 @@ impl WholeModel for Gta {
             return Ok(());
         }
         let h = state_mut::<Hists>(acc);
-        for (t, &i) in job.non_base().iter().enumerate() {
-            if g.rank(t).is_none() {
-                continue;
-            }
-            let keys = job.inputs[i].iter().zip(base).map(|(&a, &b)| key(a - b));
-            let hist = &mut h[t];
-            if pass == 0 {
-                keys.for_each(|k| hist[(k >> 16) as usize] += 1);
-            } else {
-                let bin = g.bins[t].0;
-                keys.filter(|k| k >> 16 == bin)
-                    .for_each(|k| hist[(k & 0xffff) as usize] += 1);
+        for ((&i, ranks), counts) in job.non_base().iter().zip(&g.thresholds).zip(h.iter_mut()) {
+            if let (Some(ranks), Some(counts)) = (ranks, counts) {
+                let x = job.inputs[i];
+                x.iter()
+                    .zip(base)
+                    .for_each(|(&a, &b)| ranks.count(counts, key(a - b)));
             }
         }
         Ok(())
@@ -193,7 +176,9 @@ impl WholeModel for Gta {
         if pass < 2 {
             let tensor = tensor.downcast::<Hists>().expect("ours");
             for (m, t) in state_mut::<Hists>(model).iter_mut().zip(tensor.iter()) {
-                m.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+                if let (Some(m), Some(t)) = (m, t) {
+                    m.add(t);
+                }
             }
         } else {
             let (_, votes) = *tensor.downcast::<(State, i64)>().expect("ours");
@@ -204,25 +189,11 @@ impl WholeModel for Gta {
     fn end_model_pass(&self, pass: usize, global: &mut Global, model: State) -> Result<()> {
         let g = global.downcast_mut::<GlobalTrim>().expect("ours");
         match pass {
-            0 => {
+            0 | 1 => {
                 let h = model.downcast::<Hists>().expect("ours");
-                g.bins = (0..g.want.len())
-                    .map(|t| match g.rank(t) {
-                        Some(r) => {
-                            let (bin, below) = locate(&h[t], r as usize);
-                            (bin, below as u64)
-                        }
-                        None => (0, 0),
-                    })
-                    .collect();
-            }
-            1 => {
-                let h = model.downcast::<Hists>().expect("ours");
-                for t in 0..g.want.len() {
-                    if let Some(r) = g.rank(t) {
-                        let (bin, below) = g.bins[t];
-                        let (low, _) = locate(&h[t], (r - below) as usize);
-                        g.thresholds[t] = Some((bin << 16) | low);
+                for (ranks, counts) in g.thresholds.iter_mut().zip(h.iter()) {
+                    if let (Some(ranks), Some(counts)) = (ranks, counts) {
+                        ranks.end_pass(counts);
                     }
                 }
             }

@@ -13,7 +13,7 @@
 //! and `k` that total over `T`. With fewer dimensions than tasks (`k = 0`) only the common
 //! subspace remains and Iso-CTS equals Iso-C.
 
-use super::subspace::{self, Stacked, TaskVectors, compose_into, matrix_shape, svd_error, top_k};
+use super::subspace::{self, Stacked, TaskVectors, compose_into, matrix_shape, top_k};
 use super::*;
 use crate::config::Kind;
 use crate::linalg::{self, rows};
@@ -90,9 +90,8 @@ impl Lazy for Iso {
         let Some((m, n)) = matrix_shape(job) else {
             return tv.mean_merge(lambda, out);
         };
-        let err = svd_error(job);
         tv.sum(out)?;
-        let whole = linalg::thin_svd(rows(out, m, n)).map_err(&err)?;
+        let whole = linalg::thin_svd(rows(out, m, n)).map_err(|e| job.error(e))?;
         let r = whole.s.len();
         // (left basis, right basis, the spectrum whose mean every direction gets).
         let (u, v, spectrum) = if !self.cts {
@@ -112,14 +111,7 @@ impl Lazy for Iso {
                 // R_t = τ_t − U_c (U_cᵀ τ_t), in place.
                 let mut residual = linalg::rows_mut(&mut buf, m, n);
                 linalg::matmul(proj.as_mut(), common_u.transpose(), residual.as_ref());
-                faer::linalg::matmul::matmul(
-                    residual.as_mut(),
-                    faer::Accum::Add,
-                    common_u,
-                    proj.as_ref(),
-                    -1.0f32,
-                    faer::Par::rayon(0),
-                );
+                linalg::sub_product(residual.as_mut(), common_u, proj.as_ref());
                 let top = top_k(job, t, residual.as_ref(), k)?;
                 stacked.place(t * k, top.u.as_ref(), &top.s, top.v.as_ref());
             }

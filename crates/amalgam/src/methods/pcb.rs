@@ -19,7 +19,7 @@
 //! histograms per task and one chunk per worker, where the reference holds four `T × P`
 //! matrices. Where a row is constant (max = min) the reference divides 0 by 0; amalgam uses 0.
 
-use super::select::{BINS, locate};
+use super::select::{ModelRanks, RankCounts};
 use super::*;
 use crate::config::Kind;
 
@@ -90,23 +90,13 @@ fn unit(x: f32, lo: f32, hi: f32) -> f32 {
     if hi > lo { (x - lo) / (hi - lo) } else { 0.0 }
 }
 
-/// Exact order statistics of one value per task over the model, found in two passes.
-#[derive(Clone, Default)]
-struct Ranks {
-    /// Wanted ascending ranks.
-    ranks: Vec<u64>,
-    /// After the high pass: per rank, its bin and the count below the bin.
-    bins: Vec<(u32, u64)>,
-    /// After the low pass: per rank, the key.
-    keys: Vec<u32>,
-}
-
 /// What the whole-model passes found.
 struct GlobalPcb {
     nlp: bool,
-    /// Per task: |τ| ranks (clamp low, clamp high) then β ranks (drop threshold).
-    abs: Vec<Ranks>,
-    beta: Vec<Ranks>,
+    /// Per task: |τ| ranks (clamp low, clamp high), found in passes 0 and 1.
+    abs: Vec<ModelRanks>,
+    /// Per task: the β rank (drop threshold), found in passes 2 and 3.
+    beta: Vec<ModelRanks>,
     /// Per task: the largest β.
     beta_max: Vec<f32>,
 }
@@ -118,8 +108,13 @@ impl GlobalPcb {
 
     /// `(lo, hi)` clamp bounds of task `t`'s magnitudes.
     fn clamp(&self, t: usize) -> (f32, f32) {
-        let k = &self.abs[t].keys;
-        (f32::from_bits(k[0]), f32::from_bits(k[1]))
+        let r = &self.abs[t];
+        (f32::from_bits(r.key(0)), f32::from_bits(r.key(1)))
+    }
+
+    /// The ranks passes `pass` and `pass + 1` (or `pass − 1` and `pass`) look for.
+    fn ranks(&self, pass: usize) -> &[ModelRanks] {
+        if pass < 2 { &self.abs } else { &self.beta }
     }
 
     /// β of every task at one element (`taus`: the task vectors there) into `beta`, and the
@@ -151,17 +146,17 @@ impl GlobalPcb {
     }
 }
 
-/// Per-task histograms of one pass; for the β passes also each task's largest β.
+/// Per-task counts of one pass; for the first β pass also each task's largest β.
 struct Acc {
-    hists: Vec<Vec<u64>>,
+    counts: Vec<RankCounts>,
     max: Vec<f32>,
 }
 
 impl Acc {
-    fn new(tasks: usize, lows: usize) -> Acc {
+    fn new(g: &GlobalPcb, pass: usize) -> Acc {
         Acc {
-            hists: vec![vec![0u64; BINS]; tasks * lows],
-            max: vec![f32::NEG_INFINITY; tasks],
+            counts: g.ranks(pass).iter().map(ModelRanks::counts).collect(),
+            max: vec![f32::NEG_INFINITY; g.tasks()],
         }
     }
 }
@@ -175,9 +170,6 @@ fn ratio(job: &MergeJob, name: &str, vision: f64, nlp: f64) -> f64 {
             vision
         })
 }
-
-/// The number of histograms a low pass keeps per task (one per wanted rank).
-const LOWS: usize = 2;
 
 impl WholeModel for Pcb {
     fn begin_model(&self, jobs: &[MergeJob]) -> Result<Option<Global>> {
@@ -209,14 +201,10 @@ impl WholeModel for Pcb {
         let lo = ((p * c) as u64).min(last);
         let hi = ((p * (1.0 - c) - 1.0).max(0.0) as u64).min(last);
         let drop = ((p * (1.0 - r)) as u64).min(last);
-        let ranks = |rs: Vec<u64>| Ranks {
-            ranks: rs,
-            ..Ranks::default()
-        };
         Ok(Some(Box::new(GlobalPcb {
             nlp: first.shared.choice("variant") == "nlp",
-            abs: vec![ranks(vec![lo, hi]); tasks],
-            beta: vec![ranks(vec![drop]); tasks],
+            abs: vec![ModelRanks::new(vec![lo, hi]); tasks],
+            beta: vec![ModelRanks::new(vec![drop]); tasks],
             beta_max: vec![f32::NEG_INFINITY; tasks],
         })))
     }
@@ -225,20 +213,20 @@ impl WholeModel for Pcb {
         4
     }
 
-    fn begin_pass(&self, _pass: usize, global: &Global) -> State {
+    fn begin_pass(&self, pass: usize, global: &Global) -> State {
         let g = global.downcast_ref::<GlobalPcb>().expect("ours");
-        Box::new(Acc::new(g.tasks(), LOWS))
+        Box::new(Acc::new(g, pass))
     }
 
     fn begin_tensor(
         &self,
-        _pass: usize,
+        pass: usize,
         global: &Global,
         _index: usize,
         _job: &MergeJob,
     ) -> Option<State> {
         let g = global.downcast_ref::<GlobalPcb>().expect("ours");
-        Some(Box::new(Acc::new(g.tasks(), LOWS)))
+        Some(Box::new(Acc::new(g, pass)))
     }
 
     fn observe_tensor(
@@ -260,31 +248,17 @@ impl WholeModel for Pcb {
             for (t, &i) in nb.iter().enumerate() {
                 taus[t] = job.inputs[i][j] - b;
             }
-            let (values, ranks): (&[f32], &[Ranks]) = if pass < 2 {
-                (&taus, &g.abs)
+            let values: &[f32] = if pass < 2 {
+                &taus
             } else {
                 g.balance(&taus, &mut beta, &mut clamped);
-                (&beta, &g.beta)
+                &beta
             };
-            for t in 0..tasks {
-                let k = if pass < 2 {
-                    values[t].abs().to_bits()
-                } else {
-                    skey(values[t])
-                };
-                if pass.is_multiple_of(2) {
-                    acc.hists[t * LOWS][(k >> 16) as usize] += 1;
-                    if pass == 2 && values[t] > acc.max[t] {
-                        acc.max[t] = values[t];
-                    }
-                } else {
-                    for (w, &(bin, _)) in ranks[t].bins.iter().enumerate() {
-                        if k >> 16 == bin {
-                            acc.hists[t * LOWS + w][(k & 0xffff) as usize] += 1;
-                            // Two ranks in one bin share one histogram.
-                            break;
-                        }
-                    }
+            for (t, (ranks, counts)) in g.ranks(pass).iter().zip(&mut acc.counts).enumerate() {
+                let x = values[t];
+                ranks.count(counts, if pass < 2 { x.abs().to_bits() } else { skey(x) });
+                if pass == 2 && x > acc.max[t] {
+                    acc.max[t] = x;
                 }
             }
         }
@@ -301,8 +275,8 @@ impl WholeModel for Pcb {
     ) {
         let model = state_mut::<Acc>(model);
         let tensor = tensor.downcast::<Acc>().expect("ours");
-        for (m, t) in model.hists.iter_mut().zip(&tensor.hists) {
-            m.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+        for (m, t) in model.counts.iter_mut().zip(&tensor.counts) {
+            m.add(t);
         }
         for (m, &t) in model.max.iter_mut().zip(&tensor.max) {
             *m = m.max(t);
@@ -313,33 +287,11 @@ impl WholeModel for Pcb {
         let g = global.downcast_mut::<GlobalPcb>().expect("ours");
         let acc = model.downcast::<Acc>().expect("ours");
         let ranks = if pass < 2 { &mut g.abs } else { &mut g.beta };
-        for (t, r) in ranks.iter_mut().enumerate() {
-            if pass.is_multiple_of(2) {
-                let hist = &acc.hists[t * LOWS];
-                r.bins = r
-                    .ranks
-                    .iter()
-                    .map(|&rank| {
-                        let (bin, below) = locate(hist, rank as usize);
-                        (bin, below as u64)
-                    })
-                    .collect();
-            } else {
-                r.keys = r
-                    .ranks
-                    .iter()
-                    .zip(&r.bins)
-                    .map(|(&rank, &(bin, below))| {
-                        // The histogram of the first rank in this bin holds its counts.
-                        let w = r.bins.iter().position(|&(b, _)| b == bin).expect("own bin");
-                        let (low, _) = locate(&acc.hists[t * LOWS + w], (rank - below) as usize);
-                        (bin << 16) | low
-                    })
-                    .collect();
-            }
+        for (r, counts) in ranks.iter_mut().zip(&acc.counts) {
+            r.end_pass(counts);
         }
         if pass == 2 {
-            g.beta_max = acc.max.clone();
+            g.beta_max = acc.max;
         }
         Ok(())
     }
@@ -365,7 +317,7 @@ impl Streaming for Pcb {
             .iter()
             .map(|&i| job.per_input[i].f("weight") as f32)
             .collect();
-        let floor: Vec<f32> = g.beta.iter().map(|r| from_skey(r.keys[0])).collect();
+        let floor: Vec<f32> = g.beta.iter().map(|r| from_skey(r.key(0))).collect();
         let mut taus = vec![0.0f32; tasks];
         let (mut beta, mut clamped) = (vec![0.0f32; tasks], vec![0.0f32; tasks]);
         for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {

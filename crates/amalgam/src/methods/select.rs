@@ -334,6 +334,102 @@ impl Selector {
     }
 }
 
+/// Exact order statistics of keys gathered over many tensors (a whole model), in two passes:
+/// the high pass counts the top 16 bits of every key, the low pass the low 16 bits of the keys
+/// in each wanted rank's bin. Counts are u64 histograms that add up across tensors in any order
+/// ([`RankCounts::add`]), so the result does not depend on the thread count.
+#[derive(Clone, Debug, Default)]
+pub struct ModelRanks {
+    /// Wanted ascending ranks.
+    ranks: Vec<u64>,
+    /// After the high pass: per rank, its bin and the count below the bin.
+    bins: Vec<(u32, u64)>,
+    /// After the low pass: per rank, the key at that rank.
+    keys: Vec<u32>,
+}
+
+/// One pass's counts for a [`ModelRanks`]: one histogram in the high pass, one per rank in the
+/// low pass (ranks sharing a bin count into the first one's).
+#[derive(Clone, Debug)]
+pub struct RankCounts(Vec<Vec<u64>>);
+
+impl RankCounts {
+    /// Fold another tensor's counts into these.
+    pub fn add(&mut self, other: &RankCounts) {
+        for (m, t) in self.0.iter_mut().zip(&other.0) {
+            m.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+        }
+    }
+}
+
+impl ModelRanks {
+    /// Find the keys at these ascending ranks.
+    pub fn new(ranks: Vec<u64>) -> ModelRanks {
+        ModelRanks {
+            ranks,
+            ..ModelRanks::default()
+        }
+    }
+
+    fn high_done(&self) -> bool {
+        !self.bins.is_empty()
+    }
+
+    /// Zeroed counts for the current pass.
+    pub fn counts(&self) -> RankCounts {
+        let n = if self.high_done() {
+            self.ranks.len()
+        } else {
+            1
+        };
+        RankCounts(vec![vec![0u64; BINS]; n])
+    }
+
+    /// Count key `k` in the current pass.
+    #[inline]
+    pub fn count(&self, c: &mut RankCounts, k: u32) {
+        if !self.high_done() {
+            c.0[0][(k >> 16) as usize] += 1;
+        } else if let Some(w) = self.bins.iter().position(|&(b, _)| b == k >> 16) {
+            c.0[w][(k & 0xffff) as usize] += 1;
+        }
+    }
+
+    /// End of a pass over every key: locate the bins (high pass), then the keys (low pass).
+    pub fn end_pass(&mut self, c: &RankCounts) {
+        if !self.high_done() {
+            self.bins = self
+                .ranks
+                .iter()
+                .map(|&r| {
+                    let (bin, below) = locate(&c.0[0], r as usize);
+                    (bin, below as u64)
+                })
+                .collect();
+        } else {
+            self.keys = self
+                .ranks
+                .iter()
+                .zip(&self.bins)
+                .map(|(&r, &(bin, below))| {
+                    let w = self
+                        .bins
+                        .iter()
+                        .position(|&(b, _)| b == bin)
+                        .expect("own bin");
+                    let (low, _) = locate(&c.0[w], (r - below) as usize);
+                    (bin << 16) | low
+                })
+                .collect();
+        }
+    }
+
+    /// The key at wanted rank `i` (after both passes).
+    pub fn key(&self, i: usize) -> u32 {
+        self.keys[i]
+    }
+}
+
 /// Run a whole selection over an in-memory slice (used by tests and small tensors).
 pub fn select(x: &[f32], want: Want) -> Selection {
     match Selector::new(x.len(), want) {
@@ -351,6 +447,31 @@ pub fn select(x: &[f32], want: Want) -> Selection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_ranks_over_several_tensors_are_exact() {
+        let tensors: Vec<Vec<u32>> = vec![
+            (0..1000).map(|i| (i * 7919 % 1000) << 12).collect(),
+            vec![5 << 12; 300],
+            (0..77).map(|i| i * 0x1_0001).collect(),
+        ];
+        let mut all: Vec<u32> = tensors.concat();
+        all.sort();
+        let ranks = vec![0, 400, 401, 1376];
+        let mut m = ModelRanks::new(ranks.clone());
+        for _ in 0..2 {
+            let mut total = m.counts();
+            for t in &tensors {
+                let mut c = m.counts();
+                t.iter().for_each(|&k| m.count(&mut c, k));
+                total.add(&c);
+            }
+            m.end_pass(&total);
+        }
+        for (i, &r) in ranks.iter().enumerate() {
+            assert_eq!(m.key(i), all[r as usize], "rank {r}");
+        }
+    }
 
     /// Reference: a stable sort by (|x|, index).
     fn reference(x: &[f32], want: Want) -> Vec<bool> {

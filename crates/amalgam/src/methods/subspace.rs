@@ -110,11 +110,6 @@ pub fn matrix_shape(job: &MergeJob) -> Option<(usize, usize)> {
     }
 }
 
-/// Turn an SVD failure into an error naming the tensor.
-pub fn svd_error<'a>(job: &'a MergeJob<'a>) -> impl Fn(String) -> Error + 'a {
-    move |reason| job.error(reason)
-}
-
 /// `out ← Û diag(s) V̂ᵀ` for the row-major `m × n` output.
 pub fn compose_into(
     out: &mut [f32],

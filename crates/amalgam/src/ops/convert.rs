@@ -43,12 +43,11 @@ pub fn convert(
         .tensors()
         .iter()
         .map(|t| TensorSpec {
-            name: t.name.clone(),
             dtype: match opts.dtype {
                 Some(d) if t.dtype.is_float() => d,
                 _ => t.dtype,
             },
-            shape: t.shape.clone(),
+            ..TensorSpec::from(t)
         })
         .collect();
     let writer = ModelWriter::create(output, specs, opts.shard_size, opts.existing)?;

@@ -51,15 +51,7 @@ pub fn apply(
     let model = Model::open(base)?;
     let adapter = Adapter::open(adapter)?;
     adapter.check_base(&model)?;
-    let specs: Vec<TensorSpec> = model
-        .tensors()
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-        .collect();
+    let specs: Vec<TensorSpec> = model.tensors().iter().map(TensorSpec::from).collect();
     let writer = ModelWriter::create(output, specs, opts.shard_size, opts.existing)?;
     exec::run(&writer, progress, |i, scratch| {
         let spec = &writer.specs()[i];
@@ -85,7 +77,9 @@ pub fn apply(
         let cols = m.shape[1];
         let rows_per_block = (BLOCK / cols.max(1)).max(1);
         let (from, to) = (source.dtype.size(), spec.dtype.size());
-        let [w, acc] = scratch_pair(&mut scratch.f32s);
+        let [w, acc] = exec::buffers(&mut scratch.f32s, 2) else {
+            unreachable!("two buffers")
+        };
         for start in (0..m.shape[0]).step_by(rows_per_block) {
             crate::cancel::check()?;
             let rows = start..(start + rows_per_block).min(m.shape[0]);
@@ -109,11 +103,4 @@ pub fn apply(
     })?;
     modeldir::copy_side_files(&model.dir, writer.staging_dir(), None)?;
     writer.finish()
-}
-
-fn scratch_pair(f32s: &mut Vec<Vec<f32>>) -> &mut [Vec<f32>; 2] {
-    if f32s.len() < 2 {
-        f32s.resize_with(2, Vec::new);
-    }
-    (&mut f32s[..2]).try_into().expect("two buffers")
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::config::MergeConfig;
 use crate::dtype::{decode_f32, encode_f32};
 use crate::error::{Error, Result};
-use crate::exec::{self, Scratch};
+use crate::exec::{self, Scratch, buffers};
 use crate::io::{
     Existing, ModelWriter, RELEASE_BLOCK, TensorEntry, TensorSpec, TensorView, modeldir,
 };
@@ -325,11 +325,7 @@ struct WholeInputs<'a, 'b> {
 impl Inputs for WholeInputs<'_, '_> {
     fn read(&self, k: usize, buf: &mut Vec<f32>) -> Result<()> {
         self.source.read_input(k, 0..self.n, buf, true)?;
-        let entry = self.source.entries[k];
-        let start = entry.range.start / RELEASE_BLOCK * RELEASE_BLOCK;
-        let end = entry.range.end.div_ceil(RELEASE_BLOCK) * RELEASE_BLOCK;
-        self.source.model(k).release_range(entry.shard, start..end);
-        self.source.released[k].set(entry.range.start);
+        self.source.release(k);
         Ok(())
     }
 }
@@ -417,25 +413,22 @@ impl<'a> Source<'a> {
 
     /// The pass is over: release what is left of every input and start over.
     fn end_pass(&self) {
-        for (k, entry) in self.entries.iter().enumerate() {
-            let start = entry.range.start / RELEASE_BLOCK * RELEASE_BLOCK;
-            let end = entry.range.end.div_ceil(RELEASE_BLOCK) * RELEASE_BLOCK;
-            self.model(k).release_range(entry.shard, start..end);
-            self.released[k].set(entry.range.start);
-        }
+        (0..self.entries.len()).for_each(|k| self.release(k));
         self.checked.set(true);
+    }
+
+    /// Release every page of input `k` and start its reading over.
+    fn release(&self, k: usize) {
+        let entry = self.entries[k];
+        let start = entry.range.start / RELEASE_BLOCK * RELEASE_BLOCK;
+        let end = entry.range.end.div_ceil(RELEASE_BLOCK) * RELEASE_BLOCK;
+        self.model(k).release_range(entry.shard, start..end);
+        self.released[k].set(entry.range.start);
     }
 
     fn model(&self, k: usize) -> &crate::io::Model {
         &self.set.models[self.inputs[k].model]
     }
-}
-
-fn buffers(f32s: &mut Vec<Vec<f32>>, n: usize) -> &mut [Vec<f32>] {
-    if f32s.len() < n {
-        f32s.resize_with(n, Vec::new);
-    }
-    &mut f32s[..n]
 }
 
 #[allow(clippy::too_many_arguments)]
