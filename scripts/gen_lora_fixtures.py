@@ -12,9 +12,20 @@ Run from the repository root (after gen_merge_fixtures.py, whose llama_base it r
 It writes under crates/amalgam-cli/tests/fixtures/lora/: `adapters/<case>/` (PEFT's
 adapter_config.json and adapter_model.safetensors) and `expected/<case>/` (the base with the
 adapter merged by PEFT, in float32). `tests/lora_cli.rs` compares `amalgam lora apply`.
+
+Extraction (mergekit 0.1.5's `mergekit-extract-lora`, run offline): for each case in EXTRACT,
+`extract/<case>/errors.json` holds the relative reconstruction error ‖Δ − B·A‖_F / ‖Δ‖_F of
+every factored module of mergekit's adapter (Δ = fine-tune − base in float32) and overall;
+`tests/lora_cli.rs` checks amalgam's extraction against it. Two of mergekit's adapters are kept
+(`adapters/mergekit_<case>/`) with PEFT's merge of them (`expected/mergekit_<case>/`), so that
+reading mergekit's output (modules_to_save, lora_B.bias) is checked too.
 """
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -40,6 +51,82 @@ CASES = {
 }
 
 
+# case: (base, fine-tune, extra mergekit-extract-lora arguments, keep the adapter)
+EXTRACT = {
+    "llama_r4": ("llama_base", "llama_ft1", ["--max-rank", "4"], True),
+    "llama_embed_r3": ("llama_base", "llama_ft3", ["--max-rank", "3", "--embed-lora"], False),
+    "llama_bf16_r4": ("llama_bf16_base", "llama_bf16_ft1", ["--max-rank", "4"], False),
+    "qwen2_r4": ("qwen2_base", "qwen2_ft1", ["--max-rank", "4"], True),
+}
+
+
+def load(path):
+    from safetensors.torch import load_file
+
+    return {k: v.float() for f in sorted(path.glob("*.safetensors"))
+            for k, v in load_file(str(f)).items()}
+
+
+def merge_with_peft(base, adapter, out):
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    out.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # PEFT unties a tied head it merged a saved lm_head into: keep its config.
+    config = json.loads((base / "config.json").read_text())
+    config["tie_word_embeddings"] = merged.config.tie_word_embeddings
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def extract_cases():
+    from safetensors.torch import load_file
+
+    models = FIXTURES / "merge/models"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    exe = Path(sys.executable).parent / "mergekit-extract-lora"
+    for case, (base, ft, args, keep) in EXTRACT.items():
+        tmp = ROOT / "tmp" / case
+        cmd = [str(exe), "--model", str(models / ft), "--base-model", str(models / base),
+               "--out-path", str(tmp), *args]
+        # mergekit writes the adapter, then fails fetching a model card offline; the tensors
+        # and config are complete by then.
+        subprocess.run(cmd, env=env, capture_output=True)
+        factors = load_file(str(tmp / "adapter_model.safetensors"))
+        cfg = json.loads((tmp / "adapter_config.json").read_text())
+        b, f = load(models / base), load(models / ft)
+        errors, num, den = {}, 0.0, 0.0
+        for name, a in factors.items():
+            for kind, emb in ((".lora_A.weight", False), (".lora_embedding_A", True)):
+                if not name.endswith(kind):
+                    continue
+                module = name.removeprefix("base_model.model.").removesuffix(kind)
+                bb = factors[name.replace("_A", "_B")].float()
+                delta = f[module + ".weight"] - b[module + ".weight"]
+                if emb:
+                    delta = delta.T
+                assert cfg["r"] == cfg["lora_alpha"] and not cfg["rank_pattern"]
+                resid = (delta - bb @ a.float()).norm().item()
+                norm = delta.norm().item()
+                errors[module] = resid / norm
+                num, den = num + resid**2, den + norm**2
+        out = ROOT / "extract" / case
+        out.mkdir(parents=True)
+        (out / "errors.json").write_text(json.dumps(
+            {"args": args, "base": base, "model": ft, "modules": errors,
+             "overall": (num / den) ** 0.5}, indent=1) + "\n")
+        if keep:
+            adapter = ROOT / "adapters" / f"mergekit_{case}"
+            adapter.mkdir(parents=True)
+            for file in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy(tmp / file, adapter / file)
+            merge_with_peft(models / base, adapter, ROOT / "expected" / f"mergekit_{case}")
+        print(case, len(errors), "modules, overall", (num / den) ** 0.5)
+    shutil.rmtree(ROOT / "tmp")
+
+
 def main():
     shutil.rmtree(ROOT, ignore_errors=True)
     for case, kwargs in CASES.items():
@@ -56,6 +143,7 @@ def main():
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         shutil.copy(BASE / "config.json", out / "config.json")
         print(case, sorted(p.name for p in adapter.iterdir()))
+    extract_cases()
 
 
 if __name__ == "__main__":

@@ -127,6 +127,109 @@ enum LoraCommand {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Extract a PEFT adapter approximating FINETUNED − BASE by a truncated SVD of each weight
+    /// difference (mergekit-extract-lora's conventions); prints each module's relative error.
+    Extract {
+        /// The base model.
+        #[arg(long, alias = "base-model")]
+        base: PathBuf,
+        /// The fine-tuned model.
+        #[arg(long)]
+        model: PathBuf,
+        /// Largest rank per module.
+        #[arg(long, alias = "max-rank", default_value_t = 128)]
+        rank: usize,
+        /// Output adapter directory.
+        output: PathBuf,
+        /// Per-module rank: the smallest keeping this fraction of ‖ΔW‖² (at most --rank).
+        #[arg(long)]
+        energy: Option<f64>,
+        /// Put the singular values in A (B = U) instead of √σ in both.
+        #[arg(long)]
+        no_distribute_scale: bool,
+        /// Factor embeddings and the LM head too, instead of saving them whole.
+        #[arg(long)]
+        embed_lora: bool,
+        /// Save this module whole (full name or last component; repeatable).
+        #[arg(long = "save-module")]
+        save_modules: Vec<String>,
+        /// Only modules whose name matches this regular expression (repeatable).
+        #[arg(long = "include-regex", short = 'i')]
+        include: Vec<String>,
+        /// Leave out modules whose name matches this regular expression (repeatable).
+        #[arg(long = "exclude-regex", short = 'e')]
+        exclude: Vec<String>,
+        /// Drop singular values at or below this.
+        #[arg(long, default_value_t = 0.0)]
+        sv_epsilon: f64,
+        /// Leave out modules that cannot be factored (norms) instead of saving them whole.
+        #[arg(long)]
+        skip_undecomposable: bool,
+        /// Exact SVD (default: randomized, seeded; much faster at low rank).
+        #[arg(long)]
+        exact: bool,
+        /// Seed of the randomized SVD.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Replace OUTPUT if it exists (only once the new adapter is complete).
+        #[arg(long)]
+        overwrite: bool,
+    },
+}
+
+fn print_extract(report: &amalgam::ops::lora::ExtractReport, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let modules: Vec<_> = report
+            .modules
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "module": m.module, "rank": m.rank, "norm": m.norm,
+                    "relative_error": m.relative(),
+                })
+            })
+            .collect();
+        let value = serde_json::json!({
+            "path": report.path, "modules": modules, "saved": report.saved,
+            "unchanged": report.unchanged, "overall_relative_error": report.overall(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        return Ok(());
+    }
+    let width = report
+        .modules
+        .iter()
+        .map(|m| m.module.len())
+        .max()
+        .unwrap_or(6);
+    writeln!(
+        out,
+        "{:width$}  {:>5}  {:>12}",
+        "module", "rank", "rel. error"
+    )?;
+    for m in &report.modules {
+        writeln!(
+            out,
+            "{:width$}  {:>5}  {:>12.6}",
+            m.module,
+            m.rank,
+            m.relative()
+        )?;
+    }
+    writeln!(
+        out,
+        "{} modules factored, overall relative error {:.6}; {} tensors saved whole; {} modules unchanged",
+        report.modules.len(),
+        report.overall(),
+        report.saved.len(),
+        report.unchanged.len()
+    )?;
+    writeln!(out, "wrote {}", report.path.display())?;
+    Ok(())
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -254,6 +357,43 @@ fn run() -> Result<ExitCode> {
             if !cli.quiet {
                 eprintln!("wrote {}", out.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lora(LoraCommand::Extract {
+            base,
+            model,
+            rank,
+            output,
+            energy,
+            no_distribute_scale,
+            embed_lora,
+            save_modules,
+            include,
+            exclude,
+            sv_epsilon,
+            skip_undecomposable,
+            exact,
+            seed,
+            json,
+            overwrite,
+        }) => {
+            let opts = amalgam::ops::lora::ExtractOptions {
+                rank,
+                energy,
+                distribute_scale: !no_distribute_scale,
+                embed_lora,
+                save_modules,
+                include,
+                exclude,
+                sv_epsilon,
+                skip_undecomposable,
+                exact,
+                seed,
+                existing: existing(overwrite),
+            };
+            let bar = progress::Bar::new("lora extract", cli.quiet);
+            let report = amalgam::ops::lora::extract(&base, &model, &output, &opts, &bar)?;
+            print_extract(&report, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Diff {

@@ -22,16 +22,13 @@ fn adapter(case: &str) -> PathBuf {
 
 /// Apply `case` and return the worst norm-relative error against PEFT's merged model.
 fn apply_and_compare(case: &str) -> f64 {
+    apply_to_and_compare(&base(), case)
+}
+
+fn apply_to_and_compare(base: &Path, case: &str) -> f64 {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
-    ok(&[
-        "lora",
-        "apply",
-        s(&base()),
-        s(&adapter(case)),
-        s(&out),
-        "-q",
-    ]);
+    ok(&["lora", "apply", s(base), s(&adapter(case)), s(&out), "-q"]);
     let expected = fixtures().join("lora/expected").join(case);
     let json = amalgam(&["diff", s(&out), s(&expected), "--json", "--all"]);
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
@@ -49,6 +46,20 @@ fn apply_and_compare(case: &str) -> f64 {
 fn apply_matches_peft_merge_and_unload() {
     for case in ["qv", "all_rslora_patterns"] {
         let worst = apply_and_compare(case);
+        assert!(worst <= 1e-6, "{case}: worst norm-relative error {worst:e}");
+    }
+}
+
+/// mergekit-extract-lora's adapters save embeddings and norms whole (`modules_to_save`) and
+/// write `lora_B.bias` without `lora_bias` (which PEFT then ignores, and so does amalgam).
+#[test]
+fn mergekit_extracted_adapters_apply_like_peft() {
+    let models = fixtures().join("merge/models");
+    for (base, case) in [
+        ("llama_base", "mergekit_llama_r4"),
+        ("qwen2_base", "mergekit_qwen2_r4"),
+    ] {
+        let worst = apply_to_and_compare(&models.join(base), case);
         assert!(worst <= 1e-6, "{case}: worst norm-relative error {worst:e}");
     }
 }
@@ -173,7 +184,10 @@ fn bad_adapters_are_clear_errors() {
             2,
         ))
     });
-    rejected(&g, &["lm_head.bias", "not a LoRA factor"]);
+    rejected(
+        &g,
+        &["lm_head.bias", "neither a LoRA factor", "modules_to_save"],
+    );
     // Not an adapter at all.
     rejected(&base(), &["no adapter_config.json"]);
 }
@@ -203,11 +217,22 @@ fn model_plus_adapter_in_a_merge_config_is_the_baked_model() {
     let chunked = d.path().join("chunked");
     ok(&["merge", s(&cfg), s(&chunked), "-q", "--chunk-elements", "7"]);
     assert!(amalgam(&["diff", s(&out), s(&chunked)]).status.success());
-    // An adapter carrying base layers is refused in merges (for now), with the way out.
-    let yaml = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("adapters/qv", "adapters/all_rslora_patterns");
-    std::fs::write(&cfg, yaml).unwrap();
-    let err = fails(&["merge", s(&cfg), s(&d.path().join("o2")), "-q"]);
-    assert!(err.contains("amalgam lora apply"), "{err}");
+    // Adapters carrying whole tensors: saved embedding base layers (PEFT), modules_to_save
+    // (mergekit-extract-lora); those replace the model's tensors as they are read.
+    for case in ["all_rslora_patterns", "mergekit_llama_r4"] {
+        let yaml = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("adapters/qv", &format!("adapters/{case}"));
+        let cfg2 = d.path().join(format!("{case}.yml"));
+        std::fs::write(&cfg2, yaml).unwrap();
+        let out = d.path().join(case);
+        ok(&["merge", s(&cfg2), s(&out), "-q"]);
+        let expected = fixtures().join("lora/expected").join(case);
+        let diff = amalgam(&["diff", s(&out), s(&expected), "--rtol", "1e-6"]);
+        assert!(
+            diff.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&diff.stdout)
+        );
+    }
 }

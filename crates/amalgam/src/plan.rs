@@ -31,6 +31,27 @@ pub struct ModelSet {
 }
 
 impl ModelSet {
+    /// Where `input` is read from: its model's file, or its adapter's when the adapter carries
+    /// the whole tensor (`modules_to_save`, saved base layers), with the tensor's name there.
+    pub fn file_of<'s>(&'s self, input: &'s Input) -> (&'s Model, &'s str) {
+        let saved = self.adapters[input.model]
+            .as_ref()
+            .and_then(|a| a.replaced.get(&input.tensor).map(|n| (&a.file, n.as_str())));
+        saved.unwrap_or((&self.models[input.model], input.tensor.as_str()))
+    }
+
+    /// The data of `input` (see [`file_of`](Self::file_of)).
+    pub fn tensor_of<'s>(&'s self, input: &'s Input) -> Result<crate::io::TensorView<'s>> {
+        let (file, name) = self.file_of(input);
+        file.tensor(name)
+    }
+
+    /// The index entry of `input` (see [`file_of`](Self::file_of)).
+    pub fn entry_of<'s>(&'s self, input: &'s Input) -> Result<&'s crate::io::TensorEntry> {
+        let (file, name) = self.file_of(input);
+        file.entry(name)
+    }
+
     /// Open every model `config` references. Paths are relative to the working directory, as
     /// with mergekit.
     pub fn open(config: &MergeConfig) -> Result<ModelSet> {
@@ -62,11 +83,12 @@ impl ModelSet {
                 Some(a) => {
                     let adapter = crate::lora::Adapter::open(&a)?;
                     adapter.check_base(&model)?;
-                    if let Some(layer) = adapter.base_layers.values().next() {
+                    let head = crate::arch::LM_HEAD;
+                    if adapter.replaced.contains_key(head) && !model.contains(head) {
                         return Err(crate::Error::Adapter {
                             path: a.clone(),
-                            name: layer.clone(),
-                            reason: "adapters that carry base layers (adapted embeddings) are not supported in merge configs yet; bake it with `amalgam lora apply` first".into(),
+                            name: head.into(),
+                            reason: "the adapter carries an LM head for a model whose head is tied to its embeddings; bake it with `amalgam lora apply` first".into(),
                         });
                     }
                     Some(adapter)
@@ -441,7 +463,7 @@ impl Planner<'_> {
             .collect::<Result<_>>()?;
         let entries: Vec<_> = inputs
             .iter()
-            .map(|i| self.set.models[i.model].entry(&i.tensor))
+            .map(|i| self.set.entry_of(i))
             .collect::<Result<_>>()?;
         let shapes: Vec<&[usize]> = entries.iter().map(|e| &e.shape[..]).collect();
         let shape = self.common_shape(out_name, &shapes, &inputs)?;

@@ -56,6 +56,23 @@ pub fn copy_config(from: &Path, to: &Path, dtype: Option<DType>) -> Result<bool>
     Ok(true)
 }
 
+/// Set `key` to `value` in `dir/config.json`, if there is one and it is a JSON object.
+pub fn set_config_field(dir: &Path, key: &str, value: serde_json::Value) -> Result<()> {
+    let path = dir.join("config.json");
+    let Ok(text) = std::fs::read(&path) else {
+        return Ok(());
+    };
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return Ok(());
+    };
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert(key.into(), value);
+        let out = serde_json::to_vec_pretty(&v).expect("json");
+        std::fs::write(&path, out).at(&path)?;
+    }
+    Ok(())
+}
+
 /// Copy the standard side files of `from` (config with `dtype`, generation config, tokenizer).
 pub fn copy_side_files(from: &Path, to: &Path, dtype: Option<DType>) -> Result<()> {
     copy_config(from, to, dtype)?;

@@ -86,6 +86,7 @@ pub struct ModelWriter {
     specs: Vec<TensorSpec>,
     slots: Vec<Slot>,
     written: Vec<AtomicU64>,
+    basename: &'static str,
 }
 
 /// Parse a shard size as mergekit spells it: a number with an optional suffix `K` (10³), `M`
@@ -133,11 +134,11 @@ fn assign_shards(sizes: &[u64], budget: Option<u64>) -> Vec<usize> {
     out
 }
 
-fn shard_file_name(i: usize, n: usize) -> String {
+fn shard_file_name(basename: &str, i: usize, n: usize) -> String {
     if n == 1 {
-        "model.safetensors".to_string()
+        format!("{basename}.safetensors")
     } else {
-        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        format!("{basename}-{:05}-of-{:05}.safetensors", i + 1, n)
     }
 }
 
@@ -149,6 +150,19 @@ impl ModelWriter {
         specs: Vec<TensorSpec>,
         shard_size: Option<u64>,
         existing: Existing,
+    ) -> Result<ModelWriter> {
+        Self::create_named(target, specs, shard_size, existing, "model")
+    }
+
+    /// [`create`](Self::create) with files named `<basename>.safetensors` (or
+    /// `<basename>-00001-of-0000N.safetensors` and `<basename>.safetensors.index.json`), e.g.
+    /// `adapter_model` for a PEFT adapter.
+    pub fn create_named(
+        target: &Path,
+        specs: Vec<TensorSpec>,
+        shard_size: Option<u64>,
+        existing: Existing,
+        basename: &'static str,
     ) -> Result<ModelWriter> {
         check_target(target, existing)?;
         let parent = parent_dir(target);
@@ -194,7 +208,7 @@ impl ModelWriter {
             }
             let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
             let prefix = header::serialize(entries, &meta);
-            let name = shard_file_name(shard, n_shards);
+            let name = shard_file_name(basename, shard, n_shards);
             let path = tmp.path().join(&name);
             let mut file = File::create(&path).at(&path)?;
             file.write_all(&prefix).at(&path)?;
@@ -223,6 +237,7 @@ impl ModelWriter {
                 .map(|s| s.expect("every tensor assigned"))
                 .collect(),
             written,
+            basename,
         })
     }
 
@@ -330,7 +345,10 @@ impl ModelWriter {
             "metadata": {"total_size": total, "amalgam_version": env!("CARGO_PKG_VERSION")},
             "weight_map": weight_map,
         });
-        let path = self.tmp.path().join("model.safetensors.index.json");
+        let path = self
+            .tmp
+            .path()
+            .join(format!("{}.safetensors.index.json", self.basename));
         let mut f = File::create(&path).at(&path)?;
         f.write_all(
             serde_json::to_string_pretty(&index)
@@ -342,14 +360,14 @@ impl ModelWriter {
     }
 }
 
-fn parent_dir(target: &Path) -> PathBuf {
+pub(crate) fn parent_dir(target: &Path) -> PathBuf {
     match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     }
 }
 
-fn check_target(target: &Path, existing: Existing) -> Result<()> {
+pub(crate) fn check_target(target: &Path, existing: Existing) -> Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(target) else {
         return Ok(());
     };

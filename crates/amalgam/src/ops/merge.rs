@@ -143,11 +143,11 @@ fn with_source<R>(
 ) -> Result<R> {
     let views: Vec<TensorView> = inputs
         .iter()
-        .map(|i| set.models[i.model].tensor(&i.tensor))
+        .map(|i| set.tensor_of(i))
         .collect::<Result<_>>()?;
     let entries: Vec<&TensorEntry> = inputs
         .iter()
-        .map(|i| set.models[i.model].entry(&i.tensor))
+        .map(|i| set.entry_of(i))
         .collect::<Result<_>>()?;
     f(&Source::new(set, inputs, &views, &entries)?)
 }
@@ -287,18 +287,32 @@ struct Source<'a> {
     rows: std::cell::RefCell<(Vec<f32>, Vec<f32>)>,
 }
 
-/// A LoRA module added to one input as it is read.
-struct Patch<'a> {
-    module: &'a crate::lora::Module,
-    a: Vec<f32>,
-    b: Vec<f32>,
+/// A LoRA delta added to one input as it is read.
+enum Patch<'a> {
+    /// A module's `s·B·A` from its decoded factors.
+    Factors {
+        module: &'a crate::lora::Module,
+        a: Vec<f32>,
+        b: Vec<f32>,
+    },
+    /// A bias delta `s·b` (PEFT's `lora_bias`).
+    Bias(Vec<f32>),
 }
 
 impl Patch<'_> {
     /// Add the delta of elements `range` (row-major) to `buf`. Whole rows are computed the same
     /// way whatever the chunking, so results do not depend on it.
     fn add(&self, range: std::ops::Range<usize>, buf: &mut [f32], rows: &mut (Vec<f32>, Vec<f32>)) {
-        let cols = self.module.shape[1];
+        let (module, a, b) = match self {
+            Patch::Bias(delta) => {
+                for (x, d) in buf.iter_mut().zip(&delta[range]) {
+                    *x += d;
+                }
+                return;
+            }
+            Patch::Factors { module, a, b } => (module, a, b),
+        };
+        let cols = module.shape[1];
         if cols == 0 || range.is_empty() {
             return;
         }
@@ -306,8 +320,7 @@ impl Patch<'_> {
         let (delta, acc) = rows;
         delta.clear();
         delta.resize((r1 - r0) * cols, 0.0);
-        self.module
-            .add_delta_rows(&self.a, &self.b, 1.0, r0..r1, delta, acc);
+        module.add_delta_rows(a, b, 1.0, r0..r1, delta, acc);
         let skip = range.start - r0 * cols;
         for (x, d) in buf.iter_mut().zip(&delta[skip..]) {
             *x += d;
@@ -343,11 +356,11 @@ impl<'a> Source<'a> {
                 let Some(adapter) = &set.adapters[i.model] else {
                     return Ok(None);
                 };
-                let Some(module) = adapter.modules.get(&i.tensor) else {
-                    return Ok(None);
-                };
-                let (a, b) = adapter.factors(module)?;
-                Ok(Some(Patch { module, a, b }))
+                if let Some(module) = adapter.modules.get(&i.tensor) {
+                    let (a, b) = adapter.factors(module)?;
+                    return Ok(Some(Patch::Factors { module, a, b }));
+                }
+                Ok(adapter.bias_delta(&i.tensor)?.map(Patch::Bias))
             })
             .collect::<Result<Vec<_>>>()?;
         let released = entries
@@ -427,7 +440,7 @@ impl<'a> Source<'a> {
     }
 
     fn model(&self, k: usize) -> &crate::io::Model {
-        &self.set.models[self.inputs[k].model]
+        self.set.file_of(&self.inputs[k]).0
     }
 }
 
@@ -540,9 +553,9 @@ fn copy_buffer(
     writer: &ModelWriter,
     index: usize,
 ) -> Result<()> {
-    let first = set.models[inputs[0].model].tensor(&inputs[0].tensor)?;
+    let first = set.tensor_of(&inputs[0])?;
     for i in &inputs[1..] {
-        let other = set.models[i.model].tensor(&i.tensor)?;
+        let other = set.tensor_of(i)?;
         if other.dtype != first.dtype || other.bytes != first.bytes {
             return Err(Error::Numeric {
                 name: t.name.clone(),

@@ -8,6 +8,13 @@
 //! adapters (`lora_embedding_A`: `r × vocab`, `lora_embedding_B`: `dim × r`) and
 //! `fan_in_fan_out` layers (GPT-2's Conv1D) store the transpose: `ΔW = s·(B·A)ᵀ`.
 //! Names map as `base_model.model.<module>.lora_A.weight` → `<module>.weight`.
+//!
+//! Besides the factors an adapter may carry `lora_B.bias` (PEFT's `lora_bias`: the bias grows by
+//! `s·b`) and whole tensors: modules listed in `modules_to_save` (PEFT saves them as
+//! `base_model.model.<module>.weight`, mergekit-extract-lora puts embeddings and norms there) and
+//! the `base_layer` weights of adapted embeddings. Whole tensors replace the base's.
+
+pub mod write;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,9 +52,12 @@ pub struct AdapterConfig {
     /// DoRA (not supported).
     #[serde(default)]
     pub use_dora: bool,
-    /// Modules saved whole (not supported).
+    /// Modules saved whole; their tensors replace the base model's.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// Whether `lora_B` has a bias that is added to the base layer's bias.
+    #[serde(default)]
+    pub lora_bias: bool,
     /// The base model the adapter was trained on (informational).
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
@@ -78,6 +88,8 @@ pub struct Module {
     pub transposed: bool,
     /// Shape of `ΔW` (that of the base tensor).
     pub shape: [usize; 2],
+    /// Adapter tensor name of `lora_B.bias`, if the adapter trains a bias.
+    pub bias: Option<String>,
 }
 
 /// A PEFT LoRA adapter.
@@ -90,10 +102,16 @@ pub struct Adapter {
     pub file: Model,
     /// Adapted modules by base tensor name (`<module>.weight`).
     pub modules: BTreeMap<String, Module>,
-    /// Base weights the adapter carries (PEFT saves embedding layers it adapts as
-    /// `<module>.base_layer.weight`, and loading the adapter puts them in the model): adapter
-    /// tensor name by base tensor name.
-    pub base_layers: BTreeMap<String, String>,
+    /// Whole tensors the adapter carries, which replace the base model's: `modules_to_save`,
+    /// and the base weights of adapted embeddings (PEFT saves them as
+    /// `<module>.base_layer.weight`). Adapter tensor name by base tensor name.
+    pub replaced: BTreeMap<String, String>,
+    /// Bias deltas (`lora_B.bias`, times the module's scaling): module by base bias name
+    /// (`<module>.bias`).
+    pub biases: BTreeMap<String, String>,
+    /// Tensors PEFT would not load, so neither does amalgam (`lora_B.bias` without
+    /// `lora_bias: true` in the config); callers should say so.
+    pub ignored: Vec<String>,
 }
 
 fn bad(dir: &Path, reason: impl Into<String>) -> Error {
@@ -174,16 +192,6 @@ impl Adapter {
         if config.use_dora {
             return Err(bad(&dir, "DoRA adapters (use_dora) are not supported yet"));
         }
-        if config
-            .modules_to_save
-            .as_ref()
-            .is_some_and(|m| !m.is_empty())
-        {
-            return Err(bad(
-                &dir,
-                "adapters with modules_to_save are not supported yet",
-            ));
-        }
         let weights = dir.join("adapter_model.safetensors");
         if !weights.is_file() {
             let hint = if dir.join("adapter_model.bin").exists() {
@@ -194,30 +202,66 @@ impl Adapter {
             return Err(bad(&dir, format!("no adapter_model.safetensors{hint}")));
         }
         let file = Model::open(&weights)?;
+        let saved = config.modules_to_save.clone().unwrap_or_default();
+        let is_saved = |module: &str| {
+            saved
+                .iter()
+                .any(|k| module == k || module.ends_with(&format!(".{k}")))
+        };
         let mut factors: BTreeMap<&str, [Option<&str>; 2]> = BTreeMap::new();
         let mut embedding: BTreeMap<&str, bool> = BTreeMap::new();
-        let mut base_layers = BTreeMap::new();
+        let mut bias_of: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut replaced = BTreeMap::new();
         for t in file.tensors() {
-            if let Some(module) = t
-                .name
-                .strip_prefix("base_model.model.")
-                .and_then(|n| n.strip_suffix(".base_layer.weight"))
-            {
-                base_layers.insert(format!("{module}.weight"), t.name.clone());
+            let stray = |reason: &str| Error::Adapter {
+                path: weights.clone(),
+                name: t.name.clone(),
+                reason: reason.into(),
+            };
+            let Some(rest) = t.name.strip_prefix("base_model.model.") else {
+                return Err(stray(
+                    "adapter tensors are named base_model.model.<module>...; this is not a PEFT LoRA tensor",
+                ));
+            };
+            if let Some(module) = rest.strip_suffix(".base_layer.weight") {
+                replaced.insert(format!("{module}.weight"), t.name.clone());
                 continue;
             }
-            let Some((module, is_a, emb)) = classify(&t.name) else {
-                return Err(Error::Adapter {
-                    path: weights.clone(),
-                    name: t.name.clone(),
-                    reason: "not a LoRA factor (lora_A/lora_B/lora_embedding_A/B under \
-                             base_model.model.); bias, DoRA and saved modules are not supported yet"
-                        .into(),
-                });
-            };
-            factors.entry(module).or_default()[usize::from(!is_a)] = Some(&t.name);
-            embedding.insert(module, emb);
+            if let Some(module) = rest.strip_suffix(".lora_B.bias") {
+                bias_of.insert(module, &t.name);
+                continue;
+            }
+            if let Some((module, is_a, emb)) = classify(&t.name) {
+                factors.entry(module).or_default()[usize::from(!is_a)] = Some(&t.name);
+                embedding.insert(module, emb);
+                continue;
+            }
+            let module = rest.rsplit_once('.').map_or(rest, |(m, _)| m);
+            if !is_saved(module) {
+                return Err(stray(
+                    "neither a LoRA factor (lora_A/lora_B/lora_embedding_A/B) nor a module listed \
+                     in modules_to_save; DoRA and other adapter types are not supported",
+                ));
+            }
+            replaced.insert(rest.to_string(), t.name.clone());
         }
+        if let Some((module, _)) = bias_of.iter().find(|(m, _)| !factors.contains_key(*m)) {
+            return Err(bad(
+                &dir,
+                format!("module {module} has lora_B.bias but no LoRA factors"),
+            ));
+        }
+        // PEFT loads `lora_B.bias` only with `lora_bias: true` and ignores it otherwise (as it
+        // does in mergekit-extract-lora's adapters, which write them without the flag).
+        let ignored: Vec<String> = if config.lora_bias {
+            Vec::new()
+        } else {
+            std::mem::take(&mut bias_of)
+                .into_values()
+                .map(str::to_string)
+                .collect()
+        };
+        let mut biases = BTreeMap::new();
         let mut modules = BTreeMap::new();
         for (module, [a, b]) in factors {
             let (Some(a), Some(b)) = (a, b) else {
@@ -266,10 +310,14 @@ impl Adapter {
                     scaling,
                     transposed,
                     shape,
+                    bias: bias_of.get(module).map(|b| b.to_string()),
                 },
             );
+            if let Some(b) = bias_of.get(module) {
+                biases.insert(format!("{module}.bias"), b.to_string());
+            }
         }
-        if modules.is_empty() {
+        if modules.is_empty() && replaced.is_empty() {
             return Err(bad(&dir, "the adapter has no LoRA factors"));
         }
         Ok(Adapter {
@@ -277,7 +325,9 @@ impl Adapter {
             config,
             file,
             modules,
-            base_layers,
+            replaced,
+            biases,
+            ignored,
         })
     }
 
@@ -316,17 +366,40 @@ impl Adapter {
                 });
             }
         }
-        for (name, layer) in &adapter.base_layers {
-            let saved = adapter.file.entry(layer)?;
-            let shape_ok = base.entry(name).is_ok_and(|e| e.shape == saved.shape);
+        for (name, saved) in &adapter.replaced {
+            let saved_entry = adapter.file.entry(saved)?;
+            // A whole LM head for a base whose head is tied to its embeddings unties them (PEFT
+            // writes the head and sets tie_word_embeddings to false).
+            let fits = |n: &str| base.entry(n).is_ok_and(|e| e.shape == saved_entry.shape);
+            let shape_ok = fits(name)
+                || (name == crate::arch::LM_HEAD
+                    && !base.contains(name)
+                    && fits(crate::arch::EMBED_TOKENS));
             if !shape_ok {
                 return Err(Error::Adapter {
                     path: weights.clone(),
-                    name: layer.clone(),
+                    name: saved.clone(),
                     reason: format!(
-                        "the adapter carries a base layer for {name} of shape {:?} that does not fit \
-                         the base model (resized vocabularies are not supported yet)",
-                        saved.shape
+                        "the adapter carries a whole {name} of shape {:?} that does not fit the base \
+                         model (missing there, or a resized vocabulary, which is not supported yet)",
+                        saved_entry.shape
+                    ),
+                });
+            }
+        }
+        for (name, bias) in &adapter.biases {
+            let delta = adapter.file.entry(bias)?;
+            let fits = base
+                .entry(name)
+                .is_ok_and(|e| e.shape == delta.shape && e.dtype.is_float());
+            if !fits {
+                return Err(Error::Adapter {
+                    path: weights.clone(),
+                    name: bias.clone(),
+                    reason: format!(
+                        "a bias delta of shape {:?} for {name}, which the base model lacks or has \
+                         of another shape",
+                        delta.shape
                     ),
                 });
             }
@@ -343,6 +416,22 @@ impl Adapter {
             Ok(out)
         };
         Ok((decode(&m.a)?, decode(&m.b)?))
+    }
+
+    /// The bias delta for base tensor `name` (`s·b`), if the adapter has one.
+    pub fn bias_delta(&self, name: &str) -> Result<Option<Vec<f32>>> {
+        let Some(tensor) = self.biases.get(name) else {
+            return Ok(None);
+        };
+        let module = name.strip_suffix(".bias").map(|m| format!("{m}.weight"));
+        let scaling = module
+            .and_then(|m| self.modules.get(&m))
+            .map_or(1.0, |m| m.scaling) as f32;
+        let v = self.file.tensor(tensor)?;
+        let mut out = Vec::new();
+        decode_f32(v.dtype, v.bytes, &mut out);
+        out.iter_mut().for_each(|x| *x *= scaling);
+        Ok(Some(out))
     }
 }
 
@@ -435,6 +524,7 @@ mod tests {
             scaling: 0.5,
             transposed: false,
             shape: [2, 3],
+            bias: None,
         };
         let mut out = vec![0.0; 6];
         m.add_delta_rows(&a, &b, 1.0, 0..2, &mut out, &mut Vec::new());

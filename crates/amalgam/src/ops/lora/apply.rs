@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::arch;
 use crate::dtype::{decode_f32, encode_f32};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -51,15 +52,43 @@ pub fn apply(
     let model = Model::open(base)?;
     let adapter = Adapter::open(adapter)?;
     adapter.check_base(&model)?;
-    let specs: Vec<TensorSpec> = model.tensors().iter().map(TensorSpec::from).collect();
+    for name in &adapter.ignored {
+        progress.warn(&format!(
+            "{name} ignored: the adapter config does not set lora_bias (PEFT ignores it too)"
+        ));
+    }
+    let mut specs: Vec<TensorSpec> = model.tensors().iter().map(TensorSpec::from).collect();
+    // A whole LM head for a tied base (see `Adapter::check_base`) is added to the output.
+    let untie = adapter
+        .replaced
+        .get(arch::LM_HEAD)
+        .filter(|_| !model.contains(arch::LM_HEAD));
+    if let Some(head) = untie {
+        let entry = adapter.file.entry(head)?;
+        specs.push(TensorSpec {
+            name: arch::LM_HEAD.to_string(),
+            ..TensorSpec::from(entry)
+        });
+    }
     let writer = ModelWriter::create(output, specs, opts.shard_size, opts.existing)?;
     exec::run(&writer, progress, |i, scratch| {
         let spec = &writer.specs()[i];
-        // A base layer saved in the adapter replaces the model's (PEFT loads it so).
-        let source = match adapter.base_layers.get(&spec.name) {
-            Some(layer) => adapter.file.tensor(layer)?,
+        // A whole tensor saved in the adapter replaces the model's (PEFT loads it so).
+        let source = match adapter.replaced.get(&spec.name) {
+            Some(saved) => adapter.file.tensor(saved)?,
             None => model.tensor(&spec.name)?,
         };
+        if let Some(delta) = adapter.bias_delta(&spec.name)? {
+            let [w] = exec::buffers(&mut scratch.f32s, 1) else {
+                unreachable!("one buffer")
+            };
+            decode_f32(source.dtype, source.bytes, w);
+            w.iter_mut()
+                .zip(&delta)
+                .for_each(|(x, d)| *x += d * opts.scale as f32);
+            encode_f32(spec.dtype, w, &mut scratch.bytes);
+            return writer.write(i, &scratch.bytes);
+        }
         let Some(m) = adapter.modules.get(&spec.name) else {
             if source.dtype == spec.dtype {
                 return writer.write(i, source.bytes);
@@ -102,5 +131,8 @@ pub fn apply(
         Ok(())
     })?;
     modeldir::copy_side_files(&model.dir, writer.staging_dir(), None)?;
+    if untie.is_some() {
+        modeldir::set_config_field(writer.staging_dir(), "tie_word_embeddings", false.into())?;
+    }
     writer.finish()
 }
