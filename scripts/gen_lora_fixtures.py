@@ -19,6 +19,11 @@ every factored module of mergekit's adapter (Δ = fine-tune − base in float32)
 `tests/lora_cli.rs` checks amalgam's extraction against it. Two of mergekit's adapters are kept
 (`adapters/mergekit_<case>/`) with PEFT's merge of them (`expected/mergekit_<case>/`), so that
 reading mergekit's output (modules_to_save, lora_B.bias) is checked too.
+
+Composition: three PEFT adapters `adapters/m1..m3` (different ranks, scalings and targets, one
+with rsLoRA, embeddings in two) and, per case in MERGE, PEFT's `add_weighted_adapter` result
+`merged/<case>/` with the matching amalgam config `merged/<case>.yml` (paths relative to the
+lora fixture directory). `tests/lora_merge.rs` compares the ΔW = s·B·A of every module.
 """
 
 import json
@@ -63,7 +68,7 @@ EXTRACT = {
 def load(path):
     from safetensors.torch import load_file
 
-    return {k: v.float() for f in sorted(path.glob("*.safetensors"))
+    return {k: v.double() for f in sorted(path.glob("*.safetensors"))
             for k, v in load_file(str(f)).items()}
 
 
@@ -103,12 +108,12 @@ def extract_cases():
                 if not name.endswith(kind):
                     continue
                 module = name.removeprefix("base_model.model.").removesuffix(kind)
-                bb = factors[name.replace("_A", "_B")].float()
-                delta = f[module + ".weight"] - b[module + ".weight"]
+                bb = factors[name.replace("_A", "_B")].double()
+                delta = (f[module + ".weight"] - b[module + ".weight"]).double()
                 if emb:
                     delta = delta.T
                 assert cfg["r"] == cfg["lora_alpha"] and not cfg["rank_pattern"]
-                resid = (delta - bb @ a.float()).norm().item()
+                resid = (delta - bb @ a.double()).norm().item()
                 norm = delta.norm().item()
                 errors[module] = resid / norm
                 num, den = num + resid**2, den + norm**2
@@ -124,6 +129,61 @@ def extract_cases():
                 shutil.copy(tmp / file, adapter / file)
             merge_with_peft(models / base, adapter, ROOT / "expected" / f"mergekit_{case}")
         print(case, len(errors), "modules, overall", (num / den) ** 0.5)
+    shutil.rmtree(ROOT / "tmp")
+
+
+SOURCES = {
+    "m1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+    "m2": dict(r=4, lora_alpha=4, use_rslora=True,
+               target_modules=["q_proj", "k_proj", "v_proj", "embed_tokens"]),
+    "m3": dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "down_proj"]),
+}
+
+# case: (adapters, weights, add_weighted_adapter keyword arguments)
+MERGE = {
+    "cat": (["m1", "m2", "m3"], [0.7, 0.5, -0.3], dict(combination_type="cat")),
+    "svd": (["m1", "m2", "m3"], [0.7, 0.5, -0.3], dict(combination_type="svd")),
+    # Truncation below the combined rank. (svd_clamp is not compared: its quantile is taken
+    # over signed factor entries, so it depends on the signs the SVD backend gives each
+    # singular pair, an arbitrary choice that LAPACK and faer make differently.)
+    "svd_rank": (["m1", "m3"], [1.0, 0.6], dict(combination_type="svd", svd_rank=3)),
+    "linear": (["m1", "m2"], [0.7, 0.5], dict(combination_type="linear")),
+    "ties": (["m1", "m2"], [0.7, -0.5], dict(combination_type="ties", density=0.5)),
+    "magnitude_prune": (["m1", "m2"], [1.0, 0.5],
+                        dict(combination_type="magnitude_prune", density=0.6)),
+    "ties_svd": (["m1", "m2", "m3"], [0.7, 0.5, 0.4],
+                 dict(combination_type="ties_svd", density=0.5, majority_sign_method="frequency")),
+    "magnitude_prune_svd": (["m1", "m3"], [1.0, 1.0],
+                            dict(combination_type="magnitude_prune_svd", density=0.5)),
+}
+
+
+def merge_cases():
+    from peft import PeftModel
+
+    for i, (name, kwargs) in enumerate(SOURCES.items()):
+        torch.manual_seed(1000 + i)
+        model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
+        get_peft_model(model, LoraConfig(init_lora_weights=False, **kwargs)).save_pretrained(
+            ROOT / "adapters" / name)
+    for case, (names, weights, kwargs) in MERGE.items():
+        model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
+        peft_model = PeftModel.from_pretrained(model, ROOT / "adapters" / names[0],
+                                               adapter_name=names[0])
+        for n in names[1:]:
+            peft_model.load_adapter(ROOT / "adapters" / n, adapter_name=n)
+        peft_model.add_weighted_adapter(names, weights, "merged", **kwargs)
+        tmp = ROOT / "tmp" / case
+        peft_model.save_pretrained(tmp, selected_adapters=["merged"])
+        found = next(p.parent for p in tmp.rglob("adapter_config.json"))
+        out = ROOT / "merged" / case
+        shutil.copytree(found, out)
+        lines = [f"base_model: ../merge/models/llama_base"]
+        lines += [f"{k}: {v}" for k, v in kwargs.items()]
+        lines.append("adapters:")
+        lines += [f"  - {{adapter: adapters/{n}, weight: {w}}}" for n, w in zip(names, weights)]
+        (ROOT / "merged" / f"{case}.yml").write_text("\n".join(lines) + "\n")
+        print(case, "rank", json.loads((out / "adapter_config.json").read_text())["r"])
     shutil.rmtree(ROOT / "tmp")
 
 
@@ -144,6 +204,7 @@ def main():
         shutil.copy(BASE / "config.json", out / "config.json")
         print(case, sorted(p.name for p in adapter.iterdir()))
     extract_cases()
+    merge_cases()
 
 
 if __name__ == "__main__":

@@ -127,6 +127,18 @@ enum LoraCommand {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Compose PEFT adapters into one, as a YAML config says: PEFT's combination types
+    /// (cat, svd, linear, ties, ties_svd, dare_*, magnitude_prune[_svd]) or any per-tensor
+    /// amalgam merge_method on the full deltas, optionally KnOTS-aligned.
+    Merge {
+        /// The config (base_model, combination_type or merge_method, adapters: [{adapter, weight}]).
+        config: PathBuf,
+        /// Output adapter directory.
+        output: PathBuf,
+        /// Replace OUTPUT if it exists (only once the new adapter is complete).
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Extract a PEFT adapter approximating FINETUNED − BASE by a truncated SVD of each weight
     /// difference (mergekit-extract-lora's conventions); prints each module's relative error.
     Extract {
@@ -356,6 +368,25 @@ fn run() -> Result<ExitCode> {
             let out = amalgam::ops::lora::apply(&base, &adapter, &output, &opts, &bar)?;
             if !cli.quiet {
                 eprintln!("wrote {}", out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lora(LoraCommand::Merge {
+            config,
+            output,
+            overwrite,
+        }) => {
+            let cfg = amalgam::ops::lora::LoraMergeConfig::load(&config)?;
+            let bar = progress::Bar::new("lora merge", cli.quiet);
+            let ranks =
+                amalgam::ops::lora::merge(&config, &cfg, &output, existing(overwrite), &bar)?;
+            if !cli.quiet {
+                let max = ranks.values().max().copied().unwrap_or(0);
+                eprintln!(
+                    "wrote {} ({} modules, rank up to {max})",
+                    output.display(),
+                    ranks.len()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -14,6 +14,7 @@
 //! `base_model.model.<module>.weight`, mergekit-extract-lora puts embeddings and norms there) and
 //! the `base_layer` weights of adapted embeddings. Whole tensors replace the base's.
 
+pub mod combine;
 pub mod write;
 
 use std::collections::BTreeMap;

@@ -3,6 +3,8 @@
 
 mod apply;
 mod extract;
+mod merge;
 
 pub use apply::{ApplyOptions, apply};
 pub use extract::{ExtractOptions, ExtractReport, ModuleError, extract};
+pub use merge::{AdapterEntry, LoraMergeConfig, merge};
