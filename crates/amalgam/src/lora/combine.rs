@@ -253,8 +253,9 @@ pub fn refactor(svd: &linalg::Svd, r: usize, clamp: Option<f64>) -> (Vec<f32>, V
     if let Some(q) = clamp {
         let mut all: Vec<f32> = b.iter().chain(&a).copied().collect();
         let hi = quantile(&mut all, q);
+        // torch.clamp(x, −hi, hi) = min(max(x, −hi), hi): a negative quantile sets all to hi.
         for x in b.iter_mut().chain(a.iter_mut()) {
-            *x = x.clamp(-hi, hi);
+            *x = x.max(-hi).min(hi);
         }
     }
     (b, a)
@@ -334,6 +335,30 @@ mod tests {
             }
         }
         assert!(svd.s[0] >= svd.s[1]);
+    }
+
+    #[test]
+    fn clamp_bounds_both_factors_by_the_quantile() {
+        let b = [3.0, -1.0, 0.5, 2.0, 4.0, -6.0];
+        let a = [1.0, 0.0, 2.0, -1.0, 0.5, 8.0];
+        let svd = low_rank_svd(&b, &a, 3, 2, 3).unwrap();
+        let (_, a0) = refactor(&svd, 2, None);
+        let (bc, ac) = refactor(&svd, 2, Some(0.5));
+        let mut all: Vec<f32> = refactor(&svd, 2, None).0;
+        all.extend(&a0);
+        let hi = quantile(&mut all, 0.5);
+        assert!(bc.iter().chain(&ac).all(|x| x.abs() <= hi));
+        assert!(
+            bc.iter().chain(&ac).any(|x| x.abs() == hi),
+            "something was clamped"
+        );
+        // A negative quantile (most entries negative) does not panic: everything becomes it,
+        // as in torch.
+        let (bn, _) = refactor(&svd, 2, Some(0.0));
+        let mut all: Vec<f32> = refactor(&svd, 2, None).0;
+        all.extend(&a0);
+        let lo = quantile(&mut all, 0.0);
+        assert!(lo < 0.0 && bn.iter().all(|&x| x == lo));
     }
 
     #[test]
