@@ -327,6 +327,15 @@ impl Model {
         })
     }
 
+    /// The tensor called `name` decoded to f32 (a float tensor; other dtypes give an empty
+    /// vector, as [`decode_f32`](crate::dtype::decode_f32) does).
+    pub fn floats(&self, name: &str) -> Result<Vec<f32>> {
+        let v = self.tensor(name)?;
+        let mut out = Vec::new();
+        crate::dtype::decode_f32(v.dtype, v.bytes, &mut out);
+        Ok(out)
+    }
+
     /// Tell the kernel we are done with `name`'s pages, so resident memory does not grow with
     /// the model. The data stays readable; touching it again faults it back in from disk.
     pub fn release(&self, name: &str) {

@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::dtype::decode_f32;
 use crate::error::{Error, Result};
 use crate::io::Model;
 
@@ -410,13 +409,7 @@ impl Adapter {
 
     /// The factors of `m` decoded to f32: `(A, B)`.
     pub fn factors(&self, m: &Module) -> Result<(Vec<f32>, Vec<f32>)> {
-        let decode = |name: &str| -> Result<Vec<f32>> {
-            let v = self.file.tensor(name)?;
-            let mut out = Vec::new();
-            decode_f32(v.dtype, v.bytes, &mut out);
-            Ok(out)
-        };
-        Ok((decode(&m.a)?, decode(&m.b)?))
+        Ok((self.file.floats(&m.a)?, self.file.floats(&m.b)?))
     }
 
     /// The bias delta for base tensor `name` (`s·b`), if the adapter has one.
@@ -428,9 +421,7 @@ impl Adapter {
         let scaling = module
             .and_then(|m| self.modules.get(&m))
             .map_or(1.0, |m| m.scaling) as f32;
-        let v = self.file.tensor(tensor)?;
-        let mut out = Vec::new();
-        decode_f32(v.dtype, v.bytes, &mut out);
+        let mut out = self.file.floats(tensor)?;
         out.iter_mut().for_each(|x| *x *= scaling);
         Ok(Some(out))
     }

@@ -149,6 +149,20 @@ struct ModuleTensors {
     other: Vec<String>,
 }
 
+impl ModuleTensors {
+    /// Every tensor of the module.
+    fn names(&self) -> impl Iterator<Item = &String> {
+        self.weight.iter().chain(&self.bias).chain(&self.other)
+    }
+
+    /// Their bytes in `model`.
+    fn bytes(&self, model: &Model) -> u64 {
+        self.names()
+            .map(|n| model.entry(n).map_or(0, |e| e.nbytes() as u64))
+            .sum()
+    }
+}
+
 /// Output embeddings are linear layers to PEFT (plain `lora_A`/`lora_B`).
 fn is_output_head(weight: &str) -> bool {
     weight == arch::LM_HEAD || weight.ends_with("embed_out.weight")
@@ -257,11 +271,7 @@ pub fn extract(
     }
 
     let work: Vec<_> = plan.iter().filter(|p| p.2 != Action::Skip).collect();
-    let total: u64 = work
-        .iter()
-        .flat_map(|(_, t, _)| t.weight.iter().chain(&t.bias).chain(&t.other))
-        .map(|n| ft.entry(n).map_or(0, |e| e.nbytes() as u64))
-        .sum();
+    let total: u64 = work.iter().map(|(_, t, _)| t.bytes(&ft)).sum();
     progress.start(work.len() as u64, total);
     let mut order: Vec<usize> = (0..work.len()).collect();
     let size = |i: &usize| {
@@ -291,14 +301,7 @@ pub fn extract(
                 )?,
                 _ => save(&base_model, &ft, tensors, &builder)?,
             };
-            let bytes = tensors
-                .weight
-                .iter()
-                .chain(&tensors.bias)
-                .chain(&tensors.other)
-                .map(|n| ft.entry(n).map_or(0, |e| e.nbytes() as u64))
-                .sum();
-            progress.advance(bytes);
+            progress.advance(tensors.bytes(&ft));
             Ok((i, out))
         })
         .collect::<Result<_>>()?;
@@ -385,10 +388,9 @@ enum Outcome {
     Factored { error: ModuleError, bias: bool },
 }
 
+/// `name` decoded, refusing NaN and infinity.
 fn decode(model: &Model, name: &str) -> Result<Vec<f32>> {
-    let v = model.tensor(name)?;
-    let mut out = Vec::new();
-    decode_f32(v.dtype, v.bytes, &mut out);
+    let out = model.floats(name)?;
     if !out.iter().all(|x| x.is_finite()) {
         return Err(Error::Numeric {
             name: name.to_string(),
@@ -412,7 +414,7 @@ fn same(base: &Model, ft: &Model, name: &str) -> Result<bool> {
 
 /// Save a module's tensors whole, unless all equal the base's.
 fn save(base: &Model, ft: &Model, t: &ModuleTensors, out: &AdapterBuilder) -> Result<Outcome> {
-    let names: Vec<&String> = t.weight.iter().chain(&t.bias).chain(&t.other).collect();
+    let names: Vec<&String> = t.names().collect();
     let mut changed = false;
     for n in &names {
         changed |= !same(base, ft, n)?;
@@ -448,9 +450,6 @@ fn factor(
         Some(b) => !same(base, ft, b)?,
         None => false,
     };
-    if same(base, ft, weight)? && !bias_changed {
-        return Ok(Outcome::Unchanged);
-    }
     let entry = ft.entry(weight)?;
     let dtype = entry.dtype;
     let (rows, cols) = (entry.shape[0], entry.shape[1]);
@@ -460,6 +459,9 @@ fn factor(
     drop(w0);
     base.release(weight);
     ft.release(weight);
+    if !bias_changed && delta.iter().all(|&d| d == 0.0) {
+        return Ok(Outcome::Unchanged);
+    }
     // The matrix PEFT factors: `out × in`, or `dim × vocab` for an embedding.
     let (m, n) = if transposed {
         (cols, rows)

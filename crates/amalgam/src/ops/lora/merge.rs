@@ -361,18 +361,14 @@ impl<'a> Plan<'a> {
         let ranks: Vec<usize> = mods.iter().map(|m| m.rank).collect();
         let (b, a, r) = match &self.how {
             How::Peft(Combination::Cat, _) => {
+                // B = [B_1 | … | B_T], A = [w_1 s_1 A_1; …; w_T s_T A_T].
                 let r: usize = ranks.iter().sum();
-                let mut b = vec![0.0f32; p * r];
-                let mut a = Vec::with_capacity(r * q);
-                let mut col = 0;
-                for ((fa, fb), (&rk, &s)) in factors.iter().zip(ranks.iter().zip(&scaled)) {
-                    a.extend(fa.iter().map(|x| x * s as f32));
-                    for row in 0..p {
-                        b[row * r + col..row * r + col + rk]
-                            .copy_from_slice(&fb[row * rk..(row + 1) * rk]);
-                    }
-                    col += rk;
-                }
+                let b = stack_b(&factors, &ranks, &vec![1.0; ranks.len()], p);
+                let a = factors
+                    .iter()
+                    .zip(&scaled)
+                    .flat_map(|((fa, _), &s)| fa.iter().map(move |x| x * s as f32))
+                    .collect();
                 (b, a, r)
             }
             How::Peft(c, params) if !c.in_delta_space() => {
@@ -463,26 +459,14 @@ impl<'a> Plan<'a> {
         };
         let total: usize = ranks.iter().sum();
         // [s_1 B_1 | … | s_T B_T] (p × Σr).
-        let stacked_b = |weights: &[f64]| {
-            let mut b = vec![0.0f32; p * total];
-            let mut col = 0;
-            for ((_, fb), (&rk, &s)) in factors.iter().zip(ranks.iter().zip(weights)) {
-                for row in 0..p {
-                    for k in 0..rk {
-                        b[row * total + col + k] = fb[row * rk + k] * s as f32;
-                    }
-                }
-                col += rk;
-            }
-            b
-        };
         if let How::Peft(Combination::Svd, _) = self.how
             && !self.knots
         {
             // Σ w_i s_i B_i A_i = [w s B] · [A]: exact through the small core.
             let a: Vec<f32> = factors.iter().flat_map(|f| f.0.iter().copied()).collect();
             let scaled: Vec<f64> = weights.iter().zip(scalings).map(|(w, s)| w * s).collect();
-            return combine::low_rank_svd(&stacked_b(&scaled), &a, p, total, q).map_err(numeric);
+            return combine::low_rank_svd(&stack_b(factors, ranks, &scaled, p), &a, p, total, q)
+                .map_err(numeric);
         }
         let t = present.len();
         // The inputs the rule or method merges: the deltas, or their KnOTS coordinates.
@@ -498,8 +482,9 @@ impl<'a> Plan<'a> {
                 }
                 row0 += rk;
             }
-            let svd = combine::low_rank_svd(&stacked_b(scalings), &blk, p, total, t * q)
-                .map_err(numeric)?;
+            let svd =
+                combine::low_rank_svd(&stack_b(factors, ranks, scalings, p), &blk, p, total, t * q)
+                    .map_err(numeric)?;
             let k = svd.s.iter().filter(|&&x| x > 1e-5).count();
             // R_i = diag(σ) V_iᵀ: k × q.
             let coords = (0..t)
@@ -713,4 +698,21 @@ impl<'a> Plan<'a> {
         }
         Ok(keys)
     }
+}
+
+/// `[c_1 B_1 | … | c_T B_T]` (`p × Σ r_i`, row-major) from each adapter's `(A, B)` factors.
+fn stack_b(factors: &[(Vec<f32>, Vec<f32>)], ranks: &[usize], c: &[f64], p: usize) -> Vec<f32> {
+    let total: usize = ranks.iter().sum();
+    let mut b = vec![0.0f32; p * total];
+    let mut col = 0;
+    for ((_, fb), (&rk, &s)) in factors.iter().zip(ranks.iter().zip(c)) {
+        for row in 0..p {
+            let dst = &mut b[row * total + col..row * total + col + rk];
+            for (d, x) in dst.iter_mut().zip(&fb[row * rk..(row + 1) * rk]) {
+                *d = x * s as f32;
+            }
+        }
+        col += rk;
+    }
+    b
 }
