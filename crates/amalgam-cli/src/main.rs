@@ -1,6 +1,8 @@
 //! The `amalgam` binary: argument parsing, progress, output formatting and exit codes. All the
 //! work happens in the `amalgam` library.
 
+#[cfg(feature = "eval")]
+mod eval;
 mod progress;
 
 use std::io::Write;
@@ -86,6 +88,11 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Evaluate a model on JSONL tasks: classification accuracy of a linear head on mean-pooled
+    /// encoder outputs (BERT family), or per-token loss and perplexity of a decoder LM (Llama,
+    /// Mistral, Qwen2, Qwen3).
+    #[cfg(feature = "eval")]
+    Eval(eval::EvalArgs),
     /// LoRA adapters (PEFT format).
     #[command(subcommand)]
     Lora(LoraCommand),
@@ -425,6 +432,11 @@ fn run() -> Result<ExitCode> {
             let bar = progress::Bar::new("lora extract", cli.quiet);
             let report = amalgam::ops::lora::extract(&base, &model, &output, &opts, &bar)?;
             print_extract(&report, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "eval")]
+        Command::Eval(args) => {
+            eval::run(args, cli.quiet)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Diff {

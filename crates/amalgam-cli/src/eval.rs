@@ -1,0 +1,234 @@
+//! `amalgam eval`: evaluate a model on JSONL tasks and print a summary table or JSON.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use amalgam_eval::{Evaluator, Head, Kind, Metrics, Task, TaskResult};
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Arguments of `amalgam eval`.
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// The model: a folder with config.json, tokenizer.json and safetensors (amalgam's outputs
+    /// are such folders).
+    model: PathBuf,
+    /// A task file: JSONL rows {"text", "label"} (classification: accuracy of --head on the
+    /// mean-pooled encoder output) or {"text"} (language modelling: per-token loss and
+    /// perplexity). Repeat for several tasks.
+    #[arg(long = "task", required = true)]
+    tasks: Vec<PathBuf>,
+    /// Classification head: a .safetensors file with weight [classes, hidden] and bias
+    /// [classes], one per classification --task in the same order; or a folder holding
+    /// NAME.safetensors for each task NAME (the task file's name without .test.jsonl/.jsonl).
+    #[arg(long = "head")]
+    heads: Vec<PathBuf>,
+    /// Truncate inputs to this many tokens, special tokens included (default: the model's
+    /// sentence-transformers max_seq_length or position table for encoders; 1024 for decoders).
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// Evaluate only the first N rows of each task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Print one JSON object on stdout: {"tasks": [{"name", "examples", "accuracy"} or
+    /// {"name", "examples", "loss", "perplexity"}]}.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Run `amalgam eval`.
+pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if args.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    // Read every task and its head before the model, so bad input fails fast.
+    let tasks = args
+        .tasks
+        .iter()
+        .map(|p| Task::load(p, args.limit))
+        .collect::<amalgam_eval::Result<Vec<_>>>()?;
+    let start = Instant::now();
+    let mut ev = Evaluator::open(&args.model, args.max_len)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    ev.batch_size = args.batch_size;
+    let heads = heads_for(&tasks, &args.heads, ev.hidden_size())?;
+    let say = |msg: String| {
+        if !quiet {
+            eprintln!("{msg}");
+        }
+    };
+    say(format!(
+        "eval: {} loaded in {:.1} s (max length {} tokens)",
+        args.model.display(),
+        start.elapsed().as_secs_f64(),
+        ev.max_len
+    ));
+    let mut results = Vec::with_capacity(tasks.len());
+    for (task, head) in tasks.iter().zip(&heads) {
+        let t0 = Instant::now();
+        let bar = bar(&task.name, task.texts.len(), quiet);
+        let mut tick = |n: usize| {
+            if let Some(b) = &bar {
+                b.inc(n as u64);
+            }
+        };
+        let result = match head {
+            Some(h) => ev.classify(task, h, &mut tick)?,
+            None => ev.perplexity(task, &mut tick)?,
+        };
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        say(format!(
+            "eval: {}: {} in {:.1} s",
+            task.name,
+            describe(&result.metrics),
+            t0.elapsed().as_secs_f64()
+        ));
+        results.push(result);
+    }
+    if args.json {
+        crate::print_json(&serde_json::json!({ "tasks": results }))
+    } else {
+        print_table(&results)
+    }
+}
+
+/// The head of each task (`None` for language modelling), checked against the model.
+fn heads_for(
+    tasks: &[Task],
+    given: &[PathBuf],
+    hidden: Option<usize>,
+) -> Result<Vec<Option<Head>>> {
+    let classification: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| t.kind == Kind::Classification)
+        .collect();
+    if classification.is_empty() {
+        if !given.is_empty() {
+            bail!("--head given, but no task has labels (language-modelling tasks need no head)");
+        }
+        return Ok(tasks.iter().map(|_| None).collect());
+    }
+    let Some(hidden) = hidden else {
+        bail!(
+            "{} has labels, which asks for classification with a head, but the model is a \
+             decoder LM; classification needs an encoder (BERT family)",
+            classification[0].path.display()
+        );
+    };
+    let dir = match given {
+        [one] if one.is_dir() => Some(one.as_path()),
+        _ => None,
+    };
+    if dir.is_none() && given.len() != classification.len() {
+        bail!(
+            "{} classification task(s) but {} --head file(s): give one head per labelled task, \
+             in order, or one folder of NAME.safetensors heads",
+            classification.len(),
+            given.len()
+        );
+    }
+    let mut files = given.iter();
+    tasks
+        .iter()
+        .map(|t| {
+            if t.kind != Kind::Classification {
+                return Ok(None);
+            }
+            let path = match dir {
+                Some(d) => head_in(d, &t.name)?,
+                None => files.next().expect("counted above").clone(),
+            };
+            Ok(Some(Head::load(&path, hidden)?))
+        })
+        .collect()
+}
+
+fn head_in(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}.safetensors"));
+    if !path.is_file() {
+        bail!(
+            "{}: no head for task {name} (expected {})",
+            dir.display(),
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn bar(name: &str, total: usize, quiet: bool) -> Option<ProgressBar> {
+    (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+        b.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} examples {per_sec} ETA {eta}",
+            )
+            .expect("valid template"),
+        );
+        b.set_prefix(format!("eval {name}"));
+        b
+    })
+}
+
+fn describe(m: &Metrics) -> String {
+    match m {
+        Metrics::Accuracy { examples, accuracy } => {
+            format!("{examples} examples, accuracy {accuracy:.4}")
+        }
+        Metrics::Perplexity {
+            examples,
+            loss,
+            perplexity,
+        } => format!("{examples} examples, loss {loss:.4}, perplexity {perplexity:.3}"),
+    }
+}
+
+fn print_table(results: &[TaskResult]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let width = results
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    writeln!(
+        out,
+        "{:<width$}  {:>8}  {:>9}  {:>9}  {:>10}",
+        "task", "examples", "accuracy", "loss", "perplexity"
+    )?;
+    let mut accs = Vec::new();
+    for r in results {
+        match &r.metrics {
+            Metrics::Accuracy { examples, accuracy } => {
+                accs.push(*accuracy);
+                writeln!(
+                    out,
+                    "{:<width$}  {examples:>8}  {accuracy:>9.4}  {:>9}  {:>10}",
+                    r.name, "", ""
+                )?;
+            }
+            Metrics::Perplexity {
+                examples,
+                loss,
+                perplexity,
+            } => writeln!(
+                out,
+                "{:<width$}  {examples:>8}  {:>9}  {loss:>9.4}  {perplexity:>10.3}",
+                r.name, ""
+            )?,
+        }
+    }
+    if accs.len() > 1 {
+        let mean = accs.iter().sum::<f64>() / accs.len() as f64;
+        writeln!(out, "{:<width$}  {:>8}  {mean:>9.4}", "average", "")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! A Llama-style decoder LM (Llama, Mistral, Qwen2, Qwen3), as transformers computes it:
+//! RMSNorm, rotary positions (non-interleaved halves), grouped-query attention with a causal
+//! (optionally sliding-window) mask, and a gated MLP.
+
+use candle_core::{D, Device, Tensor};
+
+use crate::config::{DecoderConfig, RopeScaling};
+use crate::error::Result;
+use crate::nn::{Linear, RmsNorm, activate, softmax};
+use crate::weights::Weights;
+
+/// Prefixes under which the decoder stack is saved.
+const PREFIXES: &[&str] = &["model.", ""];
+
+struct Layer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// The decoder with its LM head.
+pub struct Decoder {
+    cfg: DecoderConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    inv_freq: Vec<f64>,
+}
+
+impl Decoder {
+    /// Load from `w` for `cfg`; every tensor's shape is checked.
+    pub fn load(w: &mut Weights, cfg: &DecoderConfig) -> Result<Decoder> {
+        w.select_prefix(PREFIXES, "embed_tokens.weight")?;
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim;
+        let q_width = cfg.num_attention_heads * hd;
+        let kv_width = cfg.num_key_value_heads * hd;
+        let eps = cfg.rms_norm_eps;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("layers.{i}");
+                let a = format!("{p}.self_attn");
+                let m = format!("{p}.mlp");
+                let norm = |name: &str| RmsNorm::load(w, &format!("{a}.{name}"), hd, eps);
+                Ok(Layer {
+                    input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
+                    q: Linear::load(w, &format!("{a}.q_proj"), h, q_width, cfg.qkv_bias)?,
+                    k: Linear::load(w, &format!("{a}.k_proj"), h, kv_width, cfg.qkv_bias)?,
+                    v: Linear::load(w, &format!("{a}.v_proj"), h, kv_width, cfg.qkv_bias)?,
+                    o: Linear::load(w, &format!("{a}.o_proj"), q_width, h, cfg.o_bias)?,
+                    q_norm: cfg.qk_norm.then(|| norm("q_norm")).transpose()?,
+                    k_norm: cfg.qk_norm.then(|| norm("k_norm")).transpose()?,
+                    post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
+                    gate: Linear::load(
+                        w,
+                        &format!("{m}.gate_proj"),
+                        h,
+                        cfg.intermediate_size,
+                        cfg.mlp_bias,
+                    )?,
+                    up: Linear::load(
+                        w,
+                        &format!("{m}.up_proj"),
+                        h,
+                        cfg.intermediate_size,
+                        cfg.mlp_bias,
+                    )?,
+                    down: Linear::load(
+                        w,
+                        &format!("{m}.down_proj"),
+                        cfg.intermediate_size,
+                        h,
+                        cfg.mlp_bias,
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = w.get("embed_tokens.weight", &[cfg.vocab_size, h])?;
+        // A tied head is the embedding matrix; some tied checkpoints still carry lm_head.weight,
+        // which then equals it, so the stored tensor is used whenever there is one.
+        let lm_head = if w.model().contains("lm_head.weight") {
+            Linear::new(
+                w.get_absolute("lm_head.weight", &[cfg.vocab_size, h])?,
+                None,
+            )?
+        } else if cfg.tie_word_embeddings {
+            Linear::new(embed.clone(), None)?
+        } else {
+            return Err(amalgam::Error::MissingTensor {
+                path: w.model().path.clone(),
+                name: "lm_head.weight".into(),
+            }
+            .into());
+        };
+        Ok(Decoder {
+            norm: RmsNorm::load(w, "norm", h, eps)?,
+            inv_freq: inv_freq(cfg),
+            embed,
+            layers,
+            lm_head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    /// Logits `[batch, seq, vocab]` for right-padded token ids `[batch, seq]` (u32). Padding
+    /// needs no mask: with right padding, the causal mask already keeps every real position
+    /// from seeing a pad; the logits at padded positions are meaningless and must be ignored.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = &self.cfg;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
+        let group = heads / kv_heads;
+        let device = ids.device();
+        let (cos, sin) = self.rotary(t, device)?;
+        let mask = causal_mask(t, c.sliding_window, device)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self
+            .embed
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, t, h))?;
+        for l in &self.layers {
+            let y = l.input_norm.forward(&x)?;
+            let heads_of = |lin: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+                let z = lin.forward(&y)?.reshape((b, t, n, hd))?;
+                let z = match norm {
+                    Some(nm) => nm.forward(&z)?,
+                    None => z,
+                };
+                Ok(z.transpose(1, 2)?.contiguous()?)
+            };
+            let q = heads_of(&l.q, heads, &l.q_norm)?;
+            let k = heads_of(&l.k, kv_heads, &l.k_norm)?;
+            let v = heads_of(&l.v, kv_heads, &None)?;
+            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+            // Grouped-query attention without copying keys: the `group` query heads that share
+            // a key/value head are stacked along the sequence axis.
+            let q = q.reshape((b, kv_heads, group * t, hd))?;
+            let scores = (q.matmul(&k.t()?)? * scale)?
+                .reshape((b, kv_heads, group, t, t))?
+                .broadcast_add(&mask)?
+                .reshape((b, kv_heads, group * t, t))?;
+            let ctx = softmax(&scores)?.matmul(&v)?;
+            let ctx =
+                ctx.reshape((b, heads, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((b, t, heads * hd))?;
+            x = (l.o.forward(&ctx)? + x)?;
+            let y = l.post_norm.forward(&x)?;
+            let gated = (activate(&l.gate.forward(&y)?, c.hidden_act)? * l.up.forward(&y)?)?;
+            x = (l.down.forward(&gated)? + x)?;
+        }
+        self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+
+    /// cos and sin tables `[seq, head_dim / 2]` for positions `0..t`.
+    fn rotary(&self, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for pos in 0..t {
+            for f in &self.inv_freq {
+                // transformers computes the angle in f32; doing it in f64 differs by far less
+                // than the tolerance and is the more accurate of the two.
+                let angle = pos as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, half), device)?,
+            Tensor::from_vec(sin, (t, half), device)?,
+        ))
+    }
+}
+
+/// Rotary inverse frequencies, scaled as the config says (transformers' `rope_init_fn`s).
+fn inv_freq(cfg: &DecoderConfig) -> Vec<f64> {
+    let dim = cfg.head_dim;
+    let base: Vec<f64> = (0..dim / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / dim as f64))
+        .collect();
+    match cfg.rope_scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } => {
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Additive causal mask `[seq, seq]`: 0 where query `i` may see key `j` (`j <= i`, and within
+/// the sliding window if any), -inf elsewhere.
+fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; t * t];
+    for i in 0..t {
+        for j in 0..t {
+            let visible = j <= i && window.is_none_or(|w| i - j < w);
+            if !visible {
+                m[i * t + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (t, t), device)?)
+}
+
+/// Per-position negative log-likelihood of the next token: for logits `[n, vocab]` and targets
+/// `[n]` (u32), `logsumexp(logits) - logits[target]`, as a vector.
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Vec<f32>> {
+    let lse = logits.log_sum_exp(D::Minus1)?;
+    let picked = logits.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    Ok((lse - picked)?.to_vec1::<f32>()?)
+}

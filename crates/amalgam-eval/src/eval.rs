@@ -1,0 +1,295 @@
+//! Evaluation of a model folder on tasks: accuracy of a linear head on mean-pooled encoder
+//! outputs, or per-token loss and perplexity of a decoder LM.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::bert::Bert;
+use crate::config::Arch;
+use crate::decoder::{Decoder, token_nll};
+use crate::error::{Error, Result};
+use crate::head::Head;
+use crate::task::{Kind, Task};
+use crate::tokenize::{Batch, Tok, pad};
+use crate::weights::Weights;
+
+/// Longest default input for decoders (their context is usually far longer than evaluation
+/// needs, and attention cost grows with its square).
+pub const DEFAULT_DECODER_MAX_LEN: usize = 1024;
+
+/// What one task measured.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Metrics {
+    /// Classification.
+    Accuracy {
+        /// Examples evaluated.
+        examples: usize,
+        /// Fraction classified correctly.
+        accuracy: f64,
+    },
+    /// Language modelling.
+    Perplexity {
+        /// Examples evaluated.
+        examples: usize,
+        /// Mean negative log-likelihood per predicted token (nats).
+        loss: f64,
+        /// `exp(loss)`.
+        perplexity: f64,
+    },
+}
+
+/// One task's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskResult {
+    /// The task name (file name without `.jsonl` / `.test.jsonl`).
+    pub name: String,
+    /// Its metrics.
+    #[serde(flatten)]
+    pub metrics: Metrics,
+}
+
+enum Net {
+    Bert(Bert),
+    Decoder(Decoder),
+}
+
+/// A model ready to evaluate.
+pub struct Evaluator {
+    /// The model path as given.
+    pub path: PathBuf,
+    /// Inputs are truncated to this many tokens.
+    pub max_len: usize,
+    /// Rows per forward pass.
+    pub batch_size: usize,
+    net: Net,
+    tok: Tok,
+    device: Device,
+}
+
+impl Evaluator {
+    /// Load the model at `path` (a folder with `config.json`, `tokenizer.json` and safetensors,
+    /// or a safetensors file or index inside such a folder). `max_len` defaults to the
+    /// sentence-transformers setting (`sentence_bert_config.json`) or the position table for
+    /// encoders, and [`DEFAULT_DECODER_MAX_LEN`] for decoders.
+    pub fn open(path: &Path, max_len: Option<usize>) -> Result<Evaluator> {
+        let mut weights = Weights::open(path)?;
+        let dir = weights.model().dir.clone();
+        let arch = Arch::load(&dir)?;
+        let max_len = match (max_len, arch.max_positions()) {
+            (Some(0), _) => return Err(Error::Argument("--max-len must be at least 1".into())),
+            (Some(n), Some(p)) if n > p => {
+                return Err(Error::Argument(format!(
+                    "--max-len {n} exceeds the model's {p} positions (max_position_embeddings \
+                     in {})",
+                    dir.join("config.json").display()
+                )));
+            }
+            (Some(n), _) => n,
+            (None, Some(p)) => sentence_transformers_max_len(&dir).unwrap_or(p).min(p),
+            (None, None) => DEFAULT_DECODER_MAX_LEN,
+        };
+        let net = match &arch {
+            Arch::Bert(c) => Net::Bert(Bert::load(&mut weights, c)?),
+            Arch::Decoder(c) => Net::Decoder(Decoder::load(&mut weights, c)?),
+        };
+        Ok(Evaluator {
+            path: path.to_path_buf(),
+            max_len,
+            batch_size: 32,
+            tok: Tok::load(&dir, max_len)?,
+            net,
+            device: Device::Cpu,
+        })
+    }
+
+    /// The encoder's hidden width (heads must match it), or `None` for a decoder.
+    pub fn hidden_size(&self) -> Option<usize> {
+        match &self.net {
+            Net::Bert(b) => Some(b.hidden_size()),
+            Net::Decoder(_) => None,
+        }
+    }
+
+    /// Whether the model is an encoder (classification) rather than a decoder LM.
+    pub fn is_encoder(&self) -> bool {
+        matches!(self.net, Net::Bert(_))
+    }
+
+    fn encoder(&self) -> Result<&Bert> {
+        match &self.net {
+            Net::Bert(b) => Ok(b),
+            Net::Decoder(_) => Err(Error::Argument(format!(
+                "{}: embeddings and classification need an encoder (model_type bert); this is a \
+                 decoder LM: evaluate it on {{\"text\"}} rows for perplexity",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// Tokenize `texts` and yield right-padded batches in order of decreasing length (less
+    /// padding), with the original index of each row.
+    fn batches(&self, texts: &[String]) -> Result<Vec<(Vec<usize>, Batch)>> {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let encoded = self.tok.encode(&refs)?;
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].0.len()));
+        let pad_id = self.tok.pad_id();
+        order
+            .chunks(self.batch_size.max(1))
+            .map(|idx| {
+                let rows: Vec<_> = idx.iter().map(|&i| &encoded[i]).collect();
+                Ok((idx.to_vec(), pad(&rows, pad_id, &self.device)?))
+            })
+            .collect()
+    }
+
+    /// Mean-pooled embeddings of `texts` (an encoder only), in input order; `progress` gets the
+    /// number of rows finished after each batch.
+    pub fn embed(
+        &self,
+        texts: &[String],
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        let bert = self.encoder()?;
+        let mut out = vec![Vec::new(); texts.len()];
+        for (idx, batch) in self.batches(texts)? {
+            let pooled = bert.embed(&batch.ids, &batch.type_ids, &batch.mask)?;
+            for (row, v) in idx.iter().zip(pooled.to_vec2::<f32>()?) {
+                out[*row] = v;
+            }
+            progress(idx.len());
+        }
+        Ok(out)
+    }
+
+    /// Accuracy of `head` on a classification task.
+    pub fn classify(
+        &self,
+        task: &Task,
+        head: &Head,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<TaskResult> {
+        if task.kind != Kind::Classification {
+            return Err(Error::Argument(format!(
+                "{}: rows have no \"label\"; a head needs a classification task",
+                task.path.display()
+            )));
+        }
+        if let Some((i, &label)) = task
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(_, l)| **l >= head.classes)
+        {
+            return Err(Error::Task {
+                path: task.path.clone(),
+                line: task.lines[i],
+                reason: format!(
+                    "label {label} is outside the head's {} classes ({}); is this the head \
+                     for this task?",
+                    head.classes,
+                    head.path.display()
+                ),
+            });
+        }
+        let bert = self.encoder()?;
+        let mut correct = 0usize;
+        for (idx, batch) in self.batches(&task.texts)? {
+            let pooled = bert.embed(&batch.ids, &batch.type_ids, &batch.mask)?;
+            let predicted = head.forward(&pooled)?.argmax(1)?.to_vec1::<u32>()?;
+            correct += idx
+                .iter()
+                .zip(predicted)
+                .filter(|(i, p)| task.labels[**i] == *p as usize)
+                .count();
+            progress(idx.len());
+        }
+        Ok(TaskResult {
+            name: task.name.clone(),
+            metrics: Metrics::Accuracy {
+                examples: task.texts.len(),
+                accuracy: correct as f64 / task.texts.len() as f64,
+            },
+        })
+    }
+
+    /// Per-token loss and perplexity of a decoder LM on a language-modelling task: the mean,
+    /// over every predicted token of every row, of the next-token negative log-likelihood (what
+    /// transformers' `labels=input_ids` loss averages within a batch).
+    pub fn perplexity(&self, task: &Task, progress: &mut dyn FnMut(usize)) -> Result<TaskResult> {
+        let Net::Decoder(dec) = &self.net else {
+            return Err(Error::Argument(format!(
+                "{}: rows have no \"label\", which asks for perplexity, but this model is an \
+                 encoder; give classification rows {{\"text\", \"label\"}} and a --head",
+                task.path.display()
+            )));
+        };
+        let (mut total, mut tokens) = (0f64, 0usize);
+        for (idx, batch) in self.batches(&task.texts)? {
+            let logits = dec.forward(&batch.ids)?;
+            let (b, t, v) = logits.dims3()?;
+            if t < 2 {
+                progress(idx.len());
+                continue;
+            }
+            let predict = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+            let targets = batch.ids.narrow(1, 1, t - 1)?.flatten_all()?;
+            let nll = token_nll(&predict, &targets)?;
+            for (row, &len) in batch.lengths.iter().enumerate() {
+                // Position j predicts token j + 1: a row of `len` tokens has len - 1 targets.
+                for j in 0..len.saturating_sub(1) {
+                    total += f64::from(nll[row * (t - 1) + j]);
+                    tokens += 1;
+                }
+            }
+            progress(idx.len());
+        }
+        if tokens == 0 {
+            return Err(Error::Task {
+                path: task.path.clone(),
+                line: 0,
+                reason: "no row has two or more tokens; nothing to predict".into(),
+            });
+        }
+        let loss = total / tokens as f64;
+        Ok(TaskResult {
+            name: task.name.clone(),
+            metrics: Metrics::Perplexity {
+                examples: task.texts.len(),
+                loss,
+                perplexity: loss.exp(),
+            },
+        })
+    }
+
+    /// Raw logits `[batch, seq, vocab]` (decoder) or last hidden states `[batch, seq, hidden]`
+    /// (encoder) for explicit token ids, unpadded (`ids` rows of equal length). For parity tests.
+    pub fn forward_ids(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let t = ids.first().map_or(0, Vec::len);
+        if ids.iter().any(|r| r.len() != t) || t == 0 {
+            return Err(Error::Argument(
+                "forward_ids needs non-empty rows of equal length".into(),
+            ));
+        }
+        let flat: Vec<u32> = ids.concat();
+        let ids_t = Tensor::from_vec(flat, (ids.len(), t), &self.device)?;
+        Ok(match &self.net {
+            Net::Bert(b) => {
+                let zeros = ids_t.zeros_like()?;
+                let mask = Tensor::ones((ids.len(), t), candle_core::DType::F32, &self.device)?;
+                b.forward(&ids_t, &zeros, &mask)?
+            }
+            Net::Decoder(d) => d.forward(&ids_t)?,
+        })
+    }
+}
+
+/// `max_seq_length` from sentence-transformers' `sentence_bert_config.json`, if present.
+fn sentence_transformers_max_len(dir: &Path) -> Option<usize> {
+    let text = std::fs::read(dir.join("sentence_bert_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    v.get("max_seq_length")?.as_u64().map(|n| n as usize)
+}

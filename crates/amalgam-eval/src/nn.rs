@@ -1,0 +1,126 @@
+//! The layers both architectures share, loaded from [`Weights`] with shapes checked.
+
+use candle_core::{D, Tensor};
+
+use crate::config::Activation;
+use crate::error::Result;
+use crate::weights::Weights;
+
+/// `y = x Wᵀ + b` on the last dimension.
+pub struct Linear {
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `name.weight` of shape `[out, in]` and, if `bias`, `name.bias` of shape `[out]`.
+    pub fn load(w: &Weights, name: &str, inp: usize, out: usize, bias: bool) -> Result<Linear> {
+        let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
+        let bias = bias
+            .then(|| w.get(&format!("{name}.bias"), &[out]))
+            .transpose()?;
+        Linear::new(weight, bias)
+    }
+
+    /// From a `[out, in]` weight.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        Ok(Linear {
+            // Stored transposed and contiguous: a plain row-major right-hand side is what the
+            // CPU matmul is fastest with.
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
+    }
+
+    /// Apply to `x` of shape `[..., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let inp = dims[dims.len() - 1];
+        let rows = x.elem_count() / inp.max(1);
+        let y = x.reshape((rows, inp))?.matmul(&self.weight_t)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap() = y.dim(1)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// LayerNorm with weight and bias.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// `name.weight` and `name.bias`, both `[width]`.
+    pub fn load(w: &Weights, name: &str, width: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: w.get(&format!("{name}.weight"), &[width])?,
+            bias: w.get(&format!("{name}.bias"), &[width])?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalize the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+/// RMSNorm (Llama's: the weight multiplies the normalized input).
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// `name.weight`, `[width]`.
+    pub fn load(w: &Weights, name: &str, width: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: w.get(&format!("{name}.weight"), &[width])?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalize the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
+    }
+}
+
+/// Apply an activation.
+pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Gelu => x.gelu_erf()?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Relu => x.relu()?,
+        Activation::Silu => x.silu()?,
+    })
+}
+
+/// Softmax over the last dimension of attention scores.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
+}
+
+/// Mean of `hidden` `[batch, seq, width]` over the positions where `mask` `[batch, seq]` is 1,
+/// as sentence-transformers pools (the count clamped at 1e-9).
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.unsqueeze(D::Minus1)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9f32, f32::MAX)?;
+    Ok(sum.broadcast_div(&count)?)
+}
