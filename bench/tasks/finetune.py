@@ -70,6 +70,22 @@ def accuracy(head, emb, labels):
         return (head(emb).argmax(-1) == labels).float().mean().item()
 
 
+def complete_with_base_tensors(base_path, folder):
+    """Add the tensors the base file has but the fine-tune's state dict lacks (buffers such as
+    `embeddings.position_ids`, which older transformers saved), so that every fine-tune has the
+    base's tensor set and merges need no special cases."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = os.path.join(folder, "model.safetensors")
+    tuned = load_file(path)
+    with safe_open(os.path.join(base_path, "model.safetensors"), "pt") as base:
+        missing = [k for k in base.keys() if k not in tuned]
+        for k in missing:
+            tuned[k] = base.get_tensor(k)
+    if missing:
+        save_file(tuned, path, metadata={"format": "pt"})
+
+
 def save_head(head, path):
     save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
               path)
@@ -128,6 +144,7 @@ def finetune(base_path, tok, task, args, out):
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    complete_with_base_tensors(base_path, folder)
     for name in SIDE_FILES:
         src = os.path.join(base_path, name)
         if os.path.exists(src):

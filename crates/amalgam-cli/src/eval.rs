@@ -74,14 +74,14 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
     for (task, head) in tasks.iter().zip(&heads) {
         let t0 = Instant::now();
         let bar = bar(&task.name, task.texts.len(), quiet);
-        let mut tick = |n: usize| {
+        let tick = |n: usize| {
             if let Some(b) = &bar {
                 b.inc(n as u64);
             }
         };
         let result = match head {
-            Some(h) => ev.classify(task, h, &mut tick)?,
-            None => ev.perplexity(task, &mut tick)?,
+            Some(h) => ev.classify(task, h, &tick)?,
+            None => ev.perplexity(task, &tick)?,
         };
         if let Some(b) = bar {
             b.finish_and_clear();

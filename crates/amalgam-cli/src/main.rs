@@ -282,6 +282,14 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 
 fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
+    // candle (amalgam eval) has its own worker pool; evaluation runs whole batches in parallel
+    // on rayon's workers instead, each batch on one core, which scales better than splitting
+    // every small operation. Set before any other thread exists.
+    #[cfg(feature = "eval")]
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: no other thread is running yet, so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     let _ = ctrlc::set_handler(amalgam::cancel::cancel);
     if let Some(n) = cli.threads {
         if n == 0 {

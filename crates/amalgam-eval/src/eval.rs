@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::bert::Bert;
@@ -18,6 +19,9 @@ use crate::weights::Weights;
 /// Longest default input for decoders (their context is usually far longer than evaluation
 /// needs, and attention cost grows with its square).
 pub const DEFAULT_DECODER_MAX_LEN: usize = 1024;
+
+/// Called with the number of rows finished after each batch (from any worker thread).
+pub type Progress<'a> = &'a (dyn Fn(usize) + Sync);
 
 /// What one task measured.
 #[derive(Clone, Debug, Serialize)]
@@ -146,32 +150,43 @@ impl Evaluator {
             .collect()
     }
 
-    /// Mean-pooled embeddings of `texts` (an encoder only), in input order; `progress` gets the
-    /// number of rows finished after each batch.
-    pub fn embed(
+    /// Run `f` on every batch of `texts`, batches in parallel on the rayon pool (each batch's
+    /// work is independent, so results do not depend on the thread count), and return each
+    /// batch's rows (original indices) with its result, in batch order.
+    fn map_batches<T: Send>(
         &self,
         texts: &[String],
-        progress: &mut dyn FnMut(usize),
-    ) -> Result<Vec<Vec<f32>>> {
+        progress: Progress,
+        f: impl Fn(&Batch) -> Result<T> + Sync,
+    ) -> Result<Vec<(Vec<usize>, T)>> {
+        self.batches(texts)?
+            .into_par_iter()
+            .map(|(idx, batch)| {
+                let out = f(&batch)?;
+                progress(idx.len());
+                Ok((idx, out))
+            })
+            .collect()
+    }
+
+    /// Mean-pooled embeddings of `texts` (an encoder only), in input order; `progress` gets the
+    /// number of rows finished after each batch.
+    pub fn embed(&self, texts: &[String], progress: Progress) -> Result<Vec<Vec<f32>>> {
         let bert = self.encoder()?;
+        let pooled = self.map_batches(texts, progress, |b| {
+            Ok(bert.embed(&b.ids, &b.type_ids, &b.mask)?.to_vec2::<f32>()?)
+        })?;
         let mut out = vec![Vec::new(); texts.len()];
-        for (idx, batch) in self.batches(texts)? {
-            let pooled = bert.embed(&batch.ids, &batch.type_ids, &batch.mask)?;
-            for (row, v) in idx.iter().zip(pooled.to_vec2::<f32>()?) {
-                out[*row] = v;
+        for (idx, rows) in pooled {
+            for (row, v) in idx.into_iter().zip(rows) {
+                out[row] = v;
             }
-            progress(idx.len());
         }
         Ok(out)
     }
 
     /// Accuracy of `head` on a classification task.
-    pub fn classify(
-        &self,
-        task: &Task,
-        head: &Head,
-        progress: &mut dyn FnMut(usize),
-    ) -> Result<TaskResult> {
+    pub fn classify(&self, task: &Task, head: &Head, progress: Progress) -> Result<TaskResult> {
         if task.kind != Kind::Classification {
             return Err(Error::Argument(format!(
                 "{}: rows have no \"label\"; a head needs a classification task",
@@ -196,17 +211,15 @@ impl Evaluator {
             });
         }
         let bert = self.encoder()?;
-        let mut correct = 0usize;
-        for (idx, batch) in self.batches(&task.texts)? {
-            let pooled = bert.embed(&batch.ids, &batch.type_ids, &batch.mask)?;
-            let predicted = head.forward(&pooled)?.argmax(1)?.to_vec1::<u32>()?;
-            correct += idx
-                .iter()
-                .zip(predicted)
-                .filter(|(i, p)| task.labels[**i] == *p as usize)
-                .count();
-            progress(idx.len());
-        }
+        let predicted = self.map_batches(&task.texts, progress, |b| {
+            let pooled = bert.embed(&b.ids, &b.type_ids, &b.mask)?;
+            Ok(head.forward(&pooled)?.argmax(1)?.to_vec1::<u32>()?)
+        })?;
+        let correct = predicted
+            .iter()
+            .flat_map(|(idx, p)| idx.iter().zip(p))
+            .filter(|(i, p)| task.labels[**i] == **p as usize)
+            .count();
         Ok(TaskResult {
             name: task.name.clone(),
             metrics: Metrics::Accuracy {
@@ -219,7 +232,7 @@ impl Evaluator {
     /// Per-token loss and perplexity of a decoder LM on a language-modelling task: the mean,
     /// over every predicted token of every row, of the next-token negative log-likelihood (what
     /// transformers' `labels=input_ids` loss averages within a batch).
-    pub fn perplexity(&self, task: &Task, progress: &mut dyn FnMut(usize)) -> Result<TaskResult> {
+    pub fn perplexity(&self, task: &Task, progress: Progress) -> Result<TaskResult> {
         let Net::Decoder(dec) = &self.net else {
             return Err(Error::Argument(format!(
                 "{}: rows have no \"label\", which asks for perplexity, but this model is an \
@@ -227,13 +240,12 @@ impl Evaluator {
                 task.path.display()
             )));
         };
-        let (mut total, mut tokens) = (0f64, 0usize);
-        for (idx, batch) in self.batches(&task.texts)? {
+        let per_batch = self.map_batches(&task.texts, progress, |batch| {
             let logits = dec.forward(&batch.ids)?;
             let (b, t, v) = logits.dims3()?;
+            let (mut total, mut tokens) = (0f64, 0usize);
             if t < 2 {
-                progress(idx.len());
-                continue;
+                return Ok((total, tokens));
             }
             let predict = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
             let targets = batch.ids.narrow(1, 1, t - 1)?.flatten_all()?;
@@ -245,8 +257,12 @@ impl Evaluator {
                     tokens += 1;
                 }
             }
-            progress(idx.len());
-        }
+            Ok((total, tokens))
+        })?;
+        // Summed in batch order, so the result does not depend on the number of threads.
+        let (total, tokens) = per_batch
+            .iter()
+            .fold((0f64, 0usize), |(a, n), (_, (t, k))| (a + t, n + k));
         if tokens == 0 {
             return Err(Error::Task {
                 path: task.path.clone(),

@@ -49,7 +49,7 @@ fn minilm_matches_sentence_transformers() {
         let max_len = case["max_len"].as_u64().unwrap() as usize;
         let mut ev = Evaluator::open(&dir, Some(max_len)).unwrap();
         ev.batch_size = 4;
-        let got = ev.embed(&sentences, &mut |_| {}).unwrap();
+        let got = ev.embed(&sentences, &|_| {}).unwrap();
         let mut worst = 0f64;
         for (g, w) in got.iter().zip(case["embeddings"].as_array().unwrap()) {
             let w = w.as_array().unwrap();

@@ -67,7 +67,7 @@ fn bert_mean_pooling_and_head_match_transformers() {
     let exp = expected("bert");
     let ev = Evaluator::open(&dir, None).unwrap();
     let task = Task::load(&dir.join("task.jsonl"), None).unwrap();
-    let pooled = ev.embed(&task.texts, &mut |_| {}).unwrap();
+    let pooled = ev.embed(&task.texts, &|_| {}).unwrap();
     let want = exp.floats("pooled").unwrap();
     let d = max_diff(&pooled.concat(), &want);
     assert!(d < TOL, "pooled max |Δ| = {d}");
@@ -80,7 +80,7 @@ fn bert_mean_pooling_and_head_match_transformers() {
         .filter(|(p, l)| **p as usize == **l)
         .count();
     let head = Head::load(&dir.join("head.safetensors"), 32).unwrap();
-    let result = ev.classify(&task, &head, &mut |_| {}).unwrap();
+    let result = ev.classify(&task, &head, &|_| {}).unwrap();
     let Metrics::Accuracy { examples, accuracy } = result.metrics else {
         panic!("not accuracy")
     };
@@ -99,7 +99,7 @@ fn check_decoder(name: &str) {
     assert!(d < TOL, "{name}: logits max |Δ| = {d}");
 
     let task = Task::load(&dir.join("lm.jsonl"), None).unwrap();
-    let result = ev.perplexity(&task, &mut |_| {}).unwrap();
+    let result = ev.perplexity(&task, &|_| {}).unwrap();
     let Metrics::Perplexity {
         loss, perplexity, ..
     } = result.metrics
