@@ -268,3 +268,40 @@ fn bad_input_gets_clear_errors() {
     ]);
     assert!(err.contains("exceeds the model's 64 positions"), "{err}");
 }
+
+/// Batches run in parallel, but each batch's work is independent and results are combined in
+/// batch order: the output is the same at any thread count.
+#[test]
+fn results_do_not_depend_on_threads() {
+    let qwen = fixture("qwen3");
+    let lm = qwen.join("lm.jsonl");
+    let bert = fixture("bert");
+    let task = bert.join("task.jsonl");
+    let head = bert.join("head.safetensors");
+    for args in [
+        vec![
+            "eval",
+            s(&qwen),
+            "--task",
+            s(&lm),
+            "--batch-size",
+            "1",
+            "--json",
+        ],
+        vec![
+            "eval",
+            s(&bert),
+            "--task",
+            s(&task),
+            "--head",
+            s(&head),
+            "--batch-size",
+            "1",
+            "--json",
+        ],
+    ] {
+        let one = ok(&[&["--threads", "1"], args.as_slice()].concat());
+        let two = ok(&[&["--threads", "2"], args.as_slice()].concat());
+        assert_eq!(one, two);
+    }
+}
