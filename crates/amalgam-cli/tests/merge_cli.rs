@@ -87,6 +87,41 @@ fn missing_required_parameter_names_model_and_parameter() {
 }
 
 #[test]
+fn parameters_the_method_does_not_read_are_warned_about() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(
+        d.path(),
+        &TIES
+            .replace(
+                "density: 0.5}\n  - model: $M/llama_ft2",
+                "densty: 0.5}\n  - model: $M/llama_ft2",
+            )
+            .replace(
+                "merge_method: ties",
+                "merge_method: ties\nparameters: {t: 0.5}",
+            ),
+    );
+    let out = amalgam(&["merge", s(&cfg), s(&d.path().join("out"))]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("warning: parameter 'densty'"), "{err}");
+    // --dry-run lists the warnings with the plan.
+    let out = amalgam(&["merge", s(&cfg), s(&d.path().join("out2")), "--dry-run"]);
+    let err = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        err.contains("parameter 'densty' is not used by merge_method ties")
+            && err.contains("parameter 't' is not used")
+            && err.contains("density"),
+        "{err}"
+    );
+    // A config whose every parameter is read gets no such warning.
+    let cfg = config(d.path(), TIES);
+    let out = amalgam(&["merge", s(&cfg), s(&d.path().join("out3"))]);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("not used"));
+}
+
+#[test]
 fn bad_parameter_values_are_reported() {
     rejected(
         &format!("{TIES}parameters: {{lambda: abc}}\n"),

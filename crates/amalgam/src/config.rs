@@ -70,6 +70,11 @@ impl Parameters {
     pub fn get(&self, name: &str) -> Option<&Setting> {
         self.0.iter().find(|(k, _)| k == name).map(|(_, s)| s)
     }
+
+    /// The names given, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(k, _)| k.as_str())
+    }
 }
 
 impl<'de> Deserialize<'de> for Parameters {

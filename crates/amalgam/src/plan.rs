@@ -193,6 +193,40 @@ pub struct PlanOptions {
     pub truncate_embeddings: bool,
 }
 
+/// A warning for each parameter name the config sets that the method does not read (a typo, or
+/// a parameter of another method: mergekit ignores them too, but silently).
+fn unused_parameters(config: &MergeConfig, spec: &methods::MethodSpec) -> Vec<String> {
+    let mut scopes: Vec<&Parameters> = vec![&config.parameters];
+    for m in config.models.iter().flatten() {
+        scopes.push(&m.parameters);
+    }
+    for s in config.slices.iter().flatten() {
+        scopes.push(&s.parameters);
+        scopes.extend(s.sources.iter().map(|src| &src.parameters));
+    }
+    let mut unused: Vec<&str> = Vec::new();
+    for name in scopes.iter().flat_map(|p| p.names()) {
+        if !spec.params.iter().any(|p| p.name == name) && !unused.contains(&name) {
+            unused.push(name);
+        }
+    }
+    let valid: Vec<&str> = spec.params.iter().map(|p| p.name).collect();
+    unused
+        .into_iter()
+        .map(|name| {
+            format!(
+                "parameter '{name}' is not used by merge_method {} (its parameters: {})",
+                spec.name,
+                if valid.is_empty() {
+                    "none".to_string()
+                } else {
+                    valid.join(", ")
+                }
+            )
+        })
+        .collect()
+}
+
 /// Build the plan for `config` over `set`.
 pub fn build(config: &MergeConfig, set: &ModelSet, opts: PlanOptions) -> Result<Plan> {
     let method = methods::get(&config.merge_method).map_err(|e| config.error(e))?;
@@ -256,6 +290,9 @@ pub fn build(config: &MergeConfig, set: &ModelSet, opts: PlanOptions) -> Result<
         planner.plan_tensor(name, &inputs_same_name(last, name), last, 0.0)?;
     }
     let out_config = out_config(reference, config, layout, out_dtype, out_layer);
+    planner
+        .warnings
+        .extend(unused_parameters(config, method.spec()));
     Ok(Plan {
         method,
         tensors: planner.tensors,
