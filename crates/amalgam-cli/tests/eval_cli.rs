@@ -252,8 +252,13 @@ fn bad_input_gets_clear_errors() {
         "{err}"
     );
 
-    // A classification head on a decoder LM, and too long an input for the position table.
+    // Another model's tokenizer, whose ids run past this model's vocabulary.
     let qwen = fixture("qwen3");
+    std::fs::copy(qwen.join("tokenizer.json"), gpt2.join("tokenizer.json")).unwrap();
+    let err = fails(&["eval", s(&gpt2), "--task", s(&task), "--head", s(&head)]);
+    assert!(err.contains("outside the model's vocabulary"), "{err}");
+
+    // A classification head on a decoder LM, and too long an input for the position table.
     let err = fails(&["eval", s(&qwen), "--task", s(&task), "--head", s(&head)]);
     assert!(err.contains("decoder LM"), "{err}");
     let err = fails(&[

@@ -70,6 +70,7 @@ pub struct Evaluator {
     pub batch_size: usize,
     net: Net,
     tok: Tok,
+    vocab_size: usize,
     device: Device,
 }
 
@@ -95,6 +96,10 @@ impl Evaluator {
             (None, Some(p)) => sentence_transformers_max_len(&dir).unwrap_or(p).min(p),
             (None, None) => DEFAULT_DECODER_MAX_LEN,
         };
+        let vocab_size = match &arch {
+            Arch::Bert(c) => c.vocab_size,
+            Arch::Decoder(c) => c.vocab_size,
+        };
         let net = match &arch {
             Arch::Bert(c) => Net::Bert(Bert::load(&mut weights, c)?),
             Arch::Decoder(c) => Net::Decoder(Decoder::load(&mut weights, c)?),
@@ -105,6 +110,7 @@ impl Evaluator {
             batch_size: 32,
             tok: Tok::load(&dir, max_len)?,
             net,
+            vocab_size,
             device: Device::Cpu,
         })
     }
@@ -138,6 +144,20 @@ impl Evaluator {
     fn batches(&self, texts: &[String]) -> Result<Vec<(Vec<usize>, Batch)>> {
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let encoded = self.tok.encode(&refs)?;
+        if let Some(id) = encoded
+            .iter()
+            .flat_map(|e| &e.0)
+            .find(|&&id| id as usize >= self.vocab_size)
+        {
+            return Err(Error::Tokenizer {
+                path: self.tok.path().to_path_buf(),
+                reason: format!(
+                    "token id {id} is outside the model's vocabulary of {} (config.json \
+                     vocab_size); is this the model's own tokenizer?",
+                    self.vocab_size
+                ),
+            });
+        }
         let mut order: Vec<usize> = (0..encoded.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].0.len()));
         let pad_id = self.tok.pad_id();

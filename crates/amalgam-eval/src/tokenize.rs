@@ -70,6 +70,11 @@ impl Tok {
             .collect())
     }
 
+    /// The tokenizer file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The id padding uses (the file's pad token, else 0). Padded positions are masked, so the
     /// value only has to be a valid index.
     pub fn pad_id(&self) -> u32 {
