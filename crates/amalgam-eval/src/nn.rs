@@ -104,11 +104,32 @@ impl RmsNorm {
 /// Apply an activation.
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(match act {
-        Activation::Gelu => x.gelu_erf()?,
+        Activation::Gelu => gelu_erf(x)?,
         Activation::GeluTanh => x.gelu()?,
         Activation::Relu => x.relu()?,
         Activation::Silu => x.silu()?,
     })
+}
+
+/// Exact GELU, `x Φ(x) = x (1 + erf(x/√2)) / 2`. candle's own calls a slow scalar `erf`, a tenth
+/// of an encoder's time; this one uses Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7 on erf,
+/// below f32 rounding of the result's scale) with the platform's `exp`.
+fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+    for e in v.iter_mut() {
+        *e = 0.5 * *e * (1.0 + erf(*e * std::f32::consts::FRAC_1_SQRT_2));
+    }
+    Ok(Tensor::from_vec(v, x.shape(), x.device())?)
+}
+
+/// erf by Abramowitz & Stegun 7.1.26.
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    (1.0 - poly * (-a * a).exp()).copysign(x)
 }
 
 /// Softmax over the last dimension of attention scores.
@@ -123,4 +144,28 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let sum = hidden.broadcast_mul(&m)?.sum(1)?;
     let count = m.sum(1)?.clamp(1e-9f32, f32::MAX)?;
     Ok(sum.broadcast_div(&count)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against erf values to 9 digits (Abramowitz & Stegun table 7.1).
+    #[test]
+    fn erf_is_accurate_to_2e_7() {
+        let table = [
+            (0.0f32, 0.0f64),
+            (0.1, 0.112_462_916),
+            (0.5, 0.520_499_878),
+            (1.0, 0.842_700_793),
+            (1.5, 0.966_105_146),
+            (2.0, 0.995_322_265),
+            (3.0, 0.999_977_910),
+        ];
+        for (x, want) in table {
+            assert!((f64::from(erf(x)) - want).abs() < 2e-7, "erf({x})");
+            assert!((f64::from(erf(-x)) + want).abs() < 2e-7, "erf(-{x})");
+        }
+        assert_eq!(erf(10.0), 1.0);
+    }
 }
