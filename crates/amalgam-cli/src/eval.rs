@@ -1,12 +1,11 @@
 //! `amalgam eval`: evaluate a model on JSONL tasks and print a summary table or JSON.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use amalgam_eval::{Evaluator, Head, Kind, Metrics, Task, TaskResult};
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Arguments of `amalgam eval`.
 #[derive(clap::Args)]
@@ -73,7 +72,12 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
     let mut results = Vec::with_capacity(tasks.len());
     for (task, head) in tasks.iter().zip(&heads) {
         let t0 = Instant::now();
-        let bar = bar(&task.name, task.texts.len(), quiet);
+        let bar = crate::progress::counter(
+            &format!("eval {}", task.name),
+            task.texts.len() as u64,
+            "examples",
+            quiet,
+        );
         let tick = |n: usize| {
             if let Some(b) = &bar {
                 b.inc(n as u64);
@@ -162,20 +166,6 @@ fn head_in(dir: &Path, name: &str) -> Result<PathBuf> {
         );
     }
     Ok(path)
-}
-
-fn bar(name: &str, total: usize, quiet: bool) -> Option<ProgressBar> {
-    (!quiet && std::io::stderr().is_terminal()).then(|| {
-        let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
-        b.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} examples {per_sec} ETA {eta}",
-            )
-            .expect("valid template"),
-        );
-        b.set_prefix(format!("eval {name}"));
-        b
-    })
 }
 
 fn describe(m: &Metrics) -> String {

@@ -15,7 +15,7 @@ pub struct Bar {
 impl Bar {
     /// A bar labelled `what`; hidden when `quiet` or stderr is not a terminal.
     pub fn new(what: &str, quiet: bool) -> Bar {
-        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = shown(quiet).then(|| {
             let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
             b.set_style(
                 ProgressStyle::with_template(
@@ -32,6 +32,26 @@ impl Bar {
             what: what.to_string(),
         }
     }
+}
+
+/// Whether progress is drawn: stderr is a terminal and `--quiet` was not given.
+fn shown(quiet: bool) -> bool {
+    !quiet && std::io::stderr().is_terminal()
+}
+
+/// A bar counting `total` items (`unit`, e.g. "examples"), labelled `what`; `None` when hidden.
+pub fn counter(what: &str, total: u64, unit: &str, quiet: bool) -> Option<ProgressBar> {
+    shown(quiet).then(|| {
+        let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        b.set_style(
+            ProgressStyle::with_template(&format!(
+                "{{prefix}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}}"
+            ))
+            .expect("valid template"),
+        );
+        b.set_prefix(what.to_string());
+        b
+    })
 }
 
 impl amalgam::progress::Progress for Bar {

@@ -164,6 +164,14 @@ impl Arch {
         }
     }
 
+    /// The vocabulary size (token ids must be below it).
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Arch::Bert(c) => c.vocab_size,
+            Arch::Decoder(c) => c.vocab_size,
+        }
+    }
+
     /// The longest input the position embeddings allow (encoders), or `None` (RoPE decoders).
     pub fn max_positions(&self) -> Option<usize> {
         match self {

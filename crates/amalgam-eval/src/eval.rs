@@ -96,10 +96,6 @@ impl Evaluator {
             (None, Some(p)) => sentence_transformers_max_len(&dir).unwrap_or(p).min(p),
             (None, None) => DEFAULT_DECODER_MAX_LEN,
         };
-        let vocab_size = match &arch {
-            Arch::Bert(c) => c.vocab_size,
-            Arch::Decoder(c) => c.vocab_size,
-        };
         let net = match &arch {
             Arch::Bert(c) => Net::Bert(Bert::load(&mut weights, c)?),
             Arch::Decoder(c) => Net::Decoder(Decoder::load(&mut weights, c)?),
@@ -110,7 +106,7 @@ impl Evaluator {
             batch_size: 32,
             tok: Tok::load(&dir, max_len)?,
             net,
-            vocab_size,
+            vocab_size: arch.vocab_size(),
             device: Device::Cpu,
         })
     }
@@ -121,11 +117,6 @@ impl Evaluator {
             Net::Bert(b) => Some(b.hidden_size()),
             Net::Decoder(_) => None,
         }
-    }
-
-    /// Whether the model is an encoder (classification) rather than a decoder LM.
-    pub fn is_encoder(&self) -> bool {
-        matches!(self.net, Net::Bert(_))
     }
 
     fn encoder(&self) -> Result<&Bert> {
