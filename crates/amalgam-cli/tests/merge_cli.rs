@@ -1,6 +1,7 @@
 //! `amalgam merge` beyond parity: every config error and unsupported combination gives a clear
-//! message and writes nothing; random methods are seeded and thread-count independent; the dry
-//! run prints the plan; side files land in the output.
+//! message and writes nothing; random methods are seeded and independent of the thread count
+//! and of the vector instructions used; the dry run prints the plan; side files land in the
+//! output.
 
 mod common;
 
@@ -344,6 +345,14 @@ fn random_methods_depend_on_the_seed_only() {
         };
         let one = run("1", "7", "a");
         assert_eq!(one, run("2", "7", "b"), "{method}: 1 vs 2 threads");
+        let out = d.path().join("baseline");
+        let baseline = std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
+            .args(["merge", s(&cfg), s(&out), "--seed", "7", "-q"])
+            .env("AMALGAM_SIMD", "baseline")
+            .output()
+            .unwrap();
+        assert!(baseline.status.success());
+        assert_eq!(one, merged_bytes(&out), "{method}: baseline loops");
         assert_eq!(one, run("2", "7", "c"), "{method}: repeat");
         assert_ne!(one, run("2", "8", "d"), "{method}: another seed");
     }

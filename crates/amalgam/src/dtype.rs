@@ -260,6 +260,11 @@ fn for_each_elem<T: bytemuck::Pod>(bytes: &[u8], mut f: impl FnMut(T)) {
 /// Returns `false`, leaving `out` empty, when `dtype` is not a float type.
 pub fn decode_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> bool {
     out.clear();
+    decode_f32_append(dtype, bytes, out)
+}
+
+/// [`decode_f32`] appending to `out`.
+pub fn decode_f32_append(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> bool {
     if !dtype.is_float() {
         return false;
     }
@@ -269,14 +274,15 @@ pub fn decode_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> bool {
         // Bulk paths for aligned input: a shift for bf16, F16C (when present) for f16. `extend`
         // writes each element once (no zero-fill first).
         DType::BF16 => match bytemuck::try_cast_slice::<u8, u16>(bytes) {
-            Ok(src) => out.extend(src.iter().map(|&b| f32::from_bits((b as u32) << 16))),
+            Ok(src) => widen_bf16(src, out),
             Err(_) => decode_slow::<bf16>(bytes, out),
         },
         DType::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
             Ok(src) => {
                 use half::slice::HalfFloatSliceExt;
-                out.resize(n, 0.0);
-                src.convert_to_f32_slice(out)
+                let start = out.len();
+                out.resize(start + n, 0.0);
+                src.convert_to_f32_slice(&mut out[start..])
             }
             Err(_) => decode_slow::<f16>(bytes, out),
         },
@@ -287,6 +293,22 @@ pub fn decode_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> bool {
         _ => decode_slow::<f64>(bytes, out),
     }
     true
+}
+
+crate::simd::vectorized! {
+    /// bf16 bits → f32, appended: bf16 is the top half of an f32, so widening is a shift.
+    fn widen_bf16(src: &[u16], out: &mut Vec<f32>) {
+        out.extend(src.iter().map(|&b| f32::from_bits((b as u32) << 16)));
+    }
+}
+
+crate::simd::vectorized! {
+    /// f32 → bf16 bits, rounding to nearest even.
+    fn narrow_bf16(values: &[f32], dst: &mut [u16]) {
+        dst.iter_mut()
+            .zip(values)
+            .for_each(|(d, &v)| *d = bf16_bits(v));
+    }
 }
 
 fn decode_slow<T: FloatElem>(bytes: &[u8], out: &mut Vec<f32>) {
@@ -306,10 +328,7 @@ pub fn encode_f32(dtype: DType, values: &[f32], out: &mut Vec<u8>) -> bool {
     // to element-wise writes then.
     match dtype {
         DType::BF16 => match bytemuck::try_cast_slice_mut::<u8, u16>(out) {
-            Ok(dst) => dst
-                .iter_mut()
-                .zip(values)
-                .for_each(|(d, &v)| *d = bf16_bits(v)),
+            Ok(dst) => narrow_bf16(values, dst),
             Err(_) => encode_slow(out, values, |v| bf16_bits(v).to_le_bytes()),
         },
         DType::F16 => match bytemuck::try_cast_slice_mut::<u8, f16>(out) {

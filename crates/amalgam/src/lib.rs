@@ -19,6 +19,7 @@ pub mod methods;
 pub mod ops;
 pub mod plan;
 pub mod progress;
+pub mod simd;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

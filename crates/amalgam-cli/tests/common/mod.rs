@@ -162,10 +162,17 @@ pub fn p(dir: &tempfile::TempDir, rel: &str) -> PathBuf {
 /// Merge `case` with amalgam; a first line `# flags: ...` in the config gives command-line
 /// flags that the generator also passed to mergekit.
 pub fn merge_case(dir: &Path, case: &str, out: &Path) -> std::process::Output {
-    merge_case_with(dir, case, out, &[])
+    merge_case_with(dir, case, out, &[], &[])
 }
 
-pub fn merge_case_with(dir: &Path, case: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+/// [`merge_case`] with extra arguments and environment variables.
+pub fn merge_case_with(
+    dir: &Path,
+    case: &str,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let config = format!("configs/{case}.yml");
     let text = std::fs::read_to_string(dir.join(&config)).unwrap();
     let flags: Vec<&str> = text
@@ -179,13 +186,14 @@ pub fn merge_case_with(dir: &Path, case: &str, out: &Path, extra: &[&str]) -> st
         .args(["merge", &config, s(out), "-q"])
         .args(flags)
         .args(extra)
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
 
 /// Merge `case` (under `dir`) with amalgam and compare with the reference output in
-/// `dir/expected/case` at norm-relative `rtol`; then check a run in 7-element chunks gives the
-/// same bytes.
+/// `dir/expected/case` at norm-relative `rtol`; then check that a run in 7-element chunks, and a
+/// run on one thread with the baseline (non-AVX2) loops, give the same bytes.
 pub fn check(dir: &Path, case: &str, rtol: f64) -> serde_json::Value {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join(case);
@@ -231,19 +239,48 @@ pub fn check(dir: &Path, case: &str, rtol: f64) -> serde_json::Value {
         worst.0, worst.1
     );
     // Streamed methods see the tensor in chunks; cutting it into tiny odd-sized chunks (several
-    // per row) must give the same bytes.
-    let chunked = d.path().join("chunked");
-    let run = merge_case_with(dir, case, &chunked, &["--chunk-elements", "7"]);
-    assert!(
-        run.status.success(),
-        "{case}: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let same = amalgam(&["diff", s(&out), s(&chunked)]);
-    assert!(
-        same.status.success(),
-        "{case}: chunked result differs\n{}",
-        String::from_utf8_lossy(&same.stdout)
-    );
+    // per row) must give the same bytes. So must one thread with the baseline loops.
+    type Variant<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)]);
+    let variants: [Variant; 2] = [
+        ("chunked", &["--chunk-elements", "7"], &[]),
+        (
+            "baseline",
+            &["--threads", "1"],
+            &[("AMALGAM_SIMD", "baseline")],
+        ),
+    ];
+    for (name, extra, env) in variants {
+        let other = d.path().join(name);
+        let run = merge_case_with(dir, case, &other, extra, env);
+        assert!(
+            run.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(
+            same_safetensors(&out, &other),
+            "{case}: the {name} result differs\n{}",
+            String::from_utf8_lossy(&amalgam(&["diff", s(&out), s(&other)]).stdout)
+        );
+    }
     report
+}
+
+/// Whether two model directories hold the same `.safetensors` files, byte for byte.
+pub fn same_safetensors(a: &Path, b: &Path) -> bool {
+    let files = |d: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .map(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read(&p).unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let (fa, fb) = (files(a), files(b));
+    !fa.is_empty() && fa == fb
 }

@@ -20,6 +20,8 @@ pub struct Shard {
     /// File name relative to the model directory (as the index names it).
     pub file_name: String,
     map: Mmap,
+    /// The open file, for positioned reads.
+    file: File,
     /// The shard's validated header.
     pub header: Header,
 }
@@ -89,20 +91,22 @@ pub struct Model {
 /// inputs, and every offset read through the map was validated against the file's length at
 /// open time; a concurrent external writer is outside what any mmap-based reader can guard
 /// against (the same contract as safetensors and ripgrep).
-fn map_file(path: &Path) -> Result<Mmap> {
+fn map_file(path: &Path) -> Result<(File, Mmap)> {
     let file = File::open(path).at(path)?;
     // SAFETY: read-only map of a file we do not modify; see the function's safety note.
-    unsafe { Mmap::map(&file) }.at(path)
+    let map = unsafe { Mmap::map(&file) }.at(path)?;
+    Ok((file, map))
 }
 
 impl Shard {
     fn open(path: PathBuf, file_name: String) -> Result<Shard> {
-        let map = map_file(&path)?;
+        let (file, map) = map_file(&path)?;
         let header = header::parse(&path, &map)?;
         Ok(Shard {
             path,
             file_name,
             map,
+            file,
             header,
         })
     }
@@ -364,6 +368,31 @@ impl Model {
         let _ = unsafe {
             map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
         };
+    }
+
+    /// Copy bytes `offset..offset + buf.len()` (absolute, in shard `shard`'s file) into `buf`
+    /// with a positioned read: nothing is mapped, so a streaming reader's resident memory is
+    /// its buffers, and a file cut short since it was opened is an error, not a crash.
+    pub fn read_at(&self, shard: usize, offset: usize, buf: &mut [u8]) -> Result<()> {
+        let s = &self.shards[shard];
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            s.file.read_exact_at(buf, offset as u64).at(&s.path)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &s.file;
+            let end = offset + buf.len();
+            let src = s.map.get(offset..end).ok_or_else(|| {
+                Error::io(
+                    &s.path,
+                    std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                )
+            })?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
     }
 
     /// `config.json` parsed, if the model directory has one that parses.

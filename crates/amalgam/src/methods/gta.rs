@@ -13,7 +13,7 @@
 
 use super::gta_global::GlobalTrim;
 use super::rng::{Key, threshold32};
-use super::select::{Selection, Selector, Want, key};
+use super::select::{Selection, Selector, Want, delta_keys};
 use super::sparsify::{Rescale, della_mask};
 use super::*;
 use crate::config::Kind;
@@ -321,42 +321,36 @@ impl GtaState {
         self.buffers.resize_with(self.models.len(), Vec::new);
         for (m, d) in self.models.iter_mut().zip(self.buffers.iter_mut()) {
             let x = job.inputs[m.input];
-            d.clear();
             let w = m.weight;
             if matches!(m.mask, Mask::All) && m.inverse_density.is_none() && !self.rescale_l1 {
                 // Nothing between the subtraction and the weighting: one pass.
-                d.extend(x.iter().zip(base).map(|(&a, &b)| (a - b) * w));
+                sub_scaled(x, base, w, d);
                 continue;
             }
-            d.extend(x.iter().zip(base).map(|(&a, &b)| a - b));
+            sub_scaled(x, base, 1.0, d);
             match &mut m.mask {
                 Mask::All => {}
                 Mask::Nothing => d.fill(0.0),
                 Mask::Select(_, sel) => sel.apply(d),
                 Mask::Random(k, t) => k.mask32(offset as u64, *t, d),
-                Mask::Given(f) => d
-                    .iter_mut()
-                    .zip(&f[offset..offset + n])
-                    .for_each(|(v, &g)| *v *= g),
+                Mask::Given(f) => multiply(d, &f[offset..offset + n]),
             }
-            if let Some(p) = m.inverse_density {
-                d.iter_mut().for_each(|v| *v = (*v as f64 / p) as f32);
-            } else if self.rescale_l1 {
-                let s = m.scale;
-                d.iter_mut().for_each(|v| *v *= s);
-            }
-            d.iter_mut().for_each(|v| *v *= w);
+            let scale = match m.inverse_density {
+                Some(p) => Scale::InverseF64(p),
+                None if self.rescale_l1 => Scale::By(m.scale),
+                None => Scale::By(1.0),
+            };
+            rescale_weight(d, scale, w);
         }
     }
 
     /// The per-element sums that elect the sign, into `self.sums[0]`, after [`deltas`].
     fn sign_sums(&mut self) {
-        let d = &self.buffers;
         let sum = &mut self.sums[0];
         sum.clear();
-        sum.extend(d[0].iter().map(|&v| 0.0 + v));
-        for dm in &d[1..] {
-            sum.iter_mut().zip(dm).for_each(|(s, &v)| *s += v);
+        sum.resize(self.buffers[0].len(), 0.0);
+        for dm in &self.buffers {
+            add_into(sum, dm);
         }
     }
 
@@ -418,20 +412,6 @@ pub(super) enum Majority {
     Tensor,
     /// Already known (from the whole-model pass).
     Known(f32),
-}
-
-impl PerModel {
-    /// Whether element `index` (key `k` of its delta) survives; advances tie counters.
-    #[inline]
-    fn keeps(&mut self, index: usize, d: f32) -> bool {
-        match &mut self.mask {
-            Mask::All => true,
-            Mask::Nothing => false,
-            Mask::Select(_, sel) => sel.keep(key(d)),
-            Mask::Random(k, t) => k.bits32(index as u64) < *t,
-            Mask::Given(f) => f[index] != 0.0,
-        }
-    }
 }
 
 impl Streaming for Gta {
@@ -523,32 +503,27 @@ impl Streaming for Gta {
         }
         for m in &mut st.models {
             let x = job.inputs[m.input];
-            let deltas = x.iter().zip(base).map(|(&a, &b)| a - b);
             match (kind, &mut m.mask) {
-                (Pass::HighBits, Mask::Select(Some(s), _)) => s.count_high(deltas.map(key)),
+                (Pass::HighBits, Mask::Select(Some(s), _)) => {
+                    delta_keys(x, base, &mut st.keys);
+                    s.count_high(&st.keys);
+                }
                 (Pass::LowBits, Mask::Select(Some(s), _)) => {
-                    st.keys.clear();
-                    st.keys.extend(deltas.map(key));
+                    delta_keys(x, base, &mut st.keys);
                     s.count_low(&st.keys);
                 }
-                (Pass::L1Sums, _) => {
+                (Pass::L1Sums, mask) => {
                     let [all, kept] = &mut st.l1_scratch;
-                    all.clear();
-                    all.extend(deltas.map(f32::abs));
+                    abs_delta(x, base, all);
                     kept.clear();
-                    match &m.mask {
-                        Mask::Random(k, t) => {
-                            kept.extend_from_slice(all);
-                            k.mask32(offset as u64, *t, kept);
-                        }
-                        _ => {
-                            let x = job.inputs[m.input];
-                            for (j, (&a, (&v, &b))) in
-                                all.iter().zip(x.iter().zip(base)).enumerate()
-                            {
-                                kept.push(if m.keeps(offset + j, v - b) { a } else { 0.0 });
-                            }
-                        }
+                    kept.extend_from_slice(all);
+                    // |δ| has the key of δ, so a magnitude selection keeps the same entries.
+                    match mask {
+                        Mask::All => {}
+                        Mask::Nothing => kept.fill(0.0),
+                        Mask::Select(_, sel) => sel.apply(kept),
+                        Mask::Random(k, t) => k.mask32(offset as u64, *t, kept),
+                        Mask::Given(f) => keep_nonzero(kept, &f[offset..offset + all.len()]),
                     }
                     m.l1.0.add(offset, all);
                     m.l1.1.add(offset, kept);
@@ -619,91 +594,175 @@ impl Streaming for Gta {
         let normalize = job.shared.b("normalize");
         let lambda = job.shared.f("lambda") as f32;
         let raw = st.raw;
-        let weight_sum: f32 = st.models.iter().map(|m| m.weight).sum();
-        let plain_divisor = if weight_sum.abs() < 1e-8 {
-            1.0
-        } else {
-            weight_sum
-        };
-        // Accumulate model by model into per-element sums: the additions happen in the same
-        // order as summing each element over the models (from 0.0), so results do not change.
-        let d = &st.buffers;
         if !self.consensus {
-            for (o, &v) in out.iter_mut().zip(&d[0]) {
-                *o = 0.0 + v;
+            let weight_sum: f32 = st.models.iter().map(|m| m.weight).sum();
+            let divisor = if weight_sum.abs() < 1e-8 {
+                1.0
+            } else {
+                weight_sum
+            };
+            // Per-element sums over the models, in model order from 0.0.
+            out.fill(0.0);
+            for dm in &st.buffers {
+                add_into(out, dm);
             }
-            for dm in &d[1..] {
-                out.iter_mut().zip(dm).for_each(|(o, &v)| *o += v);
-            }
-            for (o, &b) in out.iter_mut().zip(base) {
-                let mut x = *o;
-                if normalize {
-                    x /= plain_divisor;
-                }
-                if raw {
-                    *o = x;
-                    continue;
-                }
-                if lambda != 1.0 {
-                    x *= lambda;
-                }
-                *o = b + x;
-            }
+            let finish = Finish {
+                normalize,
+                lambda,
+                raw,
+            };
+            finish_plain(out, base, divisor, finish);
             return Ok(());
         }
         st.sign_sums();
-        let d = &st.buffers;
-        let [sum, mixed, divisor] = &mut st.sums;
         // Agree with the elected sign: `+` when the sum is > 0, `−` when < 0, and for a zero sum
         // the tie sign (`+` by mergekit's rule; with `sign_tie: majority`, the majority of the
         // elected signs, and when that is 0 too, `−` as the paper's code has it). Zero agrees
-        // with neither. Non-short-circuit `&`/`|` keep the loops branch-free.
+        // with neither.
         let tie_up = st.majority.is_none_or(|m| m > 0.0);
-        let agrees = |v: f32, s: f32| {
-            let up = (s > 0.0) | ((s == 0.0) & tie_up);
-            ((v > 0.0) & up) | ((v < 0.0) & !up)
-        };
         let by_count = job.shared.choice("mean_divisor") == "count";
-        let w0 = if by_count { 1.0 } else { st.models[0].weight };
+        let [sum, mixed, divisor] = &mut st.sums;
         mixed.clear();
+        mixed.resize(n, 0.0);
         divisor.clear();
-        for (&v, &s) in d[0].iter().zip(sum.iter()) {
-            let agree = agrees(v, s);
-            mixed.push(0.0 + if agree { v } else { 0.0 });
-            divisor.push(0.0 + if agree { w0 } else { 0.0 });
-        }
-        for (dm, m) in d[1..].iter().zip(&st.models[1..]) {
+        divisor.resize(n, 0.0);
+        for (dm, m) in st.buffers.iter().zip(&st.models) {
             let w = if by_count { 1.0 } else { m.weight };
-            for ((x, dv), (&v, &s)) in mixed
-                .iter_mut()
-                .zip(divisor.iter_mut())
-                .zip(dm.iter().zip(sum.iter()))
-            {
-                let agree = agrees(v, s);
-                *x += if agree { v } else { 0.0 };
-                *dv += if agree { w } else { 0.0 };
-            }
+            add_agreeing(dm, sum, w, tie_up, mixed, divisor);
         }
-        for (((o, &b), &x), &dv) in out
-            .iter_mut()
-            .zip(base)
-            .zip(mixed.iter())
-            .zip(divisor.iter())
-        {
-            let mut x = x;
-            if normalize {
-                x /= if dv == 0.0 { 1.0 } else { dv };
-            }
-            if raw {
-                *o = x;
-                continue;
-            }
-            if lambda != 1.0 {
-                x *= lambda;
-            }
-            *o = b + x;
-        }
+        let finish = Finish {
+            normalize,
+            lambda,
+            raw,
+        };
+        finish_disjoint(out, base, mixed, divisor, finish);
         Ok(())
+    }
+}
+
+/// How [`rescale_weight`] scales the kept entries.
+#[derive(Clone, Copy)]
+enum Scale {
+    /// Multiply in f32.
+    By(f32),
+    /// Divide by the keep probability in f64 (the papers' 1/p).
+    InverseF64(f64),
+}
+
+/// The last step of the output pass.
+#[derive(Clone, Copy)]
+struct Finish {
+    normalize: bool,
+    lambda: f32,
+    /// Output the merged delta (no λ, no base).
+    raw: bool,
+}
+
+impl Finish {
+    /// The output element from the merged delta `x`, its divisor and the base value `b`.
+    #[inline(always)]
+    fn value(self, x: f32, divisor: f32, b: f32) -> f32 {
+        let x = if self.normalize { x / divisor } else { x };
+        if self.raw {
+            x
+        } else if self.lambda != 1.0 {
+            b + x * self.lambda
+        } else {
+            b + x
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// `d = (x − b)·w` (cleared first).
+    fn sub_scaled(x: &[f32], b: &[f32], w: f32, d: &mut Vec<f32>) {
+        d.clear();
+        if w == 1.0 {
+            d.extend(x.iter().zip(b).map(|(&a, &b)| a - b));
+        } else {
+            d.extend(x.iter().zip(b).map(|(&a, &b)| (a - b) * w));
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// `|x − b|` into `d` (cleared first).
+    fn abs_delta(x: &[f32], b: &[f32], d: &mut Vec<f32>) {
+        d.clear();
+        d.extend(x.iter().zip(b).map(|(&a, &b)| (a - b).abs()));
+    }
+}
+
+crate::simd::vectorized! {
+    /// `d *= f`, elementwise.
+    fn multiply(d: &mut [f32], f: &[f32]) {
+        d.iter_mut().zip(f).for_each(|(v, &g)| *v *= g);
+    }
+}
+
+crate::simd::vectorized! {
+    /// Zero `d[i]` where `f[i]` is 0.
+    fn keep_nonzero(d: &mut [f32], f: &[f32]) {
+        d.iter_mut()
+            .zip(f)
+            .for_each(|(v, &g)| *v = if g != 0.0 { *v } else { 0.0 });
+    }
+}
+
+crate::simd::vectorized! {
+    /// `d = scale(d)·w`.
+    fn rescale_weight(d: &mut [f32], scale: Scale, w: f32) {
+        match scale {
+            Scale::InverseF64(p) => d
+                .iter_mut()
+                .for_each(|v| *v = ((*v as f64 / p) as f32) * w),
+            Scale::By(s) => d.iter_mut().for_each(|v| *v = *v * s * w),
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// `sum += d`, elementwise.
+    fn add_into(sum: &mut [f32], d: &[f32]) {
+        sum.iter_mut().zip(d).for_each(|(s, &v)| *s += v);
+    }
+}
+
+crate::simd::vectorized! {
+    /// Add the entries of `d` that agree with the sign elected by `sum` to `mixed`, and `w` to
+    /// `divisor` for each. Non-short-circuit `&`/`|` keep the loop branch-free.
+    fn add_agreeing(
+        d: &[f32],
+        sum: &[f32],
+        w: f32,
+        tie_up: bool,
+        mixed: &mut [f32],
+        divisor: &mut [f32],
+    ) {
+        for (((x, dv), &v), &s) in mixed.iter_mut().zip(divisor.iter_mut()).zip(d).zip(sum) {
+            let up = (s > 0.0) | ((s == 0.0) & tie_up);
+            let agree = ((v > 0.0) & up) | ((v < 0.0) & !up);
+            *x += if agree { v } else { 0.0 };
+            *dv += if agree { w } else { 0.0 };
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// The output of a merge without consensus from the summed deltas in `out`.
+    fn finish_plain(out: &mut [f32], base: &[f32], divisor: f32, f: Finish) {
+        out.iter_mut()
+            .zip(base)
+            .for_each(|(o, &b)| *o = f.value(*o, divisor, b));
+    }
+}
+
+crate::simd::vectorized! {
+    /// The output of a disjoint merge: the agreeing sum over its divisor (0 → 1).
+    fn finish_disjoint(out: &mut [f32], base: &[f32], mixed: &[f32], divisor: &[f32], f: Finish) {
+        for (((o, &b), &x), &dv) in out.iter_mut().zip(base).zip(mixed).zip(divisor) {
+            *o = f.value(x, if dv == 0.0 { 1.0 } else { dv }, b);
+        }
     }
 }
 

@@ -496,15 +496,7 @@ pub fn get(name: &str) -> std::result::Result<&'static dyn Method, String> {
         })
 }
 
-/// `Σ_i w_i x_i` into `out`, elementwise, accumulating in f32 in input order.
-pub fn weighted_sum(inputs: &[&[f32]], weights: &[f32], out: &mut [f32]) {
-    out.fill(0.0);
-    for (x, &w) in inputs.iter().zip(weights) {
-        for (o, &v) in out.iter_mut().zip(x.iter()) {
-            *o += w * v;
-        }
-    }
-}
+pub use crate::simd::weighted_sum;
 
 /// Euclidean norm accumulated in f64.
 pub fn norm(x: &[f32]) -> f64 {

@@ -69,15 +69,7 @@ impl Key {
                 .len()
                 .min(start + room.min(usize::MAX as u64) as usize);
             let k = self.key32((index >> 32) as u32);
-            let lo = index as u32;
-            for (j, v) in values[start..end].iter_mut().enumerate() {
-                let h = fmix32(
-                    lo.wrapping_add(j as u32)
-                        .wrapping_mul(0x9E37_79B9)
-                        .wrapping_add(k),
-                );
-                *v = if h < t { *v } else { 0.0 };
-            }
+            mask_run(index as u32, k, t, &mut values[start..end]);
             start = end;
         }
     }
@@ -98,6 +90,17 @@ pub fn threshold(p: f64) -> u64 {
         0
     } else {
         (p * 18_446_744_073_709_551_616.0) as u64
+    }
+}
+
+crate::simd::vectorized! {
+    /// Zero `values[j]` unless `fmix32((lo + j)·φ + k) < t`: [`Key::mask32`] within one run of
+    /// a constant key.
+    fn mask_run(lo: u32, k: u32, t: u32, values: &mut [f32]) {
+        for (j, v) in values.iter_mut().enumerate() {
+            let h = fmix32(lo.wrapping_add(j as u32).wrapping_mul(0x9E37_79B9).wrapping_add(k));
+            *v = if h < t { *v } else { 0.0 };
+        }
     }
 }
 

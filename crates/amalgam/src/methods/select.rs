@@ -91,12 +91,7 @@ impl Selection {
         }
         // Keys never exceed 0x7fff_ffff, so u32::MAX matches no key.
         let (lo_eq, hi_eq) = (lo.unwrap_or(u32::MAX), hi.unwrap_or(u32::MAX));
-        let (mut n_lo, mut n_hi) = (0u64, 0u64);
-        for &v in x.iter() {
-            let k = key(v);
-            n_lo += (k == lo_eq) as u64;
-            n_hi += (k == hi_eq) as u64;
-        }
+        let (n_lo, n_hi) = count_equal(x, lo_eq, hi_eq);
         // The ties at each edge in this chunk are tie positions [seen, seen + n) of that edge;
         // the edge keeps positions [lo_t, hi_t). Usually all or none of them are kept, and the
         // chunk takes one branch-free pass; only the chunk where the quota runs out is walked.
@@ -132,14 +127,9 @@ impl Selection {
         if !same {
             self.seen_upper += n_hi;
         }
-        let has_lo = lo.is_some();
-        let has_hi = hi.is_some();
-        for v in x.iter_mut() {
-            let k = key(*v);
-            let above = !has_lo | (k > lo_eq) | (keep_lo & (k == lo_eq));
-            let below = !has_hi | (k < hi_eq) | (keep_hi & (k == hi_eq));
-            *v = if above & below { *v } else { 0.0 };
-        }
+        let lo = lo.map(|v| (v, keep_lo));
+        let hi = hi.map(|v| (v, keep_hi));
+        keep_between(x, lo, hi);
     }
 
     /// Whether the next element (in index order) with key `k` is kept.
@@ -177,6 +167,81 @@ impl Selection {
             }
         }
         ok
+    }
+}
+
+crate::simd::vectorized! {
+    /// How many keys of `x` equal `a`, and how many equal `b`.
+    fn count_equal(x: &[f32], a: u32, b: u32) -> (u64, u64) {
+        // u32 counts per block vectorise; blocks keep them from overflowing.
+        x.chunks(1 << 20).fold((0, 0), |(na, nb), c| {
+            let (ca, cb) = c.iter().fold((0u32, 0u32), |(ca, cb), &v| {
+                let k = key(v);
+                (ca + (k == a) as u32, cb + (k == b) as u32)
+            });
+            (na + ca as u64, nb + cb as u64)
+        })
+    }
+}
+
+crate::simd::vectorized! {
+    /// Zero the entries of `x` whose key is below `lo` or above `hi` (each an edge value and
+    /// whether keys equal to it are kept; `None`: no edge).
+    fn keep_between(x: &mut [f32], lo: Option<(u32, bool)>, hi: Option<(u32, bool)>) {
+        let (has_lo, lo_eq, keep_lo) = lo.map_or((false, 0, false), |(v, k)| (true, v, k));
+        let (has_hi, hi_eq, keep_hi) = hi.map_or((false, 0, false), |(v, k)| (true, v, k));
+        for v in x.iter_mut() {
+            let k = key(*v);
+            let above = !has_lo | (k > lo_eq) | (keep_lo & (k == lo_eq));
+            let below = !has_hi | (k < hi_eq) | (keep_hi & (k == hi_eq));
+            *v = if above & below { *v } else { 0.0 };
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// Add the top 16 bits of each key to `hist`.
+    fn histogram_high(keys: &[u32], hist: &mut [u32]) {
+        let hist = &mut hist[..BINS];
+        for &k in keys {
+            hist[(k >> 16) as usize] += 1;
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// Add the low 16 bits of the keys whose top 16 bits are `b0` to `h0`, and of those whose
+    /// top bits are `b1` to `h1` (if given). Few keys are in either bin, so blocks of 16 are
+    /// tested at once (a vector compare) and only blocks with a hit are walked.
+    fn histogram_low(keys: &[u32], b0: u32, h0: &mut [u32], b1: u32, h1: Option<&mut Vec<u32>>) {
+        let h0 = &mut h0[..BINS];
+        let mut h1 = h1.map(|h| &mut h[..BINS]);
+        for block in keys.chunks(16) {
+            let hit = block
+                .iter()
+                .fold(false, |hit, &k| hit | (k >> 16 == b0) | (k >> 16 == b1));
+            if !hit {
+                continue;
+            }
+            for &k in block {
+                let low = (k & 0xffff) as usize;
+                if k >> 16 == b0 {
+                    h0[low] += 1;
+                } else if k >> 16 == b1
+                    && let Some(h) = h1.as_deref_mut()
+                {
+                    h[low] += 1;
+                }
+            }
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// The keys of `x − b` into `keys` (cleared first).
+    pub fn delta_keys(x: &[f32], b: &[f32], keys: &mut Vec<u32>) {
+        keys.clear();
+        keys.extend(x.iter().zip(b).map(|(&x, &b)| key(x - b)));
     }
 }
 
@@ -244,10 +309,8 @@ impl Selector {
     }
 
     /// Pass 1: count the top bits of `keys`.
-    pub fn count_high(&mut self, keys: impl Iterator<Item = u32>) {
-        for k in keys {
-            self.hi[(k >> 16) as usize] += 1;
-        }
+    pub fn count_high(&mut self, keys: &[u32]) {
+        histogram_high(keys, &mut self.hi);
     }
 
     /// Between the passes: find the bins of the wanted ranks.
@@ -260,31 +323,10 @@ impl Selector {
     /// Pass 2: count the low bits of the keys inside the wanted bins.
     pub fn count_low(&mut self, keys: &[u32]) {
         let (b0, b1) = (self.bins[0].0, self.bins.last().expect("a rank").0);
-        if b0 == b1 {
-            // Branch-free: keys outside the bin land in spare slots past the 65,536 real ones,
-            // spread over 16 so that consecutive misses do not wait on one counter.
-            let hist = &mut self.lo[0];
-            hist.resize(BINS + 16, 0);
-            for (j, &k) in keys.iter().enumerate() {
-                let slot = if k >> 16 == b0 {
-                    (k & 0xffff) as usize
-                } else {
-                    BINS + (j & 15)
-                };
-                hist[slot] += 1;
-            }
-            hist.truncate(BINS);
-            return;
-        }
-        let last = self.lo.len() - 1;
-        for &k in keys {
-            let h = k >> 16;
-            if h == b0 {
-                self.lo[0][(k & 0xffff) as usize] += 1;
-            } else if h == b1 {
-                self.lo[last][(k & 0xffff) as usize] += 1;
-            }
-        }
+        // Two ranks in one bin share the first histogram.
+        let (first, rest) = self.lo.split_first_mut().expect("a rank");
+        let second = rest.last_mut().filter(|_| b1 != b0);
+        histogram_low(keys, b0, first, b1, second);
     }
 
     /// After pass 2: the selection.
@@ -435,9 +477,9 @@ pub fn select(x: &[f32], want: Want) -> Selection {
     match Selector::new(x.len(), want) {
         Err(done) => done,
         Ok(mut s) => {
-            s.count_high(x.iter().map(|&v| key(v)));
-            s.end_high();
             let keys: Vec<u32> = x.iter().map(|&v| key(v)).collect();
+            s.count_high(&keys);
+            s.end_high();
             s.count_low(&keys);
             s.finish()
         }

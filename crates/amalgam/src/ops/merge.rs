@@ -5,12 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::MergeConfig;
-use crate::dtype::{decode_f32, encode_f32};
+use crate::dtype::{decode_f32_append, encode_f32};
 use crate::error::{Error, Result};
 use crate::exec::{self, Scratch, buffers};
-use crate::io::{
-    Existing, ModelWriter, RELEASE_BLOCK, TensorEntry, TensorSpec, TensorView, modeldir,
-};
+use crate::io::{Existing, ModelWriter, TensorEntry, TensorSpec, TensorView, modeldir};
 use crate::methods::{Global, Inputs, MergeJob, Streaming};
 use crate::plan::{self, ModelSet, Op, Plan, PlannedTensor};
 use crate::progress::Progress;
@@ -269,23 +267,27 @@ fn produce(
     })
 }
 
-/// The inputs of one output tensor, read chunk by chunk in index order, releasing their
-/// pages behind the reader in whole [`RELEASE_BLOCK`]s (so pages the kernel maps back around
-/// later faults are released too) and the rest at the end of each pass.
+/// The inputs of one output tensor, read chunk by chunk with positioned reads into a small
+/// buffer (nothing stays mapped, so resident memory is the workers' buffers however large the
+/// model), decoded to f32 and checked.
 struct Source<'a> {
     set: &'a ModelSet,
     inputs: &'a [plan::Input],
     views: &'a [TensorView<'a>],
     entries: &'a [&'a TensorEntry],
-    /// Per input: absolute file offset below which pages were released in this pass.
-    released: Vec<std::cell::Cell<usize>>,
     /// Whether a whole pass has read (and so checked) every input already.
     checked: std::cell::Cell<bool>,
     /// Per input: the LoRA delta of a `model+adapter` input (module and decoded factors).
     patches: Vec<Option<Patch<'a>>>,
     /// Scratch rows of a delta.
     rows: std::cell::RefCell<(Vec<f32>, Vec<f32>)>,
+    /// Raw bytes of the block being read (u64s, so any dtype's view of it is aligned).
+    raw: std::cell::RefCell<Vec<u64>>,
 }
+
+/// Elements per positioned read: 64K (128 KiB of bf16), so the bytes are still in cache when
+/// they are decoded.
+const READ_BLOCK: usize = 1 << 16;
 
 /// A LoRA delta added to one input as it is read.
 enum Patch<'a> {
@@ -328,8 +330,7 @@ impl Patch<'_> {
     }
 }
 
-/// A lazy method's view of the inputs: each read decodes one whole input, checks it and
-/// releases its pages.
+/// A lazy method's view of the inputs: each read decodes one whole input and checks it.
 struct WholeInputs<'a, 'b> {
     source: &'b Source<'a>,
     n: usize,
@@ -337,9 +338,7 @@ struct WholeInputs<'a, 'b> {
 
 impl Inputs for WholeInputs<'_, '_> {
     fn read(&self, k: usize, buf: &mut Vec<f32>) -> Result<()> {
-        self.source.read_input(k, 0..self.n, buf, true)?;
-        self.source.release(k);
-        Ok(())
+        self.source.read_input(k, 0..self.n, buf, true)
     }
 }
 
@@ -363,19 +362,15 @@ impl<'a> Source<'a> {
                 Ok(adapter.bias_delta(&i.tensor)?.map(Patch::Bias))
             })
             .collect::<Result<Vec<_>>>()?;
-        let released = entries
-            .iter()
-            .map(|e| std::cell::Cell::new(e.range.start))
-            .collect();
         Ok(Source {
             set,
             inputs,
             views,
             entries,
-            released,
             checked: std::cell::Cell::new(false),
             patches,
             rows: Default::default(),
+            raw: Default::default(),
         })
     }
 
@@ -389,7 +384,7 @@ impl<'a> Source<'a> {
         Ok(())
     }
 
-    /// Decode elements `range` of input `k` into `buf` and release the pages read.
+    /// Decode elements `range` of input `k` into `buf`.
     fn read_input(
         &self,
         k: usize,
@@ -399,13 +394,24 @@ impl<'a> Source<'a> {
     ) -> Result<()> {
         let view = &self.views[k];
         let size = view.dtype.size();
+        let entry = self.entries[k];
         // A vocabulary cut to the smallest input reads each input's leading rows only.
-        let bytes = &view.bytes[range.start * size..range.end * size];
-        decode_f32(view.dtype, bytes, buf);
+        debug_assert!(range.end * size <= view.bytes.len());
+        buf.clear();
+        let mut raw = self.raw.borrow_mut();
+        raw.resize(READ_BLOCK * size / 8, 0);
+        let raw: &mut [u8] = bytemuck::cast_slice_mut(&mut raw[..]);
+        for start in range.clone().step_by(READ_BLOCK) {
+            let len = READ_BLOCK.min(range.end - start);
+            let bytes = &mut raw[..len * size];
+            self.model(k)
+                .read_at(entry.shard, entry.range.start + start * size, bytes)?;
+            decode_f32_append(view.dtype, bytes, buf);
+        }
         if let Some(p) = &self.patches[k] {
             p.add(range.clone(), buf, &mut self.rows.borrow_mut());
         }
-        if check && !buf.iter().fold(true, |ok, v| ok & v.is_finite()) {
+        if check && !crate::simd::all_finite(buf) {
             return Err(Error::Numeric {
                 name: self.inputs[k].tensor.clone(),
                 reason: format!(
@@ -414,29 +420,12 @@ impl<'a> Source<'a> {
                 ),
             });
         }
-        let entry = self.entries[k];
-        let done = (entry.range.start + range.end * size) / RELEASE_BLOCK * RELEASE_BLOCK;
-        let from = self.released[k].get();
-        if done > from {
-            self.model(k).release_range(entry.shard, from..done);
-            self.released[k].set(done);
-        }
         Ok(())
     }
 
-    /// The pass is over: release what is left of every input and start over.
+    /// The pass is over: later passes read the same (checked) bytes.
     fn end_pass(&self) {
-        (0..self.entries.len()).for_each(|k| self.release(k));
         self.checked.set(true);
-    }
-
-    /// Release every page of input `k` and start its reading over.
-    fn release(&self, k: usize) {
-        let entry = self.entries[k];
-        let start = entry.range.start / RELEASE_BLOCK * RELEASE_BLOCK;
-        let end = entry.range.end.div_ceil(RELEASE_BLOCK) * RELEASE_BLOCK;
-        self.model(k).release_range(entry.shard, start..end);
-        self.released[k].set(entry.range.start);
     }
 
     fn model(&self, k: usize) -> &crate::io::Model {
@@ -536,7 +525,7 @@ fn emit(
     index: usize,
     pos: u64,
 ) -> Result<()> {
-    if !out.iter().fold(true, |ok, v| ok & v.is_finite()) {
+    if !crate::simd::all_finite(out) {
         return Err(Error::Numeric {
             name: t.name.clone(),
             reason: "the merge produced NaN or infinite values from finite inputs; check the parameters (e.g. weights summing to zero)".into(),

@@ -1,0 +1,126 @@
+//! Run-time choice of vector instructions for the hot loops.
+//!
+//! The crate is compiled for the baseline x86-64 target (SSE2), so one binary runs anywhere.
+//! [`vectorized!`] compiles a loop twice, once more with the x86-64-v3 features (AVX2, FMA,
+//! F16C, BMI2), and picks at run time. Both copies perform the same IEEE operations in the same
+//! order (Rust never fuses a multiply and an add on its own), so the choice never changes a
+//! result; setting `AMALGAM_SIMD=baseline` forces the baseline copies, which the tests use to
+//! check exactly that.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+const UNKNOWN: u8 = 0;
+const BASELINE: u8 = 1;
+const V3: u8 = 2;
+
+static LEVEL: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// Whether the x86-64-v3 copies run (the CPU has the features and `AMALGAM_SIMD` is not
+/// `baseline`). Decided once per process.
+#[inline]
+pub fn v3() -> bool {
+    match LEVEL.load(Ordering::Relaxed) {
+        UNKNOWN => {
+            let level = detect();
+            LEVEL.store(level, Ordering::Relaxed);
+            level == V3
+        }
+        level => level == V3,
+    }
+}
+
+/// The instruction set the hot loops use, for `--version`-style reports and benchmarks.
+pub fn level() -> &'static str {
+    if v3() {
+        "x86-64-v3 (AVX2, FMA, F16C)"
+    } else {
+        "baseline"
+    }
+}
+
+#[cold]
+fn detect() -> u8 {
+    if std::env::var("AMALGAM_SIMD").is_ok_and(|v| v == "baseline") {
+        return BASELINE;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+            && std::arch::is_x86_feature_detected!("bmi1")
+            && std::arch::is_x86_feature_detected!("bmi2")
+            && std::arch::is_x86_feature_detected!("lzcnt")
+        {
+            return V3;
+        }
+    }
+    BASELINE
+}
+
+/// Define a function whose body is compiled for the baseline target and for x86-64-v3, the
+/// copy chosen at run time by [`v3`]. The body should be the whole loop (a call per chunk, not
+/// per element) and call only code that inlines into it (iterators, closures, `#[inline]`
+/// helpers), or other `vectorized!` functions.
+macro_rules! vectorized {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident $(<$($lt:lifetime),+>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        $vis fn $name $(<$($lt),+>)? ($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body $(<$($lt),+>)? ($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,f16c,bmi1,bmi2,lzcnt")]
+                fn v3 $(<$($lt),+>)? ($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if $crate::simd::v3() {
+                    // SAFETY: `v3()` checked that the CPU has every feature `v3` uses.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use vectorized;
+
+vectorized! {
+    /// Whether every value is finite (no NaN, no infinity).
+    pub fn all_finite(x: &[f32]) -> bool {
+        // Branch-free over blocks, so the check runs at memory speed.
+        x.chunks(1024)
+            .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
+    }
+}
+
+vectorized! {
+    /// `out = Σ wᵢ·xᵢ`, accumulated input by input from 0 (the order a scalar loop has).
+    pub fn weighted_sum(inputs: &[&[f32]], weights: &[f32], out: &mut [f32]) {
+        out.fill(0.0);
+        for (x, &w) in inputs.iter().zip(weights) {
+            for (o, &v) in out.iter_mut().zip(x.iter()) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finite_check_finds_any_bad_value() {
+        let mut x = vec![1.0f32; 5000];
+        assert!(all_finite(&x));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 1023, 1024, 4999] {
+                x[at] = bad;
+                assert!(!all_finite(&x), "{bad} at {at}");
+                x[at] = 1.0;
+            }
+        }
+        assert!(all_finite(&[]));
+    }
+}
