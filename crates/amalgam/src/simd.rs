@@ -85,6 +85,29 @@ macro_rules! vectorized {
 }
 pub(crate) use vectorized;
 
+/// `v` when `keep`, else `+0.0`.
+#[inline(always)]
+pub fn keep_if(v: f32, keep: bool) -> f32 {
+    f32::from_bits(v.to_bits() & (keep as u32).wrapping_neg())
+}
+
+/// `values[j] = f(j, values[j])` for every `j`, read through a copy on the stack, tile by tile.
+/// Written in place, a loop that keeps some values and zeroes others compiles to a masked store
+/// (only the zeros are written), which is microcoded and slow on AMD processors; from a copy,
+/// every store is a plain one.
+#[inline(always)]
+pub fn rewrite(values: &mut [f32], mut f: impl FnMut(usize, f32) -> f32) {
+    const TILE: usize = 256;
+    let mut copy = [0f32; TILE];
+    for (i, tile) in values.chunks_mut(TILE).enumerate() {
+        let src = &mut copy[..tile.len()];
+        src.copy_from_slice(tile);
+        for (j, (d, &v)) in tile.iter_mut().zip(src.iter()).enumerate() {
+            *d = f(i * TILE + j, v);
+        }
+    }
+}
+
 vectorized! {
     /// Whether every value is finite (no NaN, no infinity).
     pub fn all_finite(x: &[f32]) -> bool {

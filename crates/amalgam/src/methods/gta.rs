@@ -12,6 +12,7 @@
 //! sums in one more, and the output pass applies masks, election and merge in one sweep.
 
 use super::gta_global::GlobalTrim;
+use super::gta_kernel::{Finish, LaneSum, apply_chunk, l1_chunk, vote_chunk};
 use super::rng::{Key, threshold32};
 use super::select::{Selection, Selector, Want, delta_keys};
 use super::sparsify::{Rescale, della_mask};
@@ -243,64 +244,35 @@ pub(super) enum Mask {
     Given(Vec<f32>),
 }
 
-/// A sum in 8 lanes by absolute element index (lane = index mod 8), combined in lane order at the
-/// end: the result does not depend on how the tensor is cut into chunks, and the loop vectorises.
-#[derive(Clone, Copy, Debug, Default)]
-struct LaneSum([f64; 8]);
-
-impl LaneSum {
-    fn add(&mut self, offset: usize, values: &[f32]) {
-        let head = ((8 - offset % 8) % 8).min(values.len());
-        for (j, &v) in values[..head].iter().enumerate() {
-            self.0[(offset + j) % 8] += v as f64;
-        }
-        let mut blocks = values[head..].chunks_exact(8);
-        for block in &mut blocks {
-            for (acc, &v) in self.0.iter_mut().zip(block) {
-                *acc += v as f64;
-            }
-        }
-        for (acc, &v) in self.0.iter_mut().zip(blocks.remainder()) {
-            *acc += v as f64;
-        }
-    }
-
-    fn total(&self) -> f64 {
-        self.0.iter().sum()
-    }
-}
-
-struct PerModel {
-    input: usize,
-    weight: f32,
-    mask: Mask,
+pub(super) struct PerModel {
+    pub(super) input: usize,
+    pub(super) weight: f32,
+    pub(super) mask: Mask,
     /// Σ|δ| and Σ|kept δ| for the L1 rescale.
-    l1: (LaneSum, LaneSum),
+    pub(super) l1: (LaneSum, LaneSum),
     /// Multiplier of kept entries (L1 match or 1/p); 1 when not rescaling.
-    scale: f32,
-    inverse_density: Option<f64>,
+    pub(super) scale: f32,
+    pub(super) inverse_density: Option<f64>,
 }
 
 pub(super) struct GtaState {
-    models: Vec<PerModel>,
+    pub(super) models: Vec<PerModel>,
     passes: Vec<Pass>,
     /// The sign elected where the weighted sum is exactly 0 (`sign_tie: majority`): the sign of
     /// the elected signs' sum over the trim scope; `None` until known or for `positive`.
     majority: Option<f32>,
     /// Σ of elected signs so far (the tensor-scope majority pass).
     votes: i64,
-    rescale_l1: bool,
+    pub(super) rescale_l1: bool,
     /// Output the merged delta itself (normalised, not scaled, no base): for methods built on
     /// this one (consensus merging).
     pub(super) raw: bool,
-    /// Per-model masked, scaled, weighted deltas of the current chunk.
-    buffers: Vec<Vec<f32>>,
-    /// Per element of the chunk: the sum that elects the sign, the merged delta, the divisor.
-    sums: [Vec<f32>; 3],
+    /// Per-model masked, scaled, weighted deltas of the current tile.
+    pub(super) buffers: Vec<Vec<f32>>,
+    /// Per element of the tile: the sum that elects the sign, the merged delta, the divisor.
+    pub(super) sums: [Vec<f32>; 3],
     /// Keys of the current chunk (selection passes).
     keys: Vec<u32>,
-    /// |δ| and kept |δ| of the current chunk (L1 pass).
-    l1_scratch: [Vec<f32>; 2],
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -312,59 +284,12 @@ enum Pass {
 }
 
 impl GtaState {
-    /// Each model's masked, rescaled, weighted delta over the chunk at `offset` into
-    /// `self.buffers`: one tight loop per model and step, then callers combine over elements
-    /// (the same f32 operations in the same order as an element-at-a-time loop, but
-    /// vectorisable).
-    fn deltas(&mut self, job: &MergeJob, offset: usize, n: usize) {
-        let base = job.base_tensor();
-        self.buffers.resize_with(self.models.len(), Vec::new);
-        for (m, d) in self.models.iter_mut().zip(self.buffers.iter_mut()) {
-            let x = job.inputs[m.input];
-            let w = m.weight;
-            if matches!(m.mask, Mask::All) && m.inverse_density.is_none() && !self.rescale_l1 {
-                // Nothing between the subtraction and the weighting: one pass.
-                sub_scaled(x, base, w, d);
-                continue;
-            }
-            sub_scaled(x, base, 1.0, d);
-            match &mut m.mask {
-                Mask::All => {}
-                Mask::Nothing => d.fill(0.0),
-                Mask::Select(_, sel) => sel.apply(d),
-                Mask::Random(k, t) => k.mask32(offset as u64, *t, d),
-                Mask::Given(f) => multiply(d, &f[offset..offset + n]),
-            }
-            let scale = match m.inverse_density {
-                Some(p) => Scale::InverseF64(p),
-                None if self.rescale_l1 => Scale::By(m.scale),
-                None => Scale::By(1.0),
-            };
-            rescale_weight(d, scale, w);
-        }
-    }
-
-    /// The per-element sums that elect the sign, into `self.sums[0]`, after [`deltas`].
-    fn sign_sums(&mut self) {
-        let sum = &mut self.sums[0];
-        sum.clear();
-        sum.resize(self.buffers[0].len(), 0.0);
-        for dm in &self.buffers {
-            add_into(sum, dm);
-        }
-    }
-
     /// Σ sgn(elected sums) of a chunk (the majority-sign vote).
     pub(super) fn vote(&mut self, job: &MergeJob, offset: usize) -> i64 {
         if self.models.is_empty() {
             return 0;
         }
-        self.deltas(job, offset, job.inputs[0].len());
-        self.sign_sums();
-        self.sums[0]
-            .iter()
-            .map(|&s| (s > 0.0) as i64 - (s < 0.0) as i64)
-            .sum()
+        vote_chunk(self, job, offset)
     }
 
     fn new(models: Vec<PerModel>, rescale: Rescale, majority: Majority) -> GtaState {
@@ -398,7 +323,6 @@ impl GtaState {
             buffers: Vec::new(),
             sums: Default::default(),
             keys: Vec::new(),
-            l1_scratch: Default::default(),
         }
     }
 }
@@ -497,9 +421,16 @@ impl Streaming for Gta {
         let st = state_mut::<GtaState>(state);
         let base = job.base_tensor();
         let kind = st.passes[pass];
-        if kind == Pass::SignVotes {
-            st.votes += st.vote(job, offset);
-            return Ok(());
+        match kind {
+            Pass::SignVotes => {
+                st.votes += st.vote(job, offset);
+                return Ok(());
+            }
+            Pass::L1Sums => {
+                l1_chunk(st, job, offset);
+                return Ok(());
+            }
+            _ => {}
         }
         for m in &mut st.models {
             let x = job.inputs[m.input];
@@ -511,22 +442,6 @@ impl Streaming for Gta {
                 (Pass::LowBits, Mask::Select(Some(s), _)) => {
                     delta_keys(x, base, &mut st.keys);
                     s.count_low(&st.keys);
-                }
-                (Pass::L1Sums, mask) => {
-                    let [all, kept] = &mut st.l1_scratch;
-                    abs_delta(x, base, all);
-                    kept.clear();
-                    kept.extend_from_slice(all);
-                    // |δ| has the key of δ, so a magnitude selection keeps the same entries.
-                    match mask {
-                        Mask::All => {}
-                        Mask::Nothing => kept.fill(0.0),
-                        Mask::Select(_, sel) => sel.apply(kept),
-                        Mask::Random(k, t) => k.mask32(offset as u64, *t, kept),
-                        Mask::Given(f) => keep_nonzero(kept, &f[offset..offset + all.len()]),
-                    }
-                    m.l1.0.add(offset, all);
-                    m.l1.1.add(offset, kept);
                 }
                 _ => {}
             }
@@ -589,180 +504,17 @@ impl Streaming for Gta {
             }
             return Ok(());
         }
-        let n = out.len();
-        st.deltas(job, offset, n);
-        let normalize = job.shared.b("normalize");
-        let lambda = job.shared.f("lambda") as f32;
-        let raw = st.raw;
-        if !self.consensus {
-            let weight_sum: f32 = st.models.iter().map(|m| m.weight).sum();
-            let divisor = if weight_sum.abs() < 1e-8 {
-                1.0
-            } else {
-                weight_sum
-            };
-            // Per-element sums over the models, in model order from 0.0.
-            out.fill(0.0);
-            for dm in &st.buffers {
-                add_into(out, dm);
-            }
-            let finish = Finish {
-                normalize,
-                lambda,
-                raw,
-            };
-            finish_plain(out, base, divisor, finish);
-            return Ok(());
-        }
-        st.sign_sums();
-        // Agree with the elected sign: `+` when the sum is > 0, `−` when < 0, and for a zero sum
-        // the tie sign (`+` by mergekit's rule; with `sign_tie: majority`, the majority of the
-        // elected signs, and when that is 0 too, `−` as the paper's code has it). Zero agrees
-        // with neither.
-        let tie_up = st.majority.is_none_or(|m| m > 0.0);
-        let by_count = job.shared.choice("mean_divisor") == "count";
-        let [sum, mixed, divisor] = &mut st.sums;
-        mixed.clear();
-        mixed.resize(n, 0.0);
-        divisor.clear();
-        divisor.resize(n, 0.0);
-        for (dm, m) in st.buffers.iter().zip(&st.models) {
-            let w = if by_count { 1.0 } else { m.weight };
-            add_agreeing(dm, sum, w, tie_up, mixed, divisor);
-        }
         let finish = Finish {
-            normalize,
-            lambda,
-            raw,
+            normalize: job.shared.b("normalize"),
+            lambda: job.shared.f("lambda") as f32,
+            raw: st.raw,
+            // `+` by mergekit's rule; with `sign_tie: majority`, the majority of the elected
+            // signs, and when that is 0 too, `−` as the paper's code has it.
+            tie_up: st.majority.is_none_or(|m| m > 0.0),
+            by_count: self.consensus && job.shared.choice("mean_divisor") == "count",
         };
-        finish_disjoint(out, base, mixed, divisor, finish);
+        apply_chunk(st, job, offset, self.consensus, finish, out);
         Ok(())
-    }
-}
-
-/// How [`rescale_weight`] scales the kept entries.
-#[derive(Clone, Copy)]
-enum Scale {
-    /// Multiply in f32.
-    By(f32),
-    /// Divide by the keep probability in f64 (the papers' 1/p).
-    InverseF64(f64),
-}
-
-/// The last step of the output pass.
-#[derive(Clone, Copy)]
-struct Finish {
-    normalize: bool,
-    lambda: f32,
-    /// Output the merged delta (no λ, no base).
-    raw: bool,
-}
-
-impl Finish {
-    /// The output element from the merged delta `x`, its divisor and the base value `b`.
-    #[inline(always)]
-    fn value(self, x: f32, divisor: f32, b: f32) -> f32 {
-        let x = if self.normalize { x / divisor } else { x };
-        if self.raw {
-            x
-        } else if self.lambda != 1.0 {
-            b + x * self.lambda
-        } else {
-            b + x
-        }
-    }
-}
-
-crate::simd::vectorized! {
-    /// `d = (x − b)·w` (cleared first).
-    fn sub_scaled(x: &[f32], b: &[f32], w: f32, d: &mut Vec<f32>) {
-        d.clear();
-        if w == 1.0 {
-            d.extend(x.iter().zip(b).map(|(&a, &b)| a - b));
-        } else {
-            d.extend(x.iter().zip(b).map(|(&a, &b)| (a - b) * w));
-        }
-    }
-}
-
-crate::simd::vectorized! {
-    /// `|x − b|` into `d` (cleared first).
-    fn abs_delta(x: &[f32], b: &[f32], d: &mut Vec<f32>) {
-        d.clear();
-        d.extend(x.iter().zip(b).map(|(&a, &b)| (a - b).abs()));
-    }
-}
-
-crate::simd::vectorized! {
-    /// `d *= f`, elementwise.
-    fn multiply(d: &mut [f32], f: &[f32]) {
-        d.iter_mut().zip(f).for_each(|(v, &g)| *v *= g);
-    }
-}
-
-crate::simd::vectorized! {
-    /// Zero `d[i]` where `f[i]` is 0.
-    fn keep_nonzero(d: &mut [f32], f: &[f32]) {
-        d.iter_mut()
-            .zip(f)
-            .for_each(|(v, &g)| *v = if g != 0.0 { *v } else { 0.0 });
-    }
-}
-
-crate::simd::vectorized! {
-    /// `d = scale(d)·w`.
-    fn rescale_weight(d: &mut [f32], scale: Scale, w: f32) {
-        match scale {
-            Scale::InverseF64(p) => d
-                .iter_mut()
-                .for_each(|v| *v = ((*v as f64 / p) as f32) * w),
-            Scale::By(s) => d.iter_mut().for_each(|v| *v = *v * s * w),
-        }
-    }
-}
-
-crate::simd::vectorized! {
-    /// `sum += d`, elementwise.
-    fn add_into(sum: &mut [f32], d: &[f32]) {
-        sum.iter_mut().zip(d).for_each(|(s, &v)| *s += v);
-    }
-}
-
-crate::simd::vectorized! {
-    /// Add the entries of `d` that agree with the sign elected by `sum` to `mixed`, and `w` to
-    /// `divisor` for each. Non-short-circuit `&`/`|` keep the loop branch-free.
-    fn add_agreeing(
-        d: &[f32],
-        sum: &[f32],
-        w: f32,
-        tie_up: bool,
-        mixed: &mut [f32],
-        divisor: &mut [f32],
-    ) {
-        for (((x, dv), &v), &s) in mixed.iter_mut().zip(divisor.iter_mut()).zip(d).zip(sum) {
-            let up = (s > 0.0) | ((s == 0.0) & tie_up);
-            let agree = ((v > 0.0) & up) | ((v < 0.0) & !up);
-            *x += if agree { v } else { 0.0 };
-            *dv += if agree { w } else { 0.0 };
-        }
-    }
-}
-
-crate::simd::vectorized! {
-    /// The output of a merge without consensus from the summed deltas in `out`.
-    fn finish_plain(out: &mut [f32], base: &[f32], divisor: f32, f: Finish) {
-        out.iter_mut()
-            .zip(base)
-            .for_each(|(o, &b)| *o = f.value(*o, divisor, b));
-    }
-}
-
-crate::simd::vectorized! {
-    /// The output of a disjoint merge: the agreeing sum over its divisor (0 → 1).
-    fn finish_disjoint(out: &mut [f32], base: &[f32], mixed: &[f32], divisor: &[f32], f: Finish) {
-        for (((o, &b), &x), &dv) in out.iter_mut().zip(base).zip(mixed).zip(divisor) {
-            *o = f.value(x, if dv == 0.0 { 1.0 } else { dv }, b);
-        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod consensus;
 pub mod emr;
 pub mod gta;
 mod gta_global;
+mod gta_kernel;
 pub mod iso;
 pub mod karcher;
 pub mod linear;

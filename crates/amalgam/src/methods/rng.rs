@@ -58,19 +58,29 @@ impl Key {
     }
 
     /// Zero the entries of `values` (elements `offset..`) whose `bits32` is not below `t`: a
-    /// Bernoulli mask, computed in a loop that vectorises.
+    /// Bernoulli mask, computed in a loop that vectorises (inlined, so it runs in its caller's
+    /// instruction set).
+    #[inline(always)]
     pub fn mask32(&self, offset: u64, t: u32, values: &mut [f32]) {
         let mut start = 0usize;
         while start < values.len() {
-            // Split where the index's high half changes, so the key is constant per run.
             let index = offset + start as u64;
-            let room = (1u64 << 32) - (index & 0xffff_ffff);
-            let end = values
-                .len()
-                .min(start + room.min(usize::MAX as u64) as usize);
-            let k = self.key32((index >> 32) as u32);
-            mask_run(index as u32, k, t, &mut values[start..end]);
+            let end = values.len().min(start + run_length(index));
+            let run = self.stream32(index);
+            crate::simd::rewrite(&mut values[start..end], |j, v| {
+                crate::simd::keep_if(v, run.bits(j as u32) < t)
+            });
             start = end;
+        }
+    }
+
+    /// The [`bits32`](Self::bits32) stream from element `index`, valid for
+    /// [`run_length(index)`](run_length) elements (until the index's high half changes).
+    #[inline(always)]
+    pub fn stream32(&self, index: u64) -> Stream32 {
+        Stream32 {
+            lo: index as u32,
+            k: self.key32((index >> 32) as u32),
         }
     }
 
@@ -93,19 +103,35 @@ pub fn threshold(p: f64) -> u64 {
     }
 }
 
-crate::simd::vectorized! {
-    /// Zero `values[j]` unless `fmix32((lo + j)·φ + k) < t`: [`Key::mask32`] within one run of
-    /// a constant key.
-    fn mask_run(lo: u32, k: u32, t: u32, values: &mut [f32]) {
-        for (j, v) in values.iter_mut().enumerate() {
-            let h = fmix32(lo.wrapping_add(j as u32).wrapping_mul(0x9E37_79B9).wrapping_add(k));
-            *v = if h < t { *v } else { 0.0 };
-        }
+/// [`Key::bits32`] of the elements from some index on, while the index's high half stays the
+/// same: the hash of a keyed Weyl sequence, cheap to evaluate in vector lanes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stream32 {
+    lo: u32,
+    k: u32,
+}
+
+impl Stream32 {
+    /// The 32 random bits of the element `j` places after the stream's start.
+    #[inline(always)]
+    pub fn bits(self, j: u32) -> u32 {
+        fmix32(
+            self.lo
+                .wrapping_add(j)
+                .wrapping_mul(0x9E37_79B9)
+                .wrapping_add(self.k),
+        )
     }
 }
 
+/// Elements from `index` up to where its high half changes (where a [`Stream32`] ends).
+#[inline(always)]
+pub fn run_length(index: u64) -> usize {
+    ((1u64 << 32) - (index & 0xffff_ffff)).min(usize::MAX as u64) as usize
+}
+
 /// The Murmur3 32-bit finaliser.
-#[inline]
+#[inline(always)]
 fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);

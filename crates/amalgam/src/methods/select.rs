@@ -79,22 +79,50 @@ impl Selection {
     }
 
     /// Zero the entries of `x` (the next elements in index order) that are not kept. Chunks
-    /// without boundary ties take a branch-free path that vectorises.
+    /// without boundary ties take a branch-free path that vectorises (inlined, so it runs in its
+    /// caller's instruction set).
+    #[inline(always)]
     pub fn apply(&mut self, x: &mut [f32]) {
+        let (lo, hi) = self.edges();
+        let (n_lo, n_hi) = count_equal(x, lo, hi);
+        match self.window(n_lo, n_hi) {
+            Some(w) => {
+                self.advance(n_lo, n_hi);
+                if !w.keeps_all() {
+                    crate::simd::rewrite(x, |_, v| crate::simd::keep_if(v, w.keeps(key(v))));
+                }
+            }
+            None => {
+                for v in x.iter_mut() {
+                    if !self.keep(key(*v)) {
+                        *v = 0.0;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The keys at the edges, whose ties in a chunk [`window`](Self::window) needs counted
+    /// (`u32::MAX`, which no key equals, for a missing edge).
+    #[inline(always)]
+    pub fn edges(&self) -> (u32, u32) {
+        let value = |e: Option<Edge>| e.map_or(u32::MAX, |e| e.value);
+        (value(self.lower), value(self.upper))
+    }
+
+    /// The branch-free rule for the next chunk, which has `n_lo` and `n_hi` elements equal to
+    /// the [`edges`](Self::edges): usually all or none of an edge's ties in a chunk are kept.
+    /// `None` when the chunk is where an edge's quota runs out (walk it with [`keep`]).
+    /// Follow with [`advance`](Self::advance).
+    ///
+    /// [`keep`]: Self::keep
+    #[inline(always)]
+    pub fn window(&self, n_lo: u64, n_hi: u64) -> Option<Window> {
         if self.none {
-            x.fill(0.0);
-            return;
+            return Some(Window::NOTHING);
         }
-        let (lo, hi) = (self.lower.map(|e| e.value), self.upper.map(|e| e.value));
-        if lo.is_none() && hi.is_none() {
-            return;
-        }
-        // Keys never exceed 0x7fff_ffff, so u32::MAX matches no key.
-        let (lo_eq, hi_eq) = (lo.unwrap_or(u32::MAX), hi.unwrap_or(u32::MAX));
-        let (n_lo, n_hi) = count_equal(x, lo_eq, hi_eq);
         // The ties at each edge in this chunk are tie positions [seen, seen + n) of that edge;
-        // the edge keeps positions [lo_t, hi_t). Usually all or none of them are kept, and the
-        // chunk takes one branch-free pass; only the chunk where the quota runs out is walked.
+        // the edge keeps positions [lo_t, hi_t).
         let decide = |e: Option<Edge>, seen: u64, n: u64| -> Option<bool> {
             let Some(e) = e else { return Some(false) };
             if n == 0 || (seen >= e.lo_t && seen + n <= e.hi_t) {
@@ -105,31 +133,37 @@ impl Selection {
                 None
             }
         };
-        let same = lo.is_some() && lo == hi;
-        let keep_lo = decide(self.lower, self.seen_lower, n_lo);
+        let same = self.same_edge();
+        let keep_lo = decide(self.lower, self.seen_lower, n_lo)?;
         let keep_hi = if same {
             // One tie sequence under both edges' ranges.
-            decide(self.upper, self.seen_lower, n_lo)
+            decide(self.upper, self.seen_lower, n_lo)?
         } else {
-            decide(self.upper, self.seen_upper, n_hi)
+            decide(self.upper, self.seen_upper, n_hi)?
         };
-        let (Some(keep_lo), Some(keep_hi)) = (keep_lo, keep_hi) else {
-            for v in x.iter_mut() {
-                if !self.keep(key(*v)) {
-                    *v = 0.0;
-                }
-            }
-            return;
-        };
-        let keep_lo = keep_lo && (!same || keep_hi);
-        let keep_hi = keep_hi && (!same || keep_lo);
+        let mut w = Window::ALL;
+        if let Some(e) = self.lower {
+            w.lo = e.value;
+            w.tie_lo = keep_lo && (!same || keep_hi);
+        }
+        if let Some(e) = self.upper {
+            w.hi = e.value;
+            w.tie_hi = keep_hi && (!same || keep_lo);
+        }
+        Some(w)
+    }
+
+    /// Count a chunk's ties at the edges as seen (after [`window`](Self::window) gave its rule).
+    #[inline(always)]
+    pub fn advance(&mut self, n_lo: u64, n_hi: u64) {
         self.seen_lower += n_lo;
-        if !same {
+        if !self.same_edge() {
             self.seen_upper += n_hi;
         }
-        let lo = lo.map(|v| (v, keep_lo));
-        let hi = hi.map(|v| (v, keep_hi));
-        keep_between(x, lo, hi);
+    }
+
+    fn same_edge(&self) -> bool {
+        self.lower.is_some() && self.lower.map(|e| e.value) == self.upper.map(|e| e.value)
     }
 
     /// Whether the next element (in index order) with key `k` is kept.
@@ -170,32 +204,64 @@ impl Selection {
     }
 }
 
-crate::simd::vectorized! {
-    /// How many keys of `x` equal `a`, and how many equal `b`.
-    fn count_equal(x: &[f32], a: u32, b: u32) -> (u64, u64) {
-        // u32 counts per block vectorise; blocks keep them from overflowing.
-        x.chunks(1 << 20).fold((0, 0), |(na, nb), c| {
-            let (ca, cb) = c.iter().fold((0u32, 0u32), |(ca, cb), &v| {
-                let k = key(v);
-                (ca + (k == a) as u32, cb + (k == b) as u32)
-            });
-            (na + ca as u64, nb + cb as u64)
-        })
+/// How many keys of `x` equal `a`, and how many equal `b`.
+#[inline(always)]
+pub fn count_equal(x: &[f32], a: u32, b: u32) -> (u64, u64) {
+    // u32 counts per block vectorise; blocks keep them from overflowing.
+    x.chunks(1 << 20).fold((0, 0), |(na, nb), c| {
+        let (ca, cb) = c.iter().fold((0u32, 0u32), |(ca, cb), &v| {
+            let k = key(v);
+            (ca + (k == a) as u32, cb + (k == b) as u32)
+        });
+        (na + ca as u64, nb + cb as u64)
+    })
+}
+
+/// A selection's rule over one chunk, branch-free: a key passes when it is above `lo` (or equal
+/// and `tie_lo`) and below `hi` (or equal and `tie_hi`). A missing lower edge is `0` with ties
+/// kept, a missing upper edge `u32::MAX` with ties kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    lo: u32,
+    tie_lo: bool,
+    hi: u32,
+    tie_hi: bool,
+}
+
+impl Default for Window {
+    fn default() -> Window {
+        Window::ALL
     }
 }
 
-crate::simd::vectorized! {
-    /// Zero the entries of `x` whose key is below `lo` or above `hi` (each an edge value and
-    /// whether keys equal to it are kept; `None`: no edge).
-    fn keep_between(x: &mut [f32], lo: Option<(u32, bool)>, hi: Option<(u32, bool)>) {
-        let (has_lo, lo_eq, keep_lo) = lo.map_or((false, 0, false), |(v, k)| (true, v, k));
-        let (has_hi, hi_eq, keep_hi) = hi.map_or((false, 0, false), |(v, k)| (true, v, k));
-        for v in x.iter_mut() {
-            let k = key(*v);
-            let above = !has_lo | (k > lo_eq) | (keep_lo & (k == lo_eq));
-            let below = !has_hi | (k < hi_eq) | (keep_hi & (k == hi_eq));
-            *v = if above & below { *v } else { 0.0 };
-        }
+impl Window {
+    /// Keeps everything.
+    pub const ALL: Window = Window {
+        lo: 0,
+        tie_lo: true,
+        hi: u32::MAX,
+        tie_hi: true,
+    };
+    /// Keeps nothing (no key is above `u32::MAX`).
+    pub const NOTHING: Window = Window {
+        lo: u32::MAX,
+        tie_lo: false,
+        hi: u32::MAX,
+        tie_hi: true,
+    };
+
+    /// Whether every key passes.
+    #[inline(always)]
+    pub fn keeps_all(self) -> bool {
+        self == Window::ALL
+    }
+
+    /// Whether key `k` passes (non-short-circuit `&`/`|` keep loops over it branch-free).
+    #[inline(always)]
+    pub fn keeps(self, k: u32) -> bool {
+        let above = (k > self.lo) | (self.tie_lo & (k == self.lo));
+        let below = (k < self.hi) | (self.tie_hi & (k == self.hi));
+        above & below
     }
 }
 

@@ -1,0 +1,490 @@
+//! The per-chunk arithmetic of generalized task arithmetic ([`gta`](super::gta)): the output
+//! pass, the L1 pass and the sign vote.
+//!
+//! Each entry point is one [`vectorized!`](crate::simd::vectorized) function over a chunk that
+//! walks it in small tiles: every step (subtract, mask, scale, sum, elect, merge) is a tight loop
+//! over a tile that stays in L1, and every helper inlines into the entry point, so the whole pass
+//! runs in the chunk's vector instruction set. Per element, the f32 operations are the same, in
+//! the same order, as an element-at-a-time loop; tiles change only the memory traffic.
+
+use super::MergeJob;
+use super::gta::{GtaState, Mask, PerModel};
+use super::rng::{Stream32, run_length};
+use super::select::{Window, key};
+use crate::simd::{keep_if, rewrite};
+
+/// Elements per tile: a few KiB per buffer, so a tile's buffers fit in L1 together.
+const TILE: usize = 512;
+
+/// A sum in 8 lanes by absolute element index (lane = index mod 8), combined in lane order at the
+/// end: the result does not depend on how the tensor is cut into chunks, and the loop vectorises.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct LaneSum([f64; 8]);
+
+impl LaneSum {
+    /// Add `values`, elements `offset..` of the tensor.
+    #[inline(always)]
+    pub(super) fn add(&mut self, offset: usize, values: &[f32]) {
+        let lanes = &mut self.0;
+        let head = ((8 - offset % 8) % 8).min(values.len());
+        for (j, &v) in values[..head].iter().enumerate() {
+            lanes[(offset + j) % 8] += v as f64;
+        }
+        let mut blocks = values[head..].chunks_exact(8);
+        for block in &mut blocks {
+            for (acc, &v) in lanes.iter_mut().zip(block) {
+                *acc += v as f64;
+            }
+        }
+        for (acc, &v) in lanes.iter_mut().zip(blocks.remainder()) {
+            *acc += v as f64;
+        }
+    }
+
+    pub(super) fn total(&self) -> f64 {
+        self.0.iter().sum()
+    }
+}
+
+/// How a model's kept entries are scaled before weighting.
+#[derive(Clone, Copy)]
+enum Scale {
+    /// Multiply in f32.
+    By(f32),
+    /// Divide by the keep probability in f64 (the papers' 1/p).
+    InverseF64(f64),
+}
+
+/// The last step of the output pass.
+#[derive(Clone, Copy)]
+pub(super) struct Finish {
+    /// Divide by the divisor (weight sum, or the agreeing weights' sum).
+    pub normalize: bool,
+    /// Scale of the merged delta.
+    pub lambda: f32,
+    /// Output the merged delta (no λ, no base).
+    pub raw: bool,
+    /// With a sign consensus: the sign elected where the weighted sum is exactly 0 is `+`.
+    pub tie_up: bool,
+    /// With a sign consensus: count agreeing models instead of summing their weights.
+    pub by_count: bool,
+}
+
+impl Finish {
+    /// The output element from the merged delta `x`, its divisor and the base value `b`.
+    #[inline(always)]
+    fn value(self, x: f32, divisor: f32, b: f32) -> f32 {
+        let x = if self.normalize { x / divisor } else { x };
+        if self.raw {
+            x
+        } else if self.lambda != 1.0 {
+            b + x * self.lambda
+        } else {
+            b + x
+        }
+    }
+}
+
+/// Tiles `(start, end)` of a chunk of `n` elements.
+#[inline(always)]
+fn tiles(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(TILE).map(move |s| (s, (s + TILE).min(n)))
+}
+
+/// `d = x − b`, masked, scaled and weighted, for model `m` over tile elements `start..end` of
+/// the chunk at `offset` (tie counters of a magnitude selection advance in index order).
+#[inline(always)]
+fn delta(m: &mut PerModel, rescale_l1: bool, x: &[f32], b: &[f32], at: usize, d: &mut Vec<f32>) {
+    d.clear();
+    let w = m.weight;
+    if matches!(m.mask, Mask::All) && m.inverse_density.is_none() && !rescale_l1 {
+        // Nothing between the subtraction and the weighting: one loop.
+        d.extend(x.iter().zip(b).map(|(&a, &b)| (a - b) * w));
+        return;
+    }
+    d.extend(x.iter().zip(b).map(|(&a, &b)| a - b));
+    match &mut m.mask {
+        Mask::All => {}
+        Mask::Nothing => d.fill(0.0),
+        Mask::Select(_, sel) => sel.apply(d),
+        Mask::Random(k, t) => k.mask32(at as u64, *t, d),
+        Mask::Given(f) => d
+            .iter_mut()
+            .zip(&f[at..at + x.len()])
+            .for_each(|(v, &g)| *v *= g),
+    }
+    let scale = match m.inverse_density {
+        Some(p) => Scale::InverseF64(p),
+        None if rescale_l1 => Scale::By(m.scale),
+        None => Scale::By(1.0),
+    };
+    match scale {
+        Scale::InverseF64(p) => d.iter_mut().for_each(|v| *v = ((*v as f64 / p) as f32) * w),
+        Scale::By(s) => d.iter_mut().for_each(|v| *v = *v * s * w),
+    }
+}
+
+impl GtaState {
+    /// Every model's delta over tile `start..end` of the chunk at `offset` into `buffers`.
+    #[inline(always)]
+    fn tile_deltas(&mut self, job: &MergeJob, offset: usize, start: usize, end: usize) {
+        let base = &job.base_tensor()[start..end];
+        self.buffers.resize_with(self.models.len(), Vec::new);
+        for (m, d) in self.models.iter_mut().zip(self.buffers.iter_mut()) {
+            let x = &job.inputs[m.input][start..end];
+            delta(m, self.rescale_l1, x, base, offset + start, d);
+        }
+    }
+
+    /// The per-element sums that elect the sign (from 0.0, in model order) into `sums[0]`.
+    #[inline(always)]
+    fn tile_sign_sums(&mut self, n: usize) {
+        let sum = &mut self.sums[0];
+        sum.clear();
+        sum.resize(n, 0.0);
+        for dm in &self.buffers {
+            sum.iter_mut().zip(dm).for_each(|(s, &v)| *s += v);
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// The output pass over one chunk: `out` from the inputs of `job` at `offset`.
+    pub(super) fn apply_chunk(
+        st: &mut GtaState,
+        job: &MergeJob,
+        offset: usize,
+        consensus: bool,
+        f: Finish,
+        out: &mut [f32],
+    ) {
+        let base = job.base_tensor();
+        let weight_sum: f32 = st.models.iter().map(|m| m.weight).sum();
+        let plain_divisor = if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum };
+        if fused_apply(st, job, offset, consensus, f, plain_divisor, out) {
+            return;
+        }
+        for (start, end) in tiles(out.len()) {
+            st.tile_deltas(job, offset, start, end);
+            let (o, b) = (&mut out[start..end], &base[start..end]);
+            if !consensus {
+                // Per-element sums over the models, in model order from 0.0.
+                o.fill(0.0);
+                for dm in &st.buffers {
+                    o.iter_mut().zip(dm).for_each(|(s, &v)| *s += v);
+                }
+                o.iter_mut()
+                    .zip(b)
+                    .for_each(|(o, &b)| *o = f.value(*o, plain_divisor, b));
+                continue;
+            }
+            st.tile_sign_sums(end - start);
+            // Agree with the elected sign: `+` when the sum is > 0, `−` when < 0, and for a zero
+            // sum the tie sign. Zero agrees with neither. Non-short-circuit `&`/`|` keep the loop
+            // branch-free.
+            let [sum, mixed, divisor] = &mut st.sums;
+            mixed.clear();
+            mixed.resize(end - start, 0.0);
+            divisor.clear();
+            divisor.resize(end - start, 0.0);
+            for (dm, m) in st.buffers.iter().zip(&st.models) {
+                let w = if f.by_count { 1.0 } else { m.weight };
+                let cells = mixed.iter_mut().zip(divisor.iter_mut());
+                for ((x, dv), (&v, &s)) in cells.zip(dm.iter().zip(sum.iter())) {
+                    let up = (s > 0.0) | ((s == 0.0) & f.tie_up);
+                    let agree = ((v > 0.0) & up) | ((v < 0.0) & !up);
+                    *x += keep_if(v, agree);
+                    *dv += keep_if(w, agree);
+                }
+            }
+            for (((o, &b), &x), &dv) in o.iter_mut().zip(b).zip(mixed.iter()).zip(divisor.iter()) {
+                *o = f.value(x, if dv == 0.0 { 1.0 } else { dv }, b);
+            }
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// Σ sgn(elected sums) over one chunk (the majority-sign vote).
+    pub(super) fn vote_chunk(st: &mut GtaState, job: &MergeJob, offset: usize) -> i64 {
+        let n = job.inputs.first().map_or(0, |x| x.len());
+        let mut votes = 0i64;
+        for (start, end) in tiles(n) {
+            st.tile_deltas(job, offset, start, end);
+            st.tile_sign_sums(end - start);
+            votes += st.sums[0]
+                .iter()
+                .map(|&s| (s > 0.0) as i64 - (s < 0.0) as i64)
+                .sum::<i64>();
+        }
+        votes
+    }
+}
+
+crate::simd::vectorized! {
+    /// The L1 pass over one chunk: each model's Σ|δ| and Σ|kept δ|.
+    pub(super) fn l1_chunk(st: &mut GtaState, job: &MergeJob, offset: usize) {
+        let base = job.base_tensor();
+        let (mut all, mut kept) = ([0f32; TILE], [0f32; TILE]);
+        for m in &mut st.models {
+            let x = job.inputs[m.input];
+            if let Mask::Random(k, t) = m.mask
+                && run_length(offset as u64) >= x.len()
+            {
+                l1_random(x, base, offset, k.stream32(offset as u64), t, &mut m.l1);
+                continue;
+            }
+            for (start, end) in tiles(x.len()) {
+                let (all, kept) = (&mut all[..end - start], &mut kept[..end - start]);
+                for ((a, &v), &b) in all.iter_mut().zip(&x[start..end]).zip(&base[start..end]) {
+                    *a = (v - b).abs();
+                }
+                kept.copy_from_slice(all);
+                // |δ| has the key of δ, so a magnitude selection keeps the same entries.
+                let at = offset + start;
+                match &mut m.mask {
+                    Mask::All => {}
+                    Mask::Nothing => kept.fill(0.0),
+                    Mask::Select(_, sel) => sel.apply(kept),
+                    Mask::Random(k, t) => k.mask32(at as u64, *t, kept),
+                    Mask::Given(f) => {
+                        let f = &f[at..at + kept.len()];
+                        rewrite(kept, |j, v| keep_if(v, f[j] != 0.0));
+                    }
+                }
+                m.l1.0.add(at, all);
+                m.l1.1.add(at, kept);
+            }
+        }
+    }
+}
+
+/// One model's constants in the fused output loop.
+#[derive(Clone, Copy, Default)]
+struct Lane {
+    /// Scale of kept entries (the L1 match, or 1).
+    scale: f32,
+    weight: f32,
+    /// What an agreeing entry adds to the divisor (its weight, or 1 when counting).
+    vote: f32,
+    /// Random masks: the stream and threshold.
+    stream: Stream32,
+    threshold: u32,
+    /// Magnitude masks: this chunk's rule.
+    window: Window,
+}
+
+/// Which mask every model of a fused chunk has.
+const ALL: u8 = 0;
+const RANDOM: u8 = 1;
+const SELECT: u8 = 2;
+
+/// The output pass over a chunk in one loop, every model's delta kept in registers, when the
+/// chunk allows it: 1 to 8 models with the same kind of mask (none, random, or a magnitude
+/// selection whose boundary ties in this chunk are all kept or all dropped) and no f64 rescale.
+/// Returns `false`, having changed nothing, otherwise.
+#[inline(always)]
+fn fused_apply(
+    st: &mut GtaState,
+    job: &MergeJob,
+    offset: usize,
+    consensus: bool,
+    f: Finish,
+    plain_divisor: f32,
+    out: &mut [f32],
+) -> bool {
+    let k = st.models.len();
+    let n = out.len();
+    if !(1..=8).contains(&k) || st.models.iter().any(|m| m.inverse_density.is_some()) {
+        return false;
+    }
+    let kind = match &st.models[0].mask {
+        Mask::All => ALL,
+        Mask::Random(..) if run_length(offset as u64) >= n => RANDOM,
+        Mask::Select(None, _) => SELECT,
+        _ => return false,
+    };
+    let base = &job.base_tensor()[..n];
+    let mut lanes = [Lane::default(); 8];
+    let mut ties = [(0u64, 0u64); 8];
+    for (m, (lane, tie)) in st.models.iter().zip(lanes.iter_mut().zip(ties.iter_mut())) {
+        *lane = Lane {
+            scale: if st.rescale_l1 { m.scale } else { 1.0 },
+            weight: m.weight,
+            vote: if f.by_count { 1.0 } else { m.weight },
+            ..Lane::default()
+        };
+        match (&m.mask, kind) {
+            (Mask::All, ALL) => {}
+            (Mask::Random(key, t), RANDOM) => {
+                lane.stream = key.stream32(offset as u64);
+                lane.threshold = *t;
+            }
+            (Mask::Select(None, sel), SELECT) => {
+                let x = &job.inputs[m.input][..n];
+                let (lo, hi) = sel.edges();
+                *tie = count_equal_delta(x, base, lo, hi);
+                match sel.window(tie.0, tie.1) {
+                    Some(w) => lane.window = w,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        }
+    }
+    if kind == SELECT {
+        for (m, &(lo, hi)) in st.models.iter_mut().zip(&ties) {
+            if let Mask::Select(None, sel) = &mut m.mask {
+                sel.advance(lo, hi);
+            }
+        }
+    }
+    let inputs: Vec<&[f32]> = st
+        .models
+        .iter()
+        .map(|m| &job.inputs[m.input][..n])
+        .collect();
+    macro_rules! with_k {
+        ($k:literal) => {
+            match (kind, consensus) {
+                (ALL, false) => {
+                    fused::<$k, ALL, false>(&lanes, &inputs, base, f, plain_divisor, out)
+                }
+                (ALL, true) => fused::<$k, ALL, true>(&lanes, &inputs, base, f, plain_divisor, out),
+                (RANDOM, false) => {
+                    fused::<$k, RANDOM, false>(&lanes, &inputs, base, f, plain_divisor, out)
+                }
+                (RANDOM, true) => {
+                    fused::<$k, RANDOM, true>(&lanes, &inputs, base, f, plain_divisor, out)
+                }
+                (_, false) => {
+                    fused::<$k, SELECT, false>(&lanes, &inputs, base, f, plain_divisor, out)
+                }
+                (_, true) => {
+                    fused::<$k, SELECT, true>(&lanes, &inputs, base, f, plain_divisor, out)
+                }
+            }
+        };
+    }
+    match k {
+        1 => with_k!(1),
+        2 => with_k!(2),
+        3 => with_k!(3),
+        4 => with_k!(4),
+        5 => with_k!(5),
+        6 => with_k!(6),
+        7 => with_k!(7),
+        _ => with_k!(8),
+    }
+    true
+}
+
+/// How many keys of `x − b` equal `lo`, and how many equal `hi`.
+#[inline(always)]
+fn count_equal_delta(x: &[f32], b: &[f32], lo: u32, hi: u32) -> (u64, u64) {
+    let (mut n_lo, mut n_hi) = (0u64, 0u64);
+    for (x, b) in x.chunks(TILE).zip(b.chunks(TILE)) {
+        let (a, c) = x.iter().zip(b).fold((0u32, 0u32), |(a, c), (&x, &b)| {
+            let k = key(x - b);
+            (a + (k == lo) as u32, c + (k == hi) as u32)
+        });
+        n_lo += a as u64;
+        n_hi += c as u64;
+    }
+    (n_lo, n_hi)
+}
+
+/// The output loop of [`fused_apply`] for `K` models with masks of kind `KIND`.
+#[inline(always)]
+fn fused<const K: usize, const KIND: u8, const CONSENSUS: bool>(
+    lanes: &[Lane; 8],
+    inputs: &[&[f32]],
+    base: &[f32],
+    f: Finish,
+    plain_divisor: f32,
+    out: &mut [f32],
+) {
+    let n = out.len();
+    let lanes: [Lane; K] = std::array::from_fn(|m| lanes[m]);
+    let xs: [&[f32]; K] = std::array::from_fn(|m| &inputs[m][..n]);
+    let base = &base[..n];
+    for i in 0..n {
+        let b = base[i];
+        let mut d = [0f32; K];
+        for m in 0..K {
+            let l = lanes[m];
+            let v = xs[m][i] - b;
+            let keep = match KIND {
+                RANDOM => l.stream.bits(i as u32) < l.threshold,
+                SELECT => l.window.keeps(key(v)),
+                _ => true,
+            };
+            d[m] = keep_if(v, keep) * l.scale * l.weight;
+        }
+        let mut sum = 0.0f32;
+        for &v in &d {
+            sum += v;
+        }
+        out[i] = if CONSENSUS {
+            let up = (sum > 0.0) | ((sum == 0.0) & f.tie_up);
+            let (mut mixed, mut divisor) = (0.0f32, 0.0f32);
+            for m in 0..K {
+                let v = d[m];
+                let agree = ((v > 0.0) & up) | ((v < 0.0) & !up);
+                mixed += keep_if(v, agree);
+                divisor += keep_if(lanes[m].vote, agree);
+            }
+            f.value(mixed, if divisor == 0.0 { 1.0 } else { divisor }, b)
+        } else {
+            f.value(sum, plain_divisor, b)
+        };
+    }
+}
+
+/// The L1 pass of one model with a random mask over a chunk at `offset` (within one stream):
+/// Σ|δ| and Σ|kept δ| into the lane sums, in one loop.
+#[inline(always)]
+fn l1_random(
+    x: &[f32],
+    base: &[f32],
+    offset: usize,
+    stream: Stream32,
+    t: u32,
+    sums: &mut (LaneSum, LaneSum),
+) {
+    let n = x.len();
+    let base = &base[..n];
+    // Elements before the first index that is a multiple of 8 go through the general adder.
+    let head = ((8 - offset % 8) % 8).min(n);
+    let mut all = [0f32; 8];
+    let mut kept = [0f32; 8];
+    for j in 0..head {
+        all[j] = (x[j] - base[j]).abs();
+        kept[j] = keep_if(all[j], stream.bits(j as u32) < t);
+    }
+    sums.0.add(offset, &all[..head]);
+    sums.1.add(offset, &kept[..head]);
+    // Lane accumulators in locals (registers), one block of 8 elements per step.
+    let (mut la, mut lk) = (sums.0.0, sums.1.0);
+    let blocks = x[head..].chunks_exact(8).zip(base[head..].chunks_exact(8));
+    let full = (n - head) / 8 * 8;
+    for (q, (xb, bb)) in blocks.enumerate() {
+        let first = (head + q * 8) as u32;
+        for j in 0..8 {
+            all[j] = (xb[j] - bb[j]).abs();
+            kept[j] = keep_if(all[j], stream.bits(first + j as u32) < t);
+        }
+        for j in 0..8 {
+            la[j] += all[j] as f64;
+            lk[j] += kept[j] as f64;
+        }
+    }
+    (sums.0.0, sums.1.0) = (la, lk);
+    let rest = head + full;
+    for j in rest..n {
+        all[j - rest] = (x[j] - base[j]).abs();
+        kept[j - rest] = keep_if(all[j - rest], stream.bits(j as u32) < t);
+    }
+    sums.0.add(offset + rest, &all[..n - rest]);
+    sums.1.add(offset + rest, &kept[..n - rest]);
+}
