@@ -273,6 +273,8 @@ pub(super) struct GtaState {
     pub(super) sums: [Vec<f32>; 3],
     /// Keys of the current chunk (selection passes).
     keys: Vec<u32>,
+    /// Whether the output pass may take the fused loop (tests turn it off to compare).
+    pub(super) fuse: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -323,6 +325,7 @@ impl GtaState {
             buffers: Vec::new(),
             sums: Default::default(),
             keys: Vec::new(),
+            fuse: true,
         }
     }
 }

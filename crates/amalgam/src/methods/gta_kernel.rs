@@ -295,7 +295,7 @@ fn fused_apply(
 ) -> bool {
     let k = st.models.len();
     let n = out.len();
-    if !(1..=8).contains(&k) || st.models.iter().any(|m| m.inverse_density.is_some()) {
+    if !st.fuse || !(1..=8).contains(&k) || st.models.iter().any(|m| m.inverse_density.is_some()) {
         return false;
     }
     let kind = match &st.models[0].mask {
@@ -487,4 +487,132 @@ fn l1_random(
     }
     sums.0.add(offset + rest, &all[..n - rest]);
     sums.1.add(offset + rest, &kept[..n - rest]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{MergeJob, Params, Scope, State, get, state_mut};
+    use super::*;
+    use crate::config::Value;
+
+    /// Base + `k` inputs of `n` values on a coarse grid (so magnitudes tie often), some equal
+    /// to the base.
+    fn data(k: usize, n: usize, seed: u64) -> Vec<Vec<f32>> {
+        let key = super::super::rng::Key::new(seed, "fused", 0);
+        let grid = |i: u64| ((key.uniform(i) * 16.0).floor() as f32 - 8.0) / 32.0;
+        let base: Vec<f32> = (0..n as u64).map(|i| grid(i) / 4.0).collect();
+        let mut all = vec![base.clone()];
+        for m in 1..=k as u64 {
+            all.push(
+                (0..n as u64)
+                    .map(|i| {
+                        let v = grid(m * 1_000_003 + i);
+                        if i % 13 == m {
+                            base[i as usize]
+                        } else {
+                            base[i as usize] + v
+                        }
+                    })
+                    .collect(),
+            );
+        }
+        all
+    }
+
+    /// Run `method` over `inputs` streamed in chunks of `chunk`, fused or not.
+    fn run(
+        method: &str,
+        shared_over: &[(&'static str, Value)],
+        per_model: &[Params],
+        inputs: &[Vec<f32>],
+        chunk: usize,
+        fuse: bool,
+    ) -> Vec<u32> {
+        let method = get(method).unwrap();
+        let mut values: Vec<(&'static str, Value)> = method
+            .spec()
+            .params
+            .iter()
+            .filter(|p| p.scope == Scope::Shared)
+            .filter_map(|p| p.default.clone().map(|d| (p.name, d)))
+            .collect();
+        for (k, v) in shared_over {
+            values.retain(|(n, _)| n != k);
+            values.push((k, v.clone()));
+        }
+        let shared = Params { values };
+        let mut per_input = vec![Params { values: Vec::new() }];
+        per_input.extend(per_model.iter().cloned());
+        let n = inputs[0].len();
+        let shape = [n];
+        let meta = MergeJob {
+            name: "t",
+            shape: &shape,
+            inputs: Vec::new(),
+            base: Some(0),
+            shared: &shared,
+            per_input: &per_input,
+            seed: 3,
+            global: None,
+        };
+        let s = method.streaming(&meta).unwrap();
+        let mut state: State = s.begin(&meta).unwrap();
+        state_mut::<GtaState>(&mut state).fuse = fuse;
+        let job = |a: usize, b: usize| MergeJob {
+            inputs: inputs.iter().map(|v| &v[a..b]).collect(),
+            ..meta.clone()
+        };
+        for pass in 0..s.passes(&state) {
+            for a in (0..n).step_by(chunk) {
+                let b = (a + chunk).min(n);
+                s.observe(pass, &job(a, b), a, &mut state).unwrap();
+            }
+            s.end_pass(pass, &meta, &mut state).unwrap();
+        }
+        let mut out = vec![0f32; n];
+        for a in (0..n).step_by(chunk) {
+            let b = (a + chunk).min(n);
+            s.apply(&job(a, b), a, &mut state, &mut out[a..b]).unwrap();
+        }
+        out.iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn fused_loop_matches_the_tiled_steps_bit_for_bit() {
+        let n = 1237;
+        let f = Value::Float;
+        for k in 1..=8 {
+            let inputs = data(k, n, k as u64);
+            let per_model: Vec<Params> = (0..k)
+                .map(|m| Params {
+                    values: vec![
+                        ("weight", f([1.0, -0.5, 0.75, 2.0][m % 4])),
+                        ("density", f([0.5, 0.3, 0.9, 0.61][m % 4])),
+                        ("gamma", f(0.05)),
+                    ],
+                })
+                .collect();
+            let cases: [(&str, Vec<(&'static str, Value)>); 9] = [
+                ("task_arithmetic", vec![("lambda", f(0.7))]),
+                ("ties", vec![]),
+                ("ties", vec![("sign_tie", Value::Choice("majority"))]),
+                ("ties", vec![("mean_divisor", Value::Choice("count"))]),
+                ("dare_ties", vec![]),
+                ("dare_linear", vec![("normalize", Value::Bool(true))]),
+                ("breadcrumbs", vec![]),
+                ("breadcrumbs_ties", vec![("lambda", f(1.5))]),
+                ("ties", vec![("normalize", Value::Bool(false))]),
+            ];
+            for (method, shared) in &cases {
+                for chunk in [n, 97, 512 + 3] {
+                    let fused = run(method, shared, &per_model, &inputs, chunk, true);
+                    let tiled = run(method, shared, &per_model, &inputs, chunk, false);
+                    assert_eq!(
+                        fused, tiled,
+                        "{method} {shared:?}, {k} models, chunk {chunk}"
+                    );
+                }
+            }
+        }
+    }
 }
