@@ -29,34 +29,30 @@ impl Default for ModelStock {
     }
 }
 
-/// Per-vector sums: `‖oᵢ‖²` and `⟨oᵢ, oⱼ⟩` of the task vectors `oᵢ = θᵢ − θ₀`, in f64.
+/// Per-vector sums: `‖oᵢ‖²` and `⟨oᵢ, oⱼ⟩` of the task vectors `oᵢ = θᵢ − θ₀`, in f64, each in 8
+/// lanes by absolute element index (lane = index mod 8, added in index order, combined in lane
+/// order at the end): the loop vectorises and the result does not depend on the chunking.
 #[derive(Clone, Debug)]
 struct Sums {
-    norms: Vec<f64>,
-    dots: Vec<f64>,
+    norms: Vec<[f64; 8]>,
+    dots: Vec<[f64; 8]>,
 }
 
 impl Sums {
     fn new(models: usize) -> Sums {
         Sums {
-            norms: vec![0.0; models],
-            dots: vec![0.0; models * models.saturating_sub(1) / 2],
+            norms: vec![[0.0; 8]; models],
+            dots: vec![[0.0; 8]; models * models.saturating_sub(1) / 2],
         }
     }
 
-    fn add(&mut self, base: &[f32], models: &[&[f32]]) {
-        for (j, &b) in base.iter().enumerate() {
-            let b = b as f64;
-            let mut p = 0;
-            for i in 0..models.len() {
-                let oi = models[i][j] as f64 - b;
-                self.norms[i] += oi * oi;
-                for m in &models[i + 1..] {
-                    self.dots[p] += oi * (m[j] as f64 - b);
-                    p += 1;
-                }
-            }
-        }
+    /// Add elements `offset..` (the `base` and `models` slices).
+    fn add(&mut self, offset: usize, base: &[f32], models: &[&[f32]]) {
+        accumulate(self, offset, base, models);
+    }
+
+    fn total(lanes: &[f64; 8]) -> f64 {
+        lanes.iter().sum()
     }
 
     /// The interpolation factor `t` from the mean pairwise cosine.
@@ -66,8 +62,9 @@ impl Sums {
         let mut p = 0;
         for i in 0..k {
             for j in i + 1..k {
-                let denom = (self.norms[i].sqrt() * self.norms[j].sqrt()).max(1e-6);
-                cos.push((self.dots[p] / denom).clamp(-1.0, 1.0));
+                let (ni, nj) = (Sums::total(&self.norms[i]), Sums::total(&self.norms[j]));
+                let denom = (ni.sqrt() * nj.sqrt()).max(1e-6);
+                cos.push((Sums::total(&self.dots[p]) / denom).clamp(-1.0, 1.0));
                 p += 1;
             }
         }
@@ -78,6 +75,76 @@ impl Sums {
             0.0
         } else {
             n * c / denom
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// [`Sums::add`].
+    fn accumulate(sums: &mut Sums, offset: usize, base: &[f32], models: &[&[f32]]) {
+        let n = base.len();
+        let k = models.len();
+        let (norms, dots) = (&mut sums.norms, &mut sums.dots);
+        // Elements at `at` (absolute index `offset + at`) one at a time.
+        let mut single = |at: usize| {
+            let lane = (offset + at) % 8;
+            let b = base[at] as f64;
+            let mut p = 0;
+            for i in 0..k {
+                let oi = models[i][at] as f64 - b;
+                norms[i][lane] += oi * oi;
+                for m in &models[i + 1..] {
+                    dots[p][lane] += oi * (m[at] as f64 - b);
+                    p += 1;
+                }
+            }
+        };
+        let head = ((8 - offset % 8) % 8).min(n);
+        (0..head).for_each(&mut single);
+        let full = head + (n - head) / 8 * 8;
+        (full..n).for_each(&mut single);
+        // Whole blocks of 8 at indices that are multiples of 8 (lane = position in the block),
+        // one pass per sum with its lanes in registers.
+        fn blocks(x: &[f32], from: usize, to: usize) -> impl Iterator<Item = &[f32; 8]> {
+            x[from..to].chunks_exact(8).map(|c| c.try_into().expect("8"))
+        }
+        let blocks = |x| blocks(x, head, full);
+        let mut p = 0;
+        for i in 0..k {
+            let mut acc = norms[i];
+            for (x, b) in blocks(models[i]).zip(blocks(base)) {
+                for j in 0..8 {
+                    let o = x[j] as f64 - b[j] as f64;
+                    acc[j] += o * o;
+                }
+            }
+            norms[i] = acc;
+            for l in i + 1..k {
+                let mut acc = dots[p];
+                for ((x, y), b) in blocks(models[i]).zip(blocks(models[l])).zip(blocks(base)) {
+                    for j in 0..8 {
+                        let b = b[j] as f64;
+                        acc[j] += (x[j] as f64 - b) * (y[j] as f64 - b);
+                    }
+                }
+                dots[p] = acc;
+                p += 1;
+            }
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// `out = t·mean(models) + (1 − t)·base`, the mean summed in model order (from −0.0, as
+    /// `Iterator::sum` does).
+    fn interpolate(t: f32, base: &[f32], models: &[&[f32]], out: &mut [f32]) {
+        out.fill(-0.0);
+        for m in models {
+            out.iter_mut().zip(*m).for_each(|(o, &x)| *o += x);
+        }
+        let n = models.len() as f32;
+        for (o, &b) in out.iter_mut().zip(base) {
+            *o = t * (*o / n) + (1.0 - t) * b;
         }
     }
 }
@@ -142,13 +209,13 @@ impl Streaming for ModelStock {
         let base = job.base_tensor();
         let models: Vec<&[f32]> = job.non_base().into_iter().map(|i| job.inputs[i]).collect();
         if st.sums.len() == 1 {
-            st.sums[0].add(base, &models);
+            st.sums[0].add(offset, base, &models);
             return Ok(());
         }
         for (r, start) in (0..base.len()).step_by(st.row).enumerate() {
             let end = (start + st.row).min(base.len());
             let rows: Vec<&[f32]> = models.iter().map(|m| &m[start..end]).collect();
-            st.sums[offset / st.row + r].add(&base[start..end], &rows);
+            st.sums[offset / st.row + r].add(offset + start, &base[start..end], &rows);
         }
         Ok(())
     }
@@ -169,16 +236,16 @@ impl Streaming for ModelStock {
         let st = state_mut::<StockState>(state);
         let base = job.base_tensor();
         let models: Vec<&[f32]> = job.non_base().into_iter().map(|i| job.inputs[i]).collect();
-        let n = models.len() as f32;
-        let factors = &st.factors;
-        for (j, o) in out.iter_mut().enumerate() {
-            let t = factors[if factors.len() == 1 {
-                0
-            } else {
-                (offset + j) / st.row
-            }];
-            let avg = models.iter().map(|m| m[j]).sum::<f32>() / n;
-            *o = t * avg + (1.0 - t) * base[j];
+        if let [t] = st.factors[..] {
+            interpolate(t, base, &models, out);
+            return Ok(());
+        }
+        // Chunks hold whole rows (the granule).
+        for (r, start) in (0..out.len()).step_by(st.row).enumerate() {
+            let end = (start + st.row).min(out.len());
+            let rows: Vec<&[f32]> = models.iter().map(|m| &m[start..end]).collect();
+            let t = st.factors[offset / st.row + r];
+            interpolate(t, &base[start..end], &rows, &mut out[start..end]);
         }
         Ok(())
     }
