@@ -263,6 +263,18 @@ pub fn decode_f32(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> bool {
     decode_f32_append(dtype, bytes, out)
 }
 
+/// [`decode_f32_append`] that also tells whether every value decoded is finite (`false` for a
+/// dtype that is not a float). bf16 is checked on its bits in the same loop that widens it.
+pub fn decode_f32_append_finite(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> bool {
+    if dtype == DType::BF16
+        && let Ok(src) = bytemuck::try_cast_slice::<u8, u16>(bytes)
+    {
+        return widen_bf16_finite(src, out);
+    }
+    let start = out.len();
+    decode_f32_append(dtype, bytes, out) && crate::simd::all_finite(&out[start..])
+}
+
 /// [`decode_f32`] appending to `out`.
 pub fn decode_f32_append(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> bool {
     if !dtype.is_float() {
@@ -299,6 +311,15 @@ crate::simd::vectorized! {
     /// bf16 bits → f32, appended: bf16 is the top half of an f32, so widening is a shift.
     fn widen_bf16(src: &[u16], out: &mut Vec<f32>) {
         out.extend(src.iter().map(|&b| f32::from_bits((b as u32) << 16)));
+    }
+}
+
+crate::simd::vectorized! {
+    /// [`widen_bf16`], returning whether every value is finite (exponent not all ones).
+    fn widen_bf16_finite(src: &[u16], out: &mut Vec<f32>) -> bool {
+        out.extend(src.iter().map(|&b| f32::from_bits((b as u32) << 16)));
+        src.chunks(1024)
+            .all(|c| c.iter().fold(true, |ok, &b| ok & (b & 0x7f80 != 0x7f80)))
     }
 }
 
@@ -409,6 +430,34 @@ mod tests {
         let mut back = Vec::new();
         assert!(encode_f32(dtype, &f, &mut back));
         assert_eq!(back, bits, "{dtype} round trip through f32");
+    }
+
+    #[test]
+    fn decoding_with_the_finite_check_finds_every_non_finite_pattern() {
+        // Every bf16 and f16 bit pattern, alone: finite exactly when its f32 value is.
+        for dtype in [DType::BF16, DType::F16] {
+            for b in 0..=u16::MAX {
+                let mut out = vec![7.0];
+                let finite = decode_f32_append_finite(dtype, &b.to_le_bytes(), &mut out);
+                assert_eq!(out.len(), 2, "appends");
+                assert_eq!(finite, out[1].is_finite(), "{dtype} {b:#06x}");
+            }
+        }
+        // One bad value among many, at any position; f32 and f64 too.
+        for dtype in [DType::BF16, DType::F16, DType::F32, DType::F64] {
+            for at in [0, 1000, 4095] {
+                let mut v = vec![0.5f32; 4096];
+                let mut bytes = Vec::new();
+                encode_f32(dtype, &v, &mut bytes);
+                assert!(decode_f32_append_finite(dtype, &bytes, &mut Vec::new()));
+                v[at] = f32::NAN;
+                encode_f32(dtype, &v, &mut bytes);
+                assert!(
+                    !decode_f32_append_finite(dtype, &bytes, &mut Vec::new()),
+                    "{dtype} {at}"
+                );
+            }
+        }
     }
 
     #[test]

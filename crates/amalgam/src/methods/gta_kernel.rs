@@ -426,11 +426,14 @@ fn fused<const K: usize, const KIND: u8, const CONSENSUS: bool>(
             sum += v;
         }
         out[i] = if CONSENSUS {
+            // The elected sign as ±1: an entry agrees when its product with it is positive
+            // (zero agrees with neither sign).
             let up = (sum > 0.0) | ((sum == 0.0) & f.tie_up);
+            let sign = if up { 1.0f32 } else { -1.0 };
             let (mut mixed, mut divisor) = (0.0f32, 0.0f32);
             for m in 0..K {
                 let v = d[m];
-                let agree = ((v > 0.0) & up) | ((v < 0.0) & !up);
+                let agree = v * sign > 0.0;
                 mixed += keep_if(v, agree);
                 divisor += keep_if(lanes[m].vote, agree);
             }

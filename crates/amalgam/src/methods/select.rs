@@ -143,11 +143,11 @@ impl Selection {
         };
         let mut w = Window::ALL;
         if let Some(e) = self.lower {
-            w.lo = e.value;
+            w.lo = e.value as i32;
             w.tie_lo = keep_lo && (!same || keep_hi);
         }
         if let Some(e) = self.upper {
-            w.hi = e.value;
+            w.hi = e.value as i32;
             w.tie_hi = keep_hi && (!same || keep_lo);
         }
         Some(w)
@@ -219,14 +219,18 @@ pub fn count_equal(x: &[f32], a: u32, b: u32) -> (u64, u64) {
 
 /// A selection's rule over one chunk, branch-free: a key passes when it is above `lo` (or equal
 /// and `tie_lo`) and below `hi` (or equal and `tie_hi`). A missing lower edge is `0` with ties
-/// kept, a missing upper edge `u32::MAX` with ties kept.
+/// kept, a missing upper edge [`KEY_MAX`] with ties kept. Keys fit in 31 bits, so they compare
+/// as signed integers (one vector instruction each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
-    lo: u32,
+    lo: i32,
     tie_lo: bool,
-    hi: u32,
+    hi: i32,
     tie_hi: bool,
 }
+
+/// The largest key (`|x|` as bits never has the sign bit).
+const KEY_MAX: i32 = i32::MAX;
 
 impl Default for Window {
     fn default() -> Window {
@@ -239,14 +243,14 @@ impl Window {
     pub const ALL: Window = Window {
         lo: 0,
         tie_lo: true,
-        hi: u32::MAX,
+        hi: KEY_MAX,
         tie_hi: true,
     };
-    /// Keeps nothing (no key is above `u32::MAX`).
+    /// Keeps nothing (no key is above [`KEY_MAX`]).
     pub const NOTHING: Window = Window {
-        lo: u32::MAX,
+        lo: KEY_MAX,
         tie_lo: false,
-        hi: u32::MAX,
+        hi: KEY_MAX,
         tie_hi: true,
     };
 
@@ -259,6 +263,7 @@ impl Window {
     /// Whether key `k` passes (non-short-circuit `&`/`|` keep loops over it branch-free).
     #[inline(always)]
     pub fn keeps(self, k: u32) -> bool {
+        let k = k as i32;
         let above = (k > self.lo) | (self.tie_lo & (k == self.lo));
         let below = (k < self.hi) | (self.tie_hi & (k == self.hi));
         above & below
@@ -266,41 +271,120 @@ impl Window {
 }
 
 crate::simd::vectorized! {
-    /// Add the top 16 bits of each key to `hist`.
+    /// Add the top 16 bits of each key to `hist` (4 interleaved histograms of [`BINS`], summed
+    /// by [`Selector::end_high`]): neighbouring elements often share a bin, and one counter
+    /// per element position mod 4 keeps their increments from waiting on each other.
     fn histogram_high(keys: &[u32], hist: &mut [u32]) {
-        let hist = &mut hist[..BINS];
-        for &k in keys {
-            hist[(k >> 16) as usize] += 1;
+        let (h0, rest) = hist.split_at_mut(BINS);
+        let (h1, rest) = rest.split_at_mut(BINS);
+        let (h2, h3) = rest.split_at_mut(BINS);
+        let h3 = &mut h3[..BINS];
+        let mut quads = keys.chunks_exact(4);
+        for q in &mut quads {
+            h0[(q[0] >> 16) as usize] += 1;
+            h1[(q[1] >> 16) as usize] += 1;
+            h2[(q[2] >> 16) as usize] += 1;
+            h3[(q[3] >> 16) as usize] += 1;
+        }
+        for &k in quads.remainder() {
+            h0[(k >> 16) as usize] += 1;
         }
     }
 }
 
-crate::simd::vectorized! {
-    /// Add the low 16 bits of the keys whose top 16 bits are `b0` to `h0`, and of those whose
-    /// top bits are `b1` to `h1` (if given). Few keys are in either bin, so blocks of 16 are
-    /// tested at once (a vector compare) and only blocks with a hit are walked.
-    fn histogram_low(keys: &[u32], b0: u32, h0: &mut [u32], b1: u32, h1: Option<&mut Vec<u32>>) {
-        let h0 = &mut h0[..BINS];
-        let mut h1 = h1.map(|h| &mut h[..BINS]);
-        for block in keys.chunks(16) {
-            let hit = block
-                .iter()
-                .fold(false, |hit, &k| hit | (k >> 16 == b0) | (k >> 16 == b1));
-            if !hit {
-                continue;
+/// Add the low 16 bits of the keys whose top 16 bits are `b0` to `h0`, and of those whose top
+/// bits are `b1` to `h1` (if given). Few keys are in either bin: they are first gathered (a
+/// vector compare and compress), then counted.
+fn histogram_low(
+    keys: &[u32],
+    b0: u32,
+    h0: &mut [u32],
+    b1: u32,
+    h1: Option<&mut Vec<u32>>,
+    gathered: &mut Vec<u32>,
+) {
+    gathered.clear();
+    gather_bins(keys, b0, b1, gathered);
+    let h0 = &mut h0[..BINS];
+    match h1 {
+        None => {
+            for &k in gathered.iter() {
+                h0[(k & 0xffff) as usize] += 1;
             }
-            for &k in block {
-                let low = (k & 0xffff) as usize;
-                if k >> 16 == b0 {
-                    h0[low] += 1;
-                } else if k >> 16 == b1
-                    && let Some(h) = h1.as_deref_mut()
-                {
-                    h[low] += 1;
-                }
+        }
+        Some(h1) => {
+            for &k in gathered.iter() {
+                let h = if k >> 16 == b0 { &mut *h0 } else { &mut *h1 };
+                h[(k & 0xffff) as usize] += 1;
             }
         }
     }
+}
+
+/// Append to `out`, in order, the keys whose top 16 bits are `b0` or `b1`.
+fn gather_bins(keys: &[u32], b0: u32, b1: u32, out: &mut Vec<u32>) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::v3() {
+        // SAFETY: `v3()` checked that the CPU has AVX2.
+        unsafe { gather_bins_avx2(keys, b0, b1, out) };
+        return;
+    }
+    out.extend(keys.iter().filter(|&&k| (k >> 16 == b0) | (k >> 16 == b1)));
+}
+
+/// Per 8-bit mask, the positions of its set bits, in order (the lanes to keep, packed first).
+#[cfg(target_arch = "x86_64")]
+const COMPRESS: [[u32; 8]; 256] = {
+    let mut table = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut bit, mut n) = (0, 0);
+        while bit < 8 {
+            if m & (1 << bit) != 0 {
+                table[m][n] = bit as u32;
+                n += 1;
+            }
+            bit += 1;
+        }
+        m += 1;
+    }
+    table
+};
+
+/// [`gather_bins`] with AVX2: per 8 keys, compare, pack the matches to the front with one
+/// permute and store them all; the length advances by the number of matches.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,popcnt")]
+fn gather_bins_avx2(keys: &[u32], b0: u32, b1: u32, out: &mut Vec<u32>) {
+    use std::arch::x86_64::*;
+    // Room for every key plus one full store past the last match.
+    out.reserve(keys.len() + 8);
+    let mut len = out.len();
+    let v0 = _mm256_set1_epi32(b0 as i32);
+    let v1 = _mm256_set1_epi32(b1 as i32);
+    let mut blocks = keys.chunks_exact(8);
+    for block in &mut blocks {
+        // SAFETY: `block` holds 8 u32s; the store writes 8 u32s at `len`, and `len + 8` is
+        // within the reserved capacity because `len` grows by at most 8 per block.
+        unsafe {
+            let k = _mm256_loadu_si256(block.as_ptr().cast());
+            let hi = _mm256_srli_epi32::<16>(k);
+            let hit = _mm256_or_si256(_mm256_cmpeq_epi32(hi, v0), _mm256_cmpeq_epi32(hi, v1));
+            let mask = _mm256_movemask_ps(_mm256_castsi256_ps(hit)) as usize;
+            let order = _mm256_loadu_si256(COMPRESS[mask].as_ptr().cast());
+            let packed = _mm256_permutevar8x32_epi32(k, order);
+            _mm256_storeu_si256(out.as_mut_ptr().add(len).cast(), packed);
+            len += mask.count_ones() as usize;
+        }
+    }
+    // SAFETY: the first `len` elements were written above (or were already there).
+    unsafe { out.set_len(len) };
+    out.extend(
+        blocks
+            .remainder()
+            .iter()
+            .filter(|&&k| (k >> 16 == b0) | (k >> 16 == b1)),
+    );
 }
 
 crate::simd::vectorized! {
@@ -330,6 +414,8 @@ pub struct Selector {
     /// Per rank: (top-16 bin, elements below that bin).
     bins: Vec<(u32, usize)>,
     lo: Vec<Vec<u32>>,
+    /// Scratch: the keys of a chunk inside the wanted bins (pass 2).
+    gathered: Vec<u32>,
 }
 
 /// The value at an ascending rank and how many elements are below it.
@@ -368,7 +454,8 @@ impl Selector {
             n,
             want,
             ranks,
-            hi: vec![0; BINS],
+            hi: vec![0; 4 * BINS],
+            gathered: Vec::new(),
             bins: Vec::new(),
             lo: Vec::new(),
         })
@@ -381,6 +468,11 @@ impl Selector {
 
     /// Between the passes: find the bins of the wanted ranks.
     pub fn end_high(&mut self) {
+        let (first, rest) = self.hi.split_at_mut(BINS);
+        for part in rest.chunks_exact(BINS) {
+            first.iter_mut().zip(part).for_each(|(a, &b)| *a += b);
+        }
+        self.hi.truncate(BINS);
         self.bins = self.ranks.iter().map(|&r| locate(&self.hi, r)).collect();
         self.lo = self.bins.iter().map(|_| vec![0; BINS]).collect();
         self.hi = Vec::new();
@@ -392,7 +484,7 @@ impl Selector {
         // Two ranks in one bin share the first histogram.
         let (first, rest) = self.lo.split_first_mut().expect("a rank");
         let second = rest.last_mut().filter(|_| b1 != b0);
-        histogram_low(keys, b0, first, b1, second);
+        histogram_low(keys, b0, first, b1, second, &mut self.gathered);
     }
 
     /// After pass 2: the selection.
