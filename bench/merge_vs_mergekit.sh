@@ -61,6 +61,9 @@ parameters: {t: 0.4}
 YML
 
 measure() { # prints "seconds peak_MiB"; the command's output goes to $work/last.log
+  # Each run starts with no output directory and no dirty pages left by the previous run.
+  rm -rf "$work/out-mk" "$work/out-am"
+  sync
   /usr/bin/time -f '%e %M' -o "$work/time.txt" "$@" > "$work/last.log" 2>&1 || {
     echo "FAILED: $*" >&2; cat "$work/last.log" >&2; return 1; }
   awk '{printf "%.2f %.0f", $1, $2/1024}' "$work/time.txt"
@@ -86,17 +89,16 @@ printf '| %-15s | %12s | %12s | %12s | %12s | %8s | %8s |\n' method "mergekit s"
 printf '|%s|\n' "-----------------|--------------|--------------|--------------|--------------|----------|----------"
 for m in linear task_arithmetic ties dare_ties breadcrumbs slerp model_stock; do
   if [ "$run_mergekit" = 1 ]; then
-    rm -rf "$work/out-mk"
     read -r mk_s mk_m < <(measure "$mergekit" "$work/configs/$m.yml" "$work/out-mk" --no-copy-tokenizer --no-write-model-card --quiet; echo)
   else
     mk_s=nan; mk_m=nan
   fi
-  read -r am_s am_m < <(measure "$bin" --threads 2 merge "$work/configs/$m.yml" "$work/out-am" --overwrite -q; echo)
+  read -r am_s am_m < <(measure "$bin" --threads 2 merge "$work/configs/$m.yml" "$work/out-am" -q; echo)
   speed=$(python3 -c "import math; a=float('$mk_s'); b=float('$am_s'); print('n/a' if math.isnan(a) else f'{a/b:.1f}x')")
   vs=$(python3 -c "print(f'{float(\"$am_s\")/float(\"$io\"):.2f}')")
   printf '| %-15s | %12s | %12s | %12s | %12s | %8s | %8s |\n' "$m" "$mk_s" "$mk_m" "$am_s" "$am_m" "$speed" "$vs"
 done
-read -r t1_s t1_m < <(measure "$bin" --threads 1 merge "$work/configs/ties.yml" "$work/out-am" --overwrite -q; echo)
-read -r t2_s t2_m < <(measure "$bin" --threads 2 merge "$work/configs/ties.yml" "$work/out-am" --overwrite -q; echo)
+read -r t1_s t1_m < <(measure "$bin" --threads 1 merge "$work/configs/ties.yml" "$work/out-am" -q; echo)
+read -r t2_s t2_m < <(measure "$bin" --threads 2 merge "$work/configs/ties.yml" "$work/out-am" -q; echo)
 echo "ties: 1 thread ${t1_s}s ${t1_m} MiB, 2 threads ${t2_s}s ${t2_m} MiB: $(python3 -c "print(f'{$t1_s/$t2_s:.2f}')")x"
 rm -rf "$work/out-am" "$work/out-mk"
