@@ -2,8 +2,9 @@
 //!
 //! Data flows one way: a configuration becomes a plan (every output tensor with its inputs and
 //! resolved parameters), the executor streams tensors through the plan's operations, and the
-//! writer puts each result at its final place on disk. Models are memory-mapped and never held
-//! whole in memory.
+//! writer puts each result at its final place on disk. Models are never held whole in memory:
+//! headers are validated from a memory map, and streamed methods read tensor data in small
+//! positioned reads. Hot loops are compiled twice and picked at run time ([`simd`]).
 
 pub mod arch;
 pub mod cancel;

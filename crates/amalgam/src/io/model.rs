@@ -1,6 +1,7 @@
 //! A model on disk: one safetensors file, a directory with `model.safetensors`, or a directory
 //! of shards with a `*.safetensors.index.json`. Shards are memory-mapped; tensor data is
-//! borrowed straight from the maps and nothing is read until asked for.
+//! borrowed straight from the maps and nothing is read until asked for. Streaming readers copy
+//! chunks out with [`Model::read_at`] instead, so no input page stays mapped.
 
 use std::collections::HashMap;
 use std::fs::File;
