@@ -494,7 +494,7 @@ fn l1_random(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{MergeJob, Params, Scope, State, get, state_mut};
+    use super::super::{MergeJob, Params, State, get, shared_params, state_mut};
     use super::*;
     use crate::config::Value;
 
@@ -532,18 +532,7 @@ mod tests {
         fuse: bool,
     ) -> Vec<u32> {
         let method = get(method).unwrap();
-        let mut values: Vec<(&'static str, Value)> = method
-            .spec()
-            .params
-            .iter()
-            .filter(|p| p.scope == Scope::Shared)
-            .filter_map(|p| p.default.clone().map(|d| (p.name, d)))
-            .collect();
-        for (k, v) in shared_over {
-            values.retain(|(n, _)| n != k);
-            values.push((k, v.clone()));
-        }
-        let shared = Params { values };
+        let shared = shared_params(method, shared_over);
         let mut per_input = vec![Params { values: Vec::new() }];
         per_input.extend(per_model.iter().cloned());
         let n = inputs[0].len();

@@ -441,6 +441,23 @@ pub fn merge_whole_from(
     s.apply(job, 0, &mut state, out)
 }
 
+/// A method's shared parameters at their defaults, with `overrides` set (for tests).
+#[cfg(test)]
+pub(crate) fn shared_params(method: &dyn Method, overrides: &[(&'static str, Value)]) -> Params {
+    let mut values: Vec<(&'static str, Value)> = method
+        .spec()
+        .params
+        .iter()
+        .filter(|p| p.scope == Scope::Shared)
+        .filter_map(|p| p.default.clone().map(|d| (p.name, d)))
+        .collect();
+    for (k, v) in overrides {
+        values.retain(|(n, _)| n != k);
+        values.push((k, v.clone()));
+    }
+    Params { values }
+}
+
 /// The state a method created, by type.
 pub fn state_mut<T: 'static>(state: &mut State) -> &mut T {
     state

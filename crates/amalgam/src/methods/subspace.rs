@@ -200,18 +200,7 @@ mod tests {
         shared: &[(&'static str, Value)],
     ) -> Vec<f32> {
         let method = get(name).unwrap();
-        let mut values: Vec<(&'static str, Value)> = method
-            .spec()
-            .params
-            .iter()
-            .filter(|p| p.scope == Scope::Shared)
-            .filter_map(|p| p.default.clone().map(|d| (p.name, d)))
-            .collect();
-        for (k, v) in shared {
-            values.retain(|(n, _)| n != k);
-            values.push((k, v.clone()));
-        }
-        let shared = Params { values };
+        let shared = super::super::shared_params(method, shared);
         let weight = Params {
             values: vec![("weight", Value::Float(1.0))],
         };
