@@ -510,3 +510,30 @@ fn interrupted_run_leaves_no_output_and_keeps_the_old_one() {
     );
     assert_eq!(listing(&out), ["old.txt"], "old output untouched");
 }
+
+#[test]
+fn a_file_cut_short_after_opening_is_a_read_error_naming_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("m");
+    write_model(&dir, &[float("w", DType::BF16, &[64, 64], 1)]);
+    let model = Model::open(&dir).unwrap();
+    let entry = model.entry("w").unwrap().clone();
+    let mut buf = vec![0u8; entry.nbytes()];
+    model
+        .read_at(entry.shard, entry.range.start, &mut buf)
+        .unwrap();
+    // Another process truncates the file while the merge runs: a positioned read past the new
+    // end fails with an error that names the file (a mapped read would have crashed).
+    let file = dir.join("model.safetensors");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(entry.range.start as u64 + 100)
+        .unwrap();
+    let err = model
+        .read_at(entry.shard, entry.range.start, &mut buf)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+}
