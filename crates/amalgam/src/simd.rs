@@ -29,15 +29,6 @@ pub fn v3() -> bool {
     }
 }
 
-/// The instruction set the hot loops use, for `--version`-style reports and benchmarks.
-pub fn level() -> &'static str {
-    if v3() {
-        "x86-64-v3 (AVX2, FMA, F16C)"
-    } else {
-        "baseline"
-    }
-}
-
 #[cold]
 fn detect() -> u8 {
     if std::env::var("AMALGAM_SIMD").is_ok_and(|v| v == "baseline") {

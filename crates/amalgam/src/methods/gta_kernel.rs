@@ -111,6 +111,18 @@ pub(super) struct Finish {
 }
 
 impl Finish {
+    /// The sign elected by the weighted sum `sum`, as ±1: `+` when the sum is > 0, `−` when
+    /// < 0, and the tie sign when it is 0. An entry agrees when its product with the sign is
+    /// positive (zero agrees with neither sign).
+    #[inline(always)]
+    fn elected_sign(self, sum: f32) -> f32 {
+        if (sum > 0.0) | ((sum == 0.0) & self.tie_up) {
+            1.0
+        } else {
+            -1.0
+        }
+    }
+
     /// The output element from the merged delta `x`, its divisor and the base value `b`.
     #[inline(always)]
     fn value(self, x: f32, divisor: f32, b: f32) -> f32 {
@@ -219,9 +231,7 @@ crate::simd::vectorized! {
                 continue;
             }
             st.tile_sign_sums(end - start);
-            // Agree with the elected sign: `+` when the sum is > 0, `−` when < 0, and for a zero
-            // sum the tie sign. Zero agrees with neither. Non-short-circuit `&`/`|` keep the loop
-            // branch-free.
+            // Keep the entries that agree with the elected sign ([`Finish::elected_sign`]).
             let [sum, mixed, divisor] = &mut st.sums;
             mixed.clear();
             mixed.resize(end - start, 0.0);
@@ -231,8 +241,7 @@ crate::simd::vectorized! {
                 let w = if f.by_count { 1.0 } else { m.weight };
                 let cells = mixed.iter_mut().zip(divisor.iter_mut());
                 for ((x, dv), (&v, &s)) in cells.zip(dm.iter().zip(sum.iter())) {
-                    let up = (s > 0.0) | ((s == 0.0) & f.tie_up);
-                    let agree = ((v > 0.0) & up) | ((v < 0.0) & !up);
+                    let agree = v * f.elected_sign(s) > 0.0;
                     *x += keep_if(v, agree);
                     *dv += keep_if(w, agree);
                 }
@@ -466,10 +475,7 @@ fn fused<const K: usize, const KIND: u8, const CONSENSUS: bool>(
             sum += v;
         }
         out[i] = if CONSENSUS {
-            // The elected sign as ±1: an entry agrees when its product with it is positive
-            // (zero agrees with neither sign).
-            let up = (sum > 0.0) | ((sum == 0.0) & f.tie_up);
-            let sign = if up { 1.0f32 } else { -1.0 };
+            let sign = f.elected_sign(sum);
             let (mut mixed, mut divisor) = (0.0f32, 0.0f32);
             for m in 0..K {
                 let v = d[m];

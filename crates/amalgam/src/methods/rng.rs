@@ -50,11 +50,7 @@ impl Key {
     /// 32 random bits for element `index` (indices past 2^32 fold their high half into the key).
     #[inline]
     pub fn bits32(&self, index: u64) -> u32 {
-        fmix32(
-            (index as u32)
-                .wrapping_mul(0x9E37_79B9)
-                .wrapping_add(self.key32((index >> 32) as u32)),
-        )
+        self.stream32(index).bits(0)
     }
 
     /// Zero the entries of `values` (elements `offset..`) whose `bits32` is not below `t`: a
