@@ -56,6 +56,12 @@ enum Command {
         /// when the models' token ids agree (mergekit's flag).
         #[arg(long)]
         unsafe_truncate_embeddings: bool,
+        /// Memory, all threads together, for keeping a tensor's inputs between the passes of
+        /// methods that read them more than once (ties, dare_ties, breadcrumbs, slerp,
+        /// model_stock, ...); a tensor whose inputs do not fit in its thread's share is read
+        /// again from the files. Same syntax as --out-shard-size; 0 turns it off.
+        #[arg(long, value_parser = parse_memory, default_value = "512M")]
+        input_cache: u64,
         /// Elements per chunk for streamed methods (tests use tiny chunks to check that the
         /// result does not depend on the chunking).
         #[arg(long, default_value_t = 0, hide = true)]
@@ -260,6 +266,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
     parse_shard_size(s).map_err(|e| e.to_string())
 }
 
+/// A size as [`parse_size`] reads it, or 0.
+fn parse_memory(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_size(s)
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
@@ -310,6 +324,7 @@ fn run() -> Result<ExitCode> {
             overwrite,
             allow_crimes,
             unsafe_truncate_embeddings,
+            input_cache,
             chunk_elements,
         } => {
             let plan_opts = amalgam::plan::PlanOptions {
@@ -327,6 +342,7 @@ fn run() -> Result<ExitCode> {
                 seed,
                 plan: plan_opts,
                 chunk_elements,
+                input_cache: Some(input_cache),
             };
             let bar = progress::Bar::new("merge", cli.quiet);
             plan.warnings

@@ -358,6 +358,71 @@ fn random_methods_depend_on_the_seed_only() {
     }
 }
 
+/// The fixture models `names` converted to `dtype` under `dir` (same names).
+fn converted(dir: &Path, from: &Path, names: &[&str], dtype: &str) {
+    for n in names {
+        let out = dir.join(n);
+        ok(&["convert", s(&from.join(n)), s(&out), "--dtype", dtype, "-q"]);
+    }
+}
+
+#[test]
+fn dare_on_bf16_inputs_equals_dare_on_their_f32_values() {
+    // bf16 inputs take the kernels that read bf16 bits as they are (no f32 copy); their values
+    // in f32 files take the decoding path. Both must give the same bytes, however the tensors
+    // are chunked, held between passes or not, on any number of threads.
+    let d = tempfile::tempdir().unwrap();
+    let names = ["llama_base", "llama_ft1", "llama_ft2"];
+    let (bf16, f32s) = (d.path().join("bf16"), d.path().join("f32"));
+    converted(&bf16, &models(), &names, "bf16");
+    converted(&f32s, &bf16, &names, "f32");
+    for method in ["dare_ties", "dare_linear"] {
+        let yaml = DARE.replace("dare_ties", method);
+        let from_bf16 = config(&bf16, &yaml.replace("$M", s(&bf16)));
+        let from_f32 = config(
+            &f32s,
+            &(yaml.replace("$M", s(&f32s)) + "out_dtype: bfloat16\n"),
+        );
+        let run = |cfg: &Path, name: &str, extra: &[&str]| {
+            let out = d.path().join(format!("{method}-{name}"));
+            let mut args = vec!["merge", s(cfg), s(&out), "-q"];
+            args.extend(extra);
+            ok(&args);
+            merged_bytes(&out)
+        };
+        let reference = run(&from_f32, "f32", &[]);
+        for (name, extra) in [
+            ("bf16", &[][..]),
+            ("no-cache", &["--input-cache", "0"][..]),
+            ("chunks", &["--chunk-elements", "7", "--threads", "1"][..]),
+            (
+                "chunks-no-cache",
+                &["--chunk-elements", "7", "--input-cache", "0"][..],
+            ),
+        ] {
+            assert!(
+                run(&from_bf16, name, extra) == reference,
+                "{method}: bf16 inputs ({name}) differ from their f32 values"
+            );
+        }
+    }
+    // A NaN in a bf16 input is caught on that path too.
+    let nan = doctored(d.path(), "model.norm.weight", |v, _| v[3] = f32::NAN);
+    let nan_bf16 = d.path().join("nan-bf16");
+    ok(&["convert", s(&nan), s(&nan_bf16), "--dtype", "bf16", "-q"]);
+    let yaml = DARE
+        .replace("$M/llama_ft2", s(&nan_bf16))
+        .replace("$M", s(&bf16));
+    std::fs::create_dir(d.path().join("nan")).unwrap();
+    let cfg = config(&d.path().join("nan"), &yaml);
+    let err = fails(&["merge", s(&cfg), s(&d.path().join("nan-out")), "-q"]);
+    assert!(
+        err.contains("model.norm.weight") && err.contains("NaN") && err.contains("nan-bf16"),
+        "{err}"
+    );
+    assert!(!d.path().join("nan-out").exists());
+}
+
 #[test]
 fn dare_keeps_the_density_fraction_and_l1_norm() {
     let d = tempfile::tempdir().unwrap();

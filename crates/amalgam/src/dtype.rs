@@ -318,8 +318,17 @@ crate::simd::vectorized! {
     /// [`widen_bf16`], returning whether every value is finite (exponent not all ones).
     fn widen_bf16_finite(src: &[u16], out: &mut Vec<f32>) -> bool {
         out.extend(src.iter().map(|&b| f32::from_bits((b as u32) << 16)));
-        src.chunks(1024)
-            .all(|c| c.iter().fold(true, |ok, &b| ok & (b & 0x7f80 != 0x7f80)))
+        bf16_all_finite(src)
+    }
+}
+
+crate::simd::vectorized! {
+    /// Whether every bf16 value of `bits` is finite (exponent not all ones): the largest
+    /// exponent field, in blocks, stays below all ones (a max, not a mix of booleans, so the
+    /// loop stays in vector registers).
+    pub fn bf16_all_finite(bits: &[u16]) -> bool {
+        bits.chunks(1024)
+            .all(|c| c.iter().fold(0u16, |m, &b| m.max(b & 0x7f80)) < 0x7f80)
     }
 }
 

@@ -15,6 +15,39 @@ pub struct Scratch {
     pub f32s: Vec<Vec<f32>>,
     /// Encoded output bytes.
     pub bytes: Vec<u8>,
+    /// Raw input bytes, one buffer per input (read-ahead windows, or whole tensors held
+    /// between passes).
+    pub raw: Vec<Vec<u64>>,
+}
+
+/// One [`Scratch`] per thread of the current rayon pool, kept for the whole run (rayon's
+/// `*_init` adaptors make a new value for every piece of work they split off, which for large
+/// buffers means fresh pages, faulted in and zeroed, per tensor).
+pub struct PerThread(Vec<std::sync::Mutex<Scratch>>);
+
+impl PerThread {
+    pub fn new() -> PerThread {
+        PerThread(
+            (0..rayon::current_num_threads())
+                .map(|_| Default::default())
+                .collect(),
+        )
+    }
+
+    /// Run `f` with the calling thread's scratch.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Scratch) -> R) -> R {
+        let i = rayon::current_thread_index().unwrap_or(0) % self.0.len();
+        // Only its own thread locks a slot, so this never waits; a panic elsewhere leaves the
+        // buffers usable.
+        let mut scratch = self.0[i].lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut scratch)
+    }
+}
+
+impl Default for PerThread {
+    fn default() -> Self {
+        PerThread::new()
+    }
 }
 
 /// The first `n` of a worker's f32 buffers (`Scratch::f32s`), created as needed.
@@ -37,15 +70,13 @@ where
     // Largest tensors first, so no worker is left with a big one at the end.
     let mut order: Vec<usize> = (0..specs.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(specs[i].nbytes().unwrap_or(0)));
-    order
-        .into_par_iter()
-        .with_max_len(1)
-        .try_for_each_init(Scratch::default, |scratch, i| {
-            crate::cancel::check()?;
-            produce(i, scratch)?;
-            progress.advance(specs[i].nbytes().unwrap_or(0));
-            Ok(())
-        })?;
+    let scratch = PerThread::new();
+    order.into_par_iter().with_max_len(1).try_for_each(|i| {
+        crate::cancel::check()?;
+        scratch.with(|s| produce(i, s))?;
+        progress.advance(specs[i].nbytes().unwrap_or(0));
+        Ok(())
+    })?;
     progress.finish();
     Ok(())
 }

@@ -84,6 +84,7 @@ mod tests {
             name: "t",
             shape: &[inputs[0].len()],
             inputs: inputs.to_vec(),
+            bf16: Vec::new(),
             base: Some(0),
             shared: &shared,
             per_input: &per_input,

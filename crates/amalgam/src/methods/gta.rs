@@ -294,6 +294,23 @@ impl GtaState {
         vote_chunk(self, job, offset)
     }
 
+    /// Whether pass `pass` (the output pass when past the statistics passes) of a tensor of
+    /// `n` elements can take bf16 chunks: when the kernels it runs read them, the L1 sums and
+    /// the fused output loop with random masks (one Weyl stream per model over the whole
+    /// tensor: `n` ≤ 2^32).
+    fn reads_bf16(&self, pass: usize, n: usize) -> bool {
+        let random = self
+            .models
+            .iter()
+            .all(|m| matches!(m.mask, Mask::Random(..)) && m.inverse_density.is_none());
+        let fits = n as u64 <= 1 << 32;
+        match self.passes.get(pass) {
+            Some(Pass::L1Sums) => random && fits,
+            Some(_) => false,
+            None => random && fits && self.fuse && (1..=8).contains(&self.models.len()),
+        }
+    }
+
     fn new(models: Vec<PerModel>, rescale: Rescale, majority: Majority) -> GtaState {
         let selecting = models
             .iter()
@@ -420,9 +437,14 @@ impl Streaming for Gta {
             .map_or(0, |s| s.passes.len())
     }
 
+    fn reads_bf16(&self, pass: usize, job: &MergeJob, state: &State) -> bool {
+        state
+            .downcast_ref::<GtaState>()
+            .is_some_and(|s| s.reads_bf16(pass, job.numel()))
+    }
+
     fn observe(&self, pass: usize, job: &MergeJob, offset: usize, state: &mut State) -> Result<()> {
         let st = state_mut::<GtaState>(state);
-        let base = job.base_tensor();
         let kind = st.passes[pass];
         match kind {
             Pass::SignVotes => {
@@ -435,6 +457,7 @@ impl Streaming for Gta {
             }
             _ => {}
         }
+        let base = job.base_tensor();
         for m in &mut st.models {
             let x = job.inputs[m.input];
             match (kind, &mut m.mask) {
@@ -498,12 +521,11 @@ impl Streaming for Gta {
         out: &mut [f32],
     ) -> Result<()> {
         let st = state_mut::<GtaState>(state);
-        let base = job.base_tensor();
         if st.models.is_empty() {
             if st.raw {
                 out.fill(0.0);
             } else {
-                out.copy_from_slice(base);
+                out.copy_from_slice(job.base_tensor());
             }
             return Ok(());
         }

@@ -16,6 +16,52 @@ use crate::simd::{keep_if, rewrite};
 /// Elements per tile: a few KiB per buffer, so a tile's buffers fit in L1 together.
 const TILE: usize = 512;
 
+/// One input of a chunk as the fused loops read it: f32 values, or bf16 bits widened as they
+/// are read ([`MergeJob::bf16`]), which saves writing and reading back an f32 copy.
+trait Elems: Copy {
+    /// The first `n` elements.
+    fn prefix(self, n: usize) -> Self;
+    /// Element `i` as f32.
+    fn at(self, i: usize) -> f32;
+    /// Elements `i..i + 8` as f32 (one bounds check for the eight).
+    fn eight(self, i: usize) -> [f32; 8];
+}
+
+impl Elems for &[f32] {
+    #[inline(always)]
+    fn prefix(self, n: usize) -> Self {
+        &self[..n]
+    }
+    #[inline(always)]
+    fn at(self, i: usize) -> f32 {
+        self[i]
+    }
+    #[inline(always)]
+    fn eight(self, i: usize) -> [f32; 8] {
+        self[i..i + 8].try_into().expect("8")
+    }
+}
+
+/// bf16 bits.
+#[derive(Clone, Copy)]
+struct Bf16<'a>(&'a [u16]);
+
+impl Elems for Bf16<'_> {
+    #[inline(always)]
+    fn prefix(self, n: usize) -> Self {
+        Bf16(&self.0[..n])
+    }
+    #[inline(always)]
+    fn at(self, i: usize) -> f32 {
+        f32::from_bits((self.0[i] as u32) << 16)
+    }
+    #[inline(always)]
+    fn eight(self, i: usize) -> [f32; 8] {
+        let b: &[u16; 8] = self.0[i..i + 8].try_into().expect("8");
+        b.map(|b| f32::from_bits((b as u32) << 16))
+    }
+}
+
 /// A sum in 8 lanes by absolute element index (lane = index mod 8): each lane adds its values in
 /// f32 within aligned blocks of [`FLUSH`] elements and the block sums in f64, and the lanes are
 /// combined in lane order at the end. Calls must come in index order; the partial block is
@@ -116,10 +162,15 @@ impl Finish {
     /// positive (zero agrees with neither sign).
     #[inline(always)]
     fn elected_sign(self, sum: f32) -> f32 {
-        if (sum > 0.0) | ((sum == 0.0) & self.tie_up) {
+        // Two selects on floats: a mix of the comparisons with the flag as booleans compiles
+        // to packing and unpacking vector masks.
+        let tie = if self.tie_up { 1.0 } else { -1.0 };
+        if sum > 0.0 {
             1.0
-        } else {
+        } else if sum < 0.0 {
             -1.0
+        } else {
+            tie
         }
     }
 
@@ -210,12 +261,12 @@ crate::simd::vectorized! {
         f: Finish,
         out: &mut [f32],
     ) {
-        let base = job.base_tensor();
         let weight_sum: f32 = st.models.iter().map(|m| m.weight).sum();
         let plain_divisor = if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum };
         if fused_apply(st, job, offset, consensus, f, plain_divisor, out) {
             return;
         }
+        let base = job.base_tensor();
         for (start, end) in tiles(out.len()) {
             st.tile_deltas(job, offset, start, end);
             let (o, b) = (&mut out[start..end], &base[start..end]);
@@ -273,6 +324,17 @@ crate::simd::vectorized! {
 crate::simd::vectorized! {
     /// The L1 pass over one chunk: each model's Σ|δ| and Σ|kept δ|.
     pub(super) fn l1_chunk(st: &mut GtaState, job: &MergeJob, offset: usize) {
+        if let Some(base) = job.base.filter(|_| !job.bf16.is_empty()) {
+            // bf16 chunks come only when every mask is random ([`GtaState::reads_bf16`]).
+            let base = Bf16(job.bf16[base]);
+            for m in &mut st.models {
+                if let Mask::Random(k, t) = m.mask {
+                    let x = Bf16(job.bf16[m.input]);
+                    l1_random(x, base, x.0.len(), offset, k.stream32(offset as u64), t, &mut m.l1);
+                }
+            }
+            return;
+        }
         let base = job.base_tensor();
         let (mut all, mut kept) = ([0f32; TILE], [0f32; TILE]);
         for m in &mut st.models {
@@ -280,7 +342,7 @@ crate::simd::vectorized! {
             if let Mask::Random(k, t) = m.mask
                 && run_length(offset as u64) >= x.len()
             {
-                l1_random(x, base, offset, k.stream32(offset as u64), t, &mut m.l1);
+                l1_random(x, base, x.len(), offset, k.stream32(offset as u64), t, &mut m.l1);
                 continue;
             }
             for (start, end) in tiles(x.len()) {
@@ -353,7 +415,10 @@ fn fused_apply(
         Mask::Select(None, _) => SELECT,
         _ => return false,
     };
-    let base = &job.base_tensor()[..n];
+    let bf16 = !job.bf16.is_empty();
+    if bf16 && kind != RANDOM {
+        return false;
+    }
     let mut lanes = [Lane::default(); 8];
     let mut ties = [(0u64, 0u64); 8];
     for (m, (lane, tie)) in st.models.iter().zip(lanes.iter_mut().zip(ties.iter_mut())) {
@@ -370,7 +435,7 @@ fn fused_apply(
                 lane.threshold = *t;
             }
             (Mask::Select(None, sel), SELECT) => {
-                let x = &job.inputs[m.input][..n];
+                let (x, base) = (&job.inputs[m.input][..n], &job.base_tensor()[..n]);
                 let (lo, hi) = sel.edges();
                 *tie = count_equal_delta(x, base, lo, hi);
                 match sel.window(tie.0, tie.1) {
@@ -388,29 +453,31 @@ fn fused_apply(
             }
         }
     }
-    let inputs: Vec<&[f32]> = st
-        .models
-        .iter()
-        .map(|m| &job.inputs[m.input][..n])
-        .collect();
+    macro_rules! run {
+        ($k:literal, $kind:ident, $consensus:literal, $inputs:expr, $base:expr) => {
+            fused::<$k, $kind, $consensus, _>(&lanes, $inputs, $base, f, plain_divisor, out)
+        };
+    }
     macro_rules! with_k {
         ($k:literal) => {
-            match (kind, consensus) {
-                (ALL, false) => {
-                    fused::<$k, ALL, false>(&lanes, &inputs, base, f, plain_divisor, out)
+            if bf16 {
+                let base = Bf16(job.bf16[job.base.expect("a base")]);
+                let inputs: Vec<Bf16> = st.models.iter().map(|m| Bf16(job.bf16[m.input])).collect();
+                if consensus {
+                    run!($k, RANDOM, true, &inputs, base)
+                } else {
+                    run!($k, RANDOM, false, &inputs, base)
                 }
-                (ALL, true) => fused::<$k, ALL, true>(&lanes, &inputs, base, f, plain_divisor, out),
-                (RANDOM, false) => {
-                    fused::<$k, RANDOM, false>(&lanes, &inputs, base, f, plain_divisor, out)
-                }
-                (RANDOM, true) => {
-                    fused::<$k, RANDOM, true>(&lanes, &inputs, base, f, plain_divisor, out)
-                }
-                (_, false) => {
-                    fused::<$k, SELECT, false>(&lanes, &inputs, base, f, plain_divisor, out)
-                }
-                (_, true) => {
-                    fused::<$k, SELECT, true>(&lanes, &inputs, base, f, plain_divisor, out)
+            } else {
+                let base = job.base_tensor();
+                let inputs: Vec<&[f32]> = st.models.iter().map(|m| job.inputs[m.input]).collect();
+                match (kind, consensus) {
+                    (ALL, false) => run!($k, ALL, false, &inputs, base),
+                    (ALL, true) => run!($k, ALL, true, &inputs, base),
+                    (RANDOM, false) => run!($k, RANDOM, false, &inputs, base),
+                    (RANDOM, true) => run!($k, RANDOM, true, &inputs, base),
+                    (_, false) => run!($k, SELECT, false, &inputs, base),
+                    (_, true) => run!($k, SELECT, true, &inputs, base),
                 }
             }
         };
@@ -445,26 +512,32 @@ fn count_equal_delta(x: &[f32], b: &[f32], lo: u32, hi: u32) -> (u64, u64) {
 
 /// The output loop of [`fused_apply`] for `K` models with masks of kind `KIND`.
 #[inline(always)]
-fn fused<const K: usize, const KIND: u8, const CONSENSUS: bool>(
+fn fused<const K: usize, const KIND: u8, const CONSENSUS: bool, E: Elems>(
     lanes: &[Lane; 8],
-    inputs: &[&[f32]],
-    base: &[f32],
+    inputs: &[E],
+    base: E,
     f: Finish,
     plain_divisor: f32,
     out: &mut [f32],
 ) {
     let n = out.len();
     let lanes: [Lane; K] = std::array::from_fn(|m| lanes[m]);
-    let xs: [&[f32]; K] = std::array::from_fn(|m| &inputs[m][..n]);
-    let base = &base[..n];
-    for i in 0..n {
-        let b = base[i];
+    let xs: [E; K] = std::array::from_fn(|m| inputs[m].prefix(n));
+    let base = base.prefix(n);
+    // Random masks carry each stream's Weyl sequence (an add per element, not a multiply).
+    let mut weyl: [u32; K] = std::array::from_fn(|m| lanes[m].stream.weyl(0));
+    for (i, o) in out.iter_mut().enumerate() {
+        let b = base.at(i);
         let mut d = [0f32; K];
         for m in 0..K {
             let l = lanes[m];
-            let v = xs[m][i] - b;
+            let v = xs[m].at(i) - b;
             let keep = match KIND {
-                RANDOM => l.stream.bits(i as u32) < l.threshold,
+                RANDOM => {
+                    let bits = Stream32::finish(weyl[m]);
+                    weyl[m] = weyl[m].wrapping_add(Stream32::STEP);
+                    bits < l.threshold
+                }
                 SELECT => l.window.keeps(key(v)),
                 _ => true,
             };
@@ -474,7 +547,7 @@ fn fused<const K: usize, const KIND: u8, const CONSENSUS: bool>(
         for &v in &d {
             sum += v;
         }
-        out[i] = if CONSENSUS {
+        *o = if CONSENSUS {
             let sign = f.elected_sign(sum);
             let (mut mixed, mut divisor) = (0.0f32, 0.0f32);
             for m in 0..K {
@@ -490,47 +563,50 @@ fn fused<const K: usize, const KIND: u8, const CONSENSUS: bool>(
     }
 }
 
-/// The L1 pass of one model with a random mask over a chunk at `offset` (within one stream):
-/// Σ|δ| and Σ|kept δ| into the lane sums, in one loop.
+/// The L1 pass of one model with a random mask over the `n` elements of a chunk at `offset`
+/// (within one stream): Σ|δ| and Σ|kept δ| into the lane sums, in one loop.
 #[inline(always)]
-fn l1_random(
-    x: &[f32],
-    base: &[f32],
+fn l1_random<E: Elems>(
+    x: E,
+    base: E,
+    n: usize,
     offset: usize,
     stream: Stream32,
     t: u32,
     sums: &mut (LaneSum, LaneSum),
 ) {
-    let n = x.len();
-    let base = &base[..n];
+    let (x, base) = (x.prefix(n), base.prefix(n));
     // Elements before the first index that is a multiple of 8 go through the general adder.
     let head = ((8 - offset % 8) % 8).min(n);
     let mut all = [0f32; 8];
     let mut kept = [0f32; 8];
     for j in 0..head {
-        all[j] = (x[j] - base[j]).abs();
+        all[j] = (x.at(j) - base.at(j)).abs();
         kept[j] = keep_if(all[j], stream.bits(j as u32) < t);
     }
     sums.0.add(offset, &all[..head]);
     sums.1.add(offset, &kept[..head]);
     // Lane accumulators in locals (registers), one block of 8 elements per step.
     let (mut la, mut lk) = *sums;
-    let blocks = x[head..].chunks_exact(8).zip(base[head..].chunks_exact(8));
     let full = (n - head) / 8 * 8;
-    for (q, (xb, bb)) in blocks.enumerate() {
-        let first = (head + q * 8) as u32;
+    // The stream's Weyl sequence, carried by adds (see `Stream32::STEP`).
+    let mut weyl: [u32; 8] = std::array::from_fn(|j| stream.weyl((head + j) as u32));
+    for q in 0..full / 8 {
+        let first = head + q * 8;
+        let (xb, bb) = (x.eight(first), base.eight(first));
         for j in 0..8 {
             all[j] = (xb[j] - bb[j]).abs();
-            kept[j] = keep_if(all[j], stream.bits(first + j as u32) < t);
+            kept[j] = keep_if(all[j], Stream32::finish(weyl[j]) < t);
+            weyl[j] = weyl[j].wrapping_add(Stream32::STEP.wrapping_mul(8));
         }
-        let end = offset + head + q * 8 + 8;
+        let end = offset + first + 8;
         la.block(end, &all);
         lk.block(end, &kept);
     }
     *sums = (la, lk);
     let rest = head + full;
     for j in rest..n {
-        all[j - rest] = (x[j] - base[j]).abs();
+        all[j - rest] = (x.at(j) - base.at(j)).abs();
         kept[j - rest] = keep_if(all[j - rest], stream.bits(j as u32) < t);
     }
     sums.0.add(offset + rest, &all[..n - rest]);
@@ -567,15 +643,28 @@ mod tests {
         all
     }
 
-    /// Run `method` over `inputs` streamed in chunks of `chunk`, fused or not.
+    /// How [`run`] feeds the kernels.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Feed {
+        /// f32 chunks, the tiled steps only.
+        Tiled,
+        /// f32 chunks, fused loops where they apply.
+        Fused,
+        /// bf16 chunks to the passes that read them ([`GtaState::reads_bf16`]), f32 otherwise.
+        Bf16,
+    }
+
+    /// Run `method` over `inputs` streamed in chunks of `chunk`, fed as `feed` says.
     fn run(
         method: &str,
         shared_over: &[(&'static str, Value)],
         per_model: &[Params],
         inputs: &[Vec<f32>],
         chunk: usize,
-        fuse: bool,
+        feed: Feed,
     ) -> Vec<u32> {
+        // The random-mask methods read bf16 in every pass; the others in none.
+        let random = method.starts_with("dare");
         let method = get(method).unwrap();
         let shared = shared_params(method, shared_over);
         let mut per_input = vec![Params { values: Vec::new() }];
@@ -586,6 +675,7 @@ mod tests {
             name: "t",
             shape: &shape,
             inputs: Vec::new(),
+            bf16: Vec::new(),
             base: Some(0),
             shared: &shared,
             per_input: &per_input,
@@ -594,22 +684,45 @@ mod tests {
         };
         let s = method.streaming(&meta).unwrap();
         let mut state: State = s.begin(&meta).unwrap();
-        state_mut::<GtaState>(&mut state).fuse = fuse;
-        let job = |a: usize, b: usize| MergeJob {
-            inputs: inputs.iter().map(|v| &v[a..b]).collect(),
+        state_mut::<GtaState>(&mut state).fuse = feed != Feed::Tiled;
+        // The inputs' bf16 bits: the data are on a grid that bf16 holds exactly.
+        let bits: Vec<Vec<u16>> = inputs
+            .iter()
+            .map(|v| v.iter().map(|&x| (x.to_bits() >> 16) as u16).collect())
+            .collect();
+        assert!(inputs.iter().flatten().all(|x| x.to_bits() & 0xffff == 0));
+        let job = |a: usize, b: usize, bf16: bool| MergeJob {
+            inputs: match bf16 {
+                false => inputs.iter().map(|v| &v[a..b]).collect(),
+                true => Vec::new(),
+            },
+            bf16: match bf16 {
+                true => bits.iter().map(|v| &v[a..b]).collect(),
+                false => Vec::new(),
+            },
             ..meta.clone()
         };
-        for pass in 0..s.passes(&state) {
+        let passes = s.passes(&state);
+        let mut bf16_passes = 0;
+        for pass in 0..passes {
+            let bf16 = feed == Feed::Bf16 && s.reads_bf16(pass, &meta, &state);
+            bf16_passes += bf16 as usize;
             for a in (0..n).step_by(chunk) {
                 let b = (a + chunk).min(n);
-                s.observe(pass, &job(a, b), a, &mut state).unwrap();
+                s.observe(pass, &job(a, b, bf16), a, &mut state).unwrap();
             }
             s.end_pass(pass, &meta, &mut state).unwrap();
         }
         let mut out = vec![0f32; n];
+        let bf16 = feed == Feed::Bf16 && s.reads_bf16(passes, &meta, &state);
+        bf16_passes += bf16 as usize;
         for a in (0..n).step_by(chunk) {
             let b = (a + chunk).min(n);
-            s.apply(&job(a, b), a, &mut state, &mut out[a..b]).unwrap();
+            s.apply(&job(a, b, bf16), a, &mut state, &mut out[a..b])
+                .unwrap();
+        }
+        if feed == Feed::Bf16 {
+            assert_eq!(bf16_passes, if random { passes + 1 } else { 0 });
         }
         out.iter().map(|v| v.to_bits()).collect()
     }
@@ -662,12 +775,14 @@ mod tests {
             ];
             for (method, shared) in &cases {
                 for chunk in [n, 97, 512 + 3] {
-                    let fused = run(method, shared, &per_model, &inputs, chunk, true);
-                    let tiled = run(method, shared, &per_model, &inputs, chunk, false);
-                    assert_eq!(
-                        fused, tiled,
-                        "{method} {shared:?}, {k} models, chunk {chunk}"
-                    );
+                    let tiled = run(method, shared, &per_model, &inputs, chunk, Feed::Tiled);
+                    for feed in [Feed::Fused, Feed::Bf16] {
+                        assert!(
+                            run(method, shared, &per_model, &inputs, chunk, feed) == tiled,
+                            "{method} {shared:?}, {k} models, chunk {chunk}, bf16: {}",
+                            feed == Feed::Bf16
+                        );
+                    }
                 }
             }
         }

@@ -234,6 +234,10 @@ pub struct MergeJob<'a> {
     pub shape: &'a [usize],
     /// Inputs in config order, decoded to f32.
     pub inputs: Vec<&'a [f32]>,
+    /// The same inputs as bf16 bits instead, for a pass that asked for them
+    /// ([`Streaming::reads_bf16`]) over inputs stored as bf16; `inputs` is then empty.
+    /// Otherwise empty.
+    pub bf16: Vec<&'a [u16]>,
     /// Index of the base among `inputs`.
     pub base: Option<usize>,
     /// Shared parameters.
@@ -389,6 +393,12 @@ pub trait Streaming: Sync {
     fn passes(&self, _state: &State) -> usize {
         0
     }
+    /// Whether pass `pass` (`passes(state)`: the output pass) reads bf16 chunks
+    /// ([`MergeJob::bf16`]) when every input is stored as bf16, instead of f32 ones: the
+    /// executor then skips decoding them. Default: no.
+    fn reads_bf16(&self, _pass: usize, _job: &MergeJob, _state: &State) -> bool {
+        false
+    }
     /// Chunks hold a whole number of this many elements (a row, for row-wise statistics).
     fn granule(&self, _job: &MergeJob) -> usize {
         1
@@ -421,6 +431,7 @@ pub trait Streaming: Sync {
 pub fn merge_whole(s: &dyn Streaming, job: &MergeJob, out: &mut [f32]) -> Result<()> {
     let meta = MergeJob {
         inputs: Vec::new(),
+        bf16: Vec::new(),
         ..*job
     };
     let state = s.begin(&meta)?;

@@ -108,15 +108,29 @@ pub struct Stream32 {
 }
 
 impl Stream32 {
+    /// The step of the keyed Weyl sequence: [`weyl`](Self::weyl)`(j + 1)` is `weyl(j)` plus
+    /// this, so a loop can carry the sequence with an add instead of a multiply per element.
+    pub const STEP: u32 = 0x9E37_79B9;
+
     /// The 32 random bits of the element `j` places after the stream's start.
     #[inline(always)]
     pub fn bits(self, j: u32) -> u32 {
-        fmix32(
-            self.lo
-                .wrapping_add(j)
-                .wrapping_mul(0x9E37_79B9)
-                .wrapping_add(self.k),
-        )
+        Self::finish(self.weyl(j))
+    }
+
+    /// The Weyl sequence value of the element `j` places after the stream's start.
+    #[inline(always)]
+    pub fn weyl(self, j: u32) -> u32 {
+        self.lo
+            .wrapping_add(j)
+            .wrapping_mul(Self::STEP)
+            .wrapping_add(self.k)
+    }
+
+    /// The random bits of a Weyl sequence value.
+    #[inline(always)]
+    pub fn finish(weyl: u32) -> u32 {
+        fmix32(weyl)
     }
 }
 

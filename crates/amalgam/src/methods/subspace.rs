@@ -209,6 +209,7 @@ mod tests {
             name: "t",
             shape,
             inputs: inputs.iter().map(|v| v.as_slice()).collect(),
+            bf16: Vec::new(),
             base: Some(0),
             shared: &shared,
             per_input: &per_input,

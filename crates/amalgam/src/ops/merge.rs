@@ -27,7 +27,14 @@ pub struct MergeOptions {
     pub plan: plan::PlanOptions,
     /// Elements per chunk for streamed methods (0: the default, 64K).
     pub chunk_elements: usize,
+    /// Bytes, all worker threads together, for holding a tensor's inputs in memory between the
+    /// passes of a method that reads them more than once (`None`: [`DEFAULT_INPUT_CACHE`]; 0: read
+    /// them again from the files).
+    pub input_cache: Option<u64>,
 }
+
+/// Default [`MergeOptions::input_cache`]: 512 MB.
+pub const DEFAULT_INPUT_CACHE: u64 = 512_000_000;
 
 /// Default chunk: 64K elements (256 KiB of f32 per input): smaller chunks cost more system calls
 /// (output writes) than they save in cache misses.
@@ -81,12 +88,15 @@ pub fn execute(
         opts.chunk_elements
     };
     let global = whole_model(set, plan, opts.seed, chunk, progress)?;
+    let cache = opts.input_cache.unwrap_or(DEFAULT_INPUT_CACHE);
+    let hold = cache / rayon::current_num_threads() as u64;
     let ctx = Context {
         set,
         plan,
         seed: opts.seed,
         global: global.as_ref(),
         chunk,
+        hold: usize::try_from(hold).unwrap_or(usize::MAX),
     };
     exec::run(&writer, progress, |i, scratch| {
         produce(&ctx, &plan.tensors[i], scratch, &writer, i)
@@ -102,6 +112,8 @@ struct Context<'a> {
     seed: u64,
     global: Option<&'a Global>,
     chunk: usize,
+    /// Bytes per worker for holding a tensor's inputs between passes.
+    hold: usize,
 }
 
 impl<'a> Context<'a> {
@@ -118,6 +130,7 @@ impl<'a> Context<'a> {
                 name: &t.name,
                 shape: &t.shape,
                 inputs: Vec::new(),
+                bf16: Vec::new(),
                 base: *base,
                 shared,
                 per_input,
@@ -134,10 +147,12 @@ impl<'a> Context<'a> {
     }
 }
 
-/// Open the inputs of a merged tensor and hand them to `f` as a [`Source`].
+/// Open the inputs of a merged tensor and hand them to `f` as a [`Source`] whose raw byte
+/// buffers come from (and go back to) the worker's `pool`.
 fn with_source<R>(
     set: &ModelSet,
     inputs: &[plan::Input],
+    pool: &mut Vec<Vec<u64>>,
     f: impl FnOnce(&Source) -> Result<R>,
 ) -> Result<R> {
     let views: Vec<TensorView> = inputs
@@ -148,7 +163,17 @@ fn with_source<R>(
         .iter()
         .map(|i| set.entry_of(i))
         .collect::<Result<_>>()?;
-    f(&Source::new(set, inputs, &views, &entries)?)
+    let mut raw = std::mem::take(pool);
+    raw.resize_with(inputs.len().max(raw.len()), Vec::new);
+    let source = Source::new(set, inputs, &views, &entries, raw)?;
+    let result = f(&source);
+    *pool = source
+        .raw
+        .into_inner()
+        .into_iter()
+        .map(|(_, buf)| buf)
+        .collect();
+    result
 }
 
 /// Chunks of `step` elements covering `0..n` (one empty chunk when `n` is 0).
@@ -176,6 +201,7 @@ fn whole_model(
         seed,
         global: None,
         chunk,
+        hold: 0,
     };
     let merged: Vec<&PlannedTensor> = plan
         .tensors
@@ -195,36 +221,39 @@ fn whole_model(
         progress.start(merged.len() as u64, total * 4);
         let mut order: Vec<usize> = (0..merged.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(jobs[i].numel()));
-        order.into_par_iter().with_max_len(1).try_for_each_init(
-            Scratch::default,
-            |scratch, i| -> Result<()> {
-                crate::cancel::check()?;
-                let (t, meta) = (merged[i], &jobs[i]);
-                if let Some(mut acc) = wm.begin_tensor(pass, &global, i, meta) {
-                    let Op::Merge { inputs, .. } = &t.op else {
-                        unreachable!("merged tensors only")
-                    };
-                    with_source(set, inputs, |source| {
-                        let bufs = buffers(&mut scratch.f32s, inputs.len());
-                        for range in chunks(meta.numel(), step) {
-                            crate::cancel::check()?;
-                            source.read(range.clone(), bufs)?;
-                            let job = MergeJob {
-                                inputs: bufs.iter().map(|b| b.as_slice()).collect(),
-                                ..meta.clone()
-                            };
-                            wm.observe_tensor(pass, &global, &job, range.start, &mut acc)?;
-                        }
-                        source.end_pass();
-                        Ok(())
-                    })?;
-                    let mut m = model.lock().expect("no worker panics holding it");
-                    wm.absorb(pass, &global, &mut m, i, acc);
-                }
-                progress.advance(meta.numel() as u64 * 4);
-                Ok(())
-            },
-        )?;
+        let scratch = exec::PerThread::new();
+        order
+            .into_par_iter()
+            .with_max_len(1)
+            .try_for_each(|i| -> Result<()> {
+                scratch.with(|scratch| {
+                    crate::cancel::check()?;
+                    let (t, meta) = (merged[i], &jobs[i]);
+                    if let Some(mut acc) = wm.begin_tensor(pass, &global, i, meta) {
+                        let Op::Merge { inputs, .. } = &t.op else {
+                            unreachable!("merged tensors only")
+                        };
+                        with_source(set, inputs, &mut scratch.raw, |source| {
+                            let bufs = buffers(&mut scratch.f32s, inputs.len());
+                            for range in chunks(meta.numel(), step) {
+                                crate::cancel::check()?;
+                                source.read(range.clone(), bufs)?;
+                                let job = MergeJob {
+                                    inputs: bufs.iter().map(|b| b.as_slice()).collect(),
+                                    ..meta.clone()
+                                };
+                                wm.observe_tensor(pass, &global, &job, range.start, &mut acc)?;
+                            }
+                            source.end_pass();
+                            Ok(())
+                        })?;
+                        let mut m = model.lock().expect("no worker panics holding it");
+                        wm.absorb(pass, &global, &mut m, i, acc);
+                    }
+                    progress.advance(meta.numel() as u64 * 4);
+                    Ok(())
+                })
+            })?;
         let model = model.into_inner().expect("no worker panics holding it");
         wm.end_model_pass(pass, &mut global, model)?;
     }
@@ -250,22 +279,56 @@ fn produce(
     };
     let n = meta.numel();
     let method = ctx.plan.method;
-    with_source(ctx.set, inputs, |source| match method.streaming(&meta) {
-        Some(s) => {
-            let step = ctx.step(s.granule(&meta));
-            streamed(s, &meta, source, n, step, t, scratch, writer, index)
-        }
-        None => match method.lazy() {
-            Some(l) => {
-                let out = &mut buffers(&mut scratch.f32s, 1)[0];
-                out.clear();
-                out.resize(n, 0.0);
-                l.merge(&meta, &WholeInputs { source, n }, out)?;
-                emit(t, out, &mut scratch.bytes, writer, index, 0)
+    let Scratch { f32s, bytes, raw } = scratch;
+    let mut out = Out {
+        t,
+        writer,
+        index,
+        bytes,
+    };
+    with_source(ctx.set, inputs, raw, |source| {
+        match method.streaming(&meta) {
+            Some(s) => {
+                let step = ctx.step(s.granule(&meta));
+                streamed(s, &meta, source, step, ctx.hold, f32s, out)
             }
-            None => whole(method, &meta, source, n, t, scratch, writer, index),
-        },
+            None => match method.lazy() {
+                Some(l) => {
+                    let merged = &mut buffers(f32s, 1)[0];
+                    merged.clear();
+                    merged.resize(n, 0.0);
+                    l.merge(&meta, &WholeInputs { source, n }, merged)?;
+                    out.emit(merged, 0)
+                }
+                None => whole(method, &meta, source, f32s, out),
+            },
+        }
     })
+}
+
+/// Where a merged tensor goes: output tensor `index` of `writer`, encoded through `bytes`.
+struct Out<'a> {
+    t: &'a PlannedTensor,
+    writer: &'a ModelWriter,
+    index: usize,
+    bytes: &'a mut Vec<u8>,
+}
+
+impl Out<'_> {
+    /// Check a computed part of the tensor, the one that starts at element `start` (a NaN or
+    /// infinity from finite inputs is the method's: inputs were checked as they were read),
+    /// encode it and write it in place.
+    fn emit(&mut self, out: &[f32], start: usize) -> Result<()> {
+        if !crate::simd::all_finite(out) {
+            return Err(Error::Numeric {
+                name: self.t.name.clone(),
+                reason: "the merge produced NaN or infinite values from finite inputs; check the parameters (e.g. weights summing to zero)".into(),
+            });
+        }
+        encode_f32(self.t.dtype, out, self.bytes);
+        let pos = (start * self.t.dtype.size()) as u64;
+        self.writer.write_part(self.index, pos, self.bytes)
+    }
 }
 
 /// The inputs of one output tensor, read chunk by chunk with positioned reads into a small
@@ -285,6 +348,9 @@ struct Source<'a> {
     /// Per input: the elements read ahead and their raw bytes (u64s, so any dtype's view of
     /// them is aligned).
     raw: std::cell::RefCell<Vec<(std::ops::Range<usize>, Vec<u64>)>>,
+    /// Whether the raw buffers hold the inputs' first elements, up to this many, as they are
+    /// read, so later passes read memory instead of the files ([`Source::hold`]).
+    held: std::cell::Cell<Option<usize>>,
 }
 
 /// Elements per positioned read: 64K (128 KiB of bf16). Larger reads cost fewer system calls
@@ -350,6 +416,7 @@ impl<'a> Source<'a> {
         inputs: &'a [plan::Input],
         views: &'a [TensorView<'a>],
         entries: &'a [&'a TensorEntry],
+        raw: Vec<Vec<u64>>,
     ) -> Result<Self> {
         let patches = inputs
             .iter()
@@ -372,8 +439,27 @@ impl<'a> Source<'a> {
             checked: std::cell::Cell::new(false),
             patches,
             rows: Default::default(),
-            raw: std::cell::RefCell::new(vec![(0..0, Vec::new()); inputs.len()]),
+            raw: std::cell::RefCell::new(raw.into_iter().map(|b| (0..0, b)).collect()),
+            held: std::cell::Cell::new(None),
         })
+    }
+
+    /// Keep elements `0..n` of every input in memory as the next pass reads them (in order,
+    /// from the start), for the passes after it, if their raw bytes fit in `budget`.
+    fn hold(&self, n: usize, budget: usize) {
+        let bytes: usize = self.views.iter().map(|v| n * v.dtype.size()).sum();
+        if bytes > budget {
+            return;
+        }
+        for ((held, raw), view) in self.raw.borrow_mut().iter_mut().zip(self.views) {
+            *held = 0..0;
+            let words = (n * view.dtype.size()).div_ceil(8);
+            // Grown, never shrunk: the buffers are the worker's from one tensor to the next.
+            if raw.len() < words {
+                raw.resize(words, 0);
+            }
+        }
+        self.held.set(Some(n));
     }
 
     /// Decode elements `range` of every input into `bufs`. In the first pass, an input holding
@@ -396,11 +482,7 @@ impl<'a> Source<'a> {
     ) -> Result<()> {
         let view = &self.views[k];
         let size = view.dtype.size();
-        let entry = self.entries[k];
-        // A vocabulary cut to the smallest input reads each input's leading rows only.
-        debug_assert!(range.end * size <= view.bytes.len());
         buf.clear();
-        let available = view.bytes.len() / size;
         let (held, raw) = &mut self.raw.borrow_mut()[k];
         // Without a LoRA patch, the decode loop checks the values it writes.
         let patch = &self.patches[k];
@@ -408,12 +490,7 @@ impl<'a> Source<'a> {
         let mut pos = range.start;
         while pos < range.end {
             if !held.contains(&pos) {
-                let end = (pos + READ_AHEAD).min(available);
-                raw.resize((READ_AHEAD * size).div_ceil(8), 0);
-                let bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(raw)[..(end - pos) * size];
-                self.model(k)
-                    .read_at(entry.shard, entry.range.start + pos * size, bytes)?;
-                *held = pos..end;
+                self.load(k, pos, READ_AHEAD, held, raw)?;
             }
             let upto = range.end.min(held.end);
             let from = (pos - held.start) * size;
@@ -430,15 +507,87 @@ impl<'a> Source<'a> {
             finite = !check || crate::simd::all_finite(buf);
         }
         if !finite {
-            return Err(Error::Numeric {
-                name: self.inputs[k].tensor.clone(),
-                reason: format!(
-                    "input {} holds NaN or infinite values; fix or exclude that model",
-                    self.model(k).path.display()
-                ),
-            });
+            return Err(self.not_finite(k));
         }
         Ok(())
+    }
+
+    /// Read input `k` from element `pos` on, `len` elements (fewer at the end), into its raw
+    /// buffer: a held input grows its prefix up to there (passes read in order), any other
+    /// gets a new window.
+    fn load(
+        &self,
+        k: usize,
+        pos: usize,
+        len: usize,
+        held: &mut std::ops::Range<usize>,
+        raw: &mut Vec<u64>,
+    ) -> Result<()> {
+        let view = &self.views[k];
+        let size = view.dtype.size();
+        let entry = self.entries[k];
+        // A vocabulary cut to the smallest input reads each input's leading rows only.
+        let available = view.bytes.len() / size;
+        let (start, from, end) = match self.held.get() {
+            Some(n) => (0, held.end.min(pos), (pos + len).min(n)),
+            None => (pos, pos, (pos + len).min(available)),
+        };
+        let words = ((end - start) * size).div_ceil(8);
+        if raw.len() < words {
+            raw.resize(words.max((READ_AHEAD * size).div_ceil(8)), 0);
+        }
+        let bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(raw)
+            [(from - start) * size..(end - start) * size];
+        self.model(k)
+            .read_at(entry.shard, entry.range.start + from * size, bytes)?;
+        *held = start..end;
+        Ok(())
+    }
+
+    /// Whether every input is stored as bf16 and read as is (no LoRA delta to add).
+    fn all_bf16(&self) -> bool {
+        self.views
+            .iter()
+            .all(|v| v.dtype == crate::dtype::DType::BF16)
+            && self.patches.iter().all(Option::is_none)
+    }
+
+    /// Call `f` with elements `range` of every input as bf16 bits, straight from the read
+    /// buffers ([`all_bf16`](Self::all_bf16) must hold). In the first pass, an input holding
+    /// NaN or infinity is an error, as in [`read`](Self::read).
+    fn with_bf16<R>(
+        &self,
+        range: std::ops::Range<usize>,
+        f: impl FnOnce(Vec<&[u16]>) -> Result<R>,
+    ) -> Result<R> {
+        let check = !self.checked.get();
+        let mut raw = self.raw.borrow_mut();
+        for (k, (held, buf)) in raw.iter_mut().enumerate().take(self.inputs.len()) {
+            if !(held.start <= range.start && range.end <= held.end) {
+                self.load(k, range.start, READ_AHEAD.max(range.len()), held, buf)?;
+            }
+        }
+        let mut parts = Vec::with_capacity(self.inputs.len());
+        for (k, (held, buf)) in raw.iter().enumerate().take(self.inputs.len()) {
+            let bits = &bytemuck::cast_slice::<u64, u16>(buf)
+                [range.start - held.start..range.end - held.start];
+            if check && !crate::dtype::bf16_all_finite(bits) {
+                return Err(self.not_finite(k));
+            }
+            parts.push(bits);
+        }
+        f(parts)
+    }
+
+    /// The error for input `k` holding NaN or infinity.
+    fn not_finite(&self, k: usize) -> Error {
+        Error::Numeric {
+            name: self.inputs[k].tensor.clone(),
+            reason: format!(
+                "input {} holds NaN or infinite values; fix or exclude that model",
+                self.model(k).path.display()
+            ),
+        }
     }
 
     /// The pass is over: later passes read the same (checked) bytes.
@@ -451,24 +600,37 @@ impl<'a> Source<'a> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn streamed(
     s: &dyn Streaming,
     meta: &MergeJob,
     source: &Source,
-    n: usize,
     step: usize,
-    t: &PlannedTensor,
-    scratch: &mut Scratch,
-    writer: &ModelWriter,
-    index: usize,
+    hold: usize,
+    f32s: &mut Vec<Vec<f32>>,
+    mut out: Out,
 ) -> Result<()> {
-    let k = source.inputs.len();
+    let (k, n) = (source.inputs.len(), meta.numel());
     let mut state = s.begin(meta)?;
-    for pass in 0..s.passes(&state) {
+    let passes = s.passes(&state);
+    if passes > 0 {
+        source.hold(n, hold);
+    }
+    let bf16 = source.all_bf16();
+    for pass in 0..passes {
+        let raw = bf16 && s.reads_bf16(pass, meta, &state);
         for range in chunks(n, step) {
             crate::cancel::check()?;
-            let bufs = buffers(&mut scratch.f32s, k);
+            if raw {
+                source.with_bf16(range.clone(), |bits| {
+                    let job = MergeJob {
+                        bf16: bits,
+                        ..meta.clone()
+                    };
+                    s.observe(pass, &job, range.start, &mut state)
+                })?;
+                continue;
+            }
+            let bufs = buffers(f32s, k);
             source.read(range.clone(), bufs)?;
             let job = MergeJob {
                 inputs: bufs.iter().map(|b| b.as_slice()).collect(),
@@ -479,78 +641,57 @@ fn streamed(
         source.end_pass();
         s.end_pass(pass, meta, &mut state)?;
     }
-    let size = t.dtype.size() as u64;
+    let raw = bf16 && s.reads_bf16(passes, meta, &state);
     for range in chunks(n, step) {
         crate::cancel::check()?;
-        let bufs = buffers(&mut scratch.f32s, k + 1);
+        let bufs = buffers(f32s, k + 1);
         let (ins, rest) = bufs.split_at_mut(k);
-        source.read(range.clone(), ins)?;
-        let out = &mut rest[0];
-        out.clear();
-        out.resize(range.len(), 0.0);
-        let job = MergeJob {
-            inputs: ins.iter().map(|b| b.as_slice()).collect(),
-            ..meta.clone()
-        };
-        s.apply(&job, range.start, &mut state, out)?;
-        emit(
-            t,
-            out,
-            &mut scratch.bytes,
-            writer,
-            index,
-            range.start as u64 * size,
-        )?;
+        let merged = &mut rest[0];
+        merged.clear();
+        merged.resize(range.len(), 0.0);
+        if raw {
+            source.with_bf16(range.clone(), |bits| {
+                let job = MergeJob {
+                    bf16: bits,
+                    ..meta.clone()
+                };
+                s.apply(&job, range.start, &mut state, merged)
+            })?;
+        } else {
+            source.read(range.clone(), ins)?;
+            let job = MergeJob {
+                inputs: ins.iter().map(|b| b.as_slice()).collect(),
+                ..meta.clone()
+            };
+            s.apply(&job, range.start, &mut state, merged)?;
+        }
+        out.emit(merged, range.start)?;
     }
     source.end_pass();
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn whole(
     method: &dyn crate::methods::Method,
     meta: &MergeJob,
     source: &Source,
-    n: usize,
-    t: &PlannedTensor,
-    scratch: &mut Scratch,
-    writer: &ModelWriter,
-    index: usize,
+    f32s: &mut Vec<Vec<f32>>,
+    mut out: Out,
 ) -> Result<()> {
-    let k = source.inputs.len();
-    let bufs = buffers(&mut scratch.f32s, k + 1);
+    let (k, n) = (source.inputs.len(), meta.numel());
+    let bufs = buffers(f32s, k + 1);
     let (ins, rest) = bufs.split_at_mut(k);
     source.read(0..n, ins)?;
     source.end_pass();
-    let out = &mut rest[0];
-    out.clear();
-    out.resize(n, 0.0);
+    let merged = &mut rest[0];
+    merged.clear();
+    merged.resize(n, 0.0);
     let job = MergeJob {
         inputs: ins.iter().map(|b| b.as_slice()).collect(),
         ..meta.clone()
     };
-    method.merge(&job, out)?;
-    emit(t, out, &mut scratch.bytes, writer, index, 0)
-}
-
-/// Check a computed part of output tensor `index` (a NaN or infinity from finite inputs is the
-/// method's: inputs were checked as they were read), encode it and write it at byte `pos`.
-fn emit(
-    t: &PlannedTensor,
-    out: &[f32],
-    bytes: &mut Vec<u8>,
-    writer: &ModelWriter,
-    index: usize,
-    pos: u64,
-) -> Result<()> {
-    if !crate::simd::all_finite(out) {
-        return Err(Error::Numeric {
-            name: t.name.clone(),
-            reason: "the merge produced NaN or infinite values from finite inputs; check the parameters (e.g. weights summing to zero)".into(),
-        });
-    }
-    encode_f32(t.dtype, out, bytes);
-    writer.write_part(index, pos, bytes)
+    method.merge(&job, merged)?;
+    out.emit(merged, 0)
 }
 
 fn copy_buffer(

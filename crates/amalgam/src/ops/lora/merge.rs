@@ -639,6 +639,7 @@ impl<'a> Plan<'a> {
             name,
             shape: &shape,
             inputs: all,
+            bf16: Vec::new(),
             base: with_base.then_some(0),
             shared: &shared,
             per_input: &per_input,
