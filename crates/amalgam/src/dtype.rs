@@ -349,10 +349,11 @@ fn decode_slow<T: FloatElem>(bytes: &[u8], out: &mut Vec<f32>) {
 ///
 /// Returns `false` when `dtype` is not a float type.
 pub fn encode_f32(dtype: DType, values: &[f32], out: &mut Vec<u8>) -> bool {
-    out.clear();
     if !dtype.is_float() {
+        out.clear();
         return false;
     }
+    // Every byte is written below: only growth is zeroed, not the reused part.
     out.resize(values.len() * dtype.size(), 0);
     // The byte buffer may not be aligned for wider elements (an empty Vec never is): fall back
     // to element-wise writes then.
