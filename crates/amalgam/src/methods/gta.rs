@@ -14,7 +14,7 @@
 use super::gta_global::GlobalTrim;
 use super::gta_kernel::{Finish, LaneSum, apply_chunk, l1_chunk, vote_chunk};
 use super::rng::{Key, threshold32};
-use super::select::{Selection, Selector, Want, delta_keys};
+use super::select::{Selection, Selector, Want, delta_keys, delta_keys_bf16};
 use super::sparsify::{Rescale, della_mask};
 use super::*;
 use crate::config::Kind;
@@ -295,8 +295,8 @@ impl GtaState {
     }
 
     /// Whether pass `pass` (the output pass when past the statistics passes) of a tensor of
-    /// `n` elements can take bf16 chunks: when the kernels it runs read them, the L1 sums and
-    /// the fused output loop with random masks (one Weyl stream per model over the whole
+    /// `n` elements can take bf16 chunks: when the kernels it runs read them: the selection
+    /// histograms, and the L1 sums and the fused output loop with random masks (one Weyl stream per model over the whole
     /// tensor: `n` ≤ 2^32).
     fn reads_bf16(&self, pass: usize, n: usize) -> bool {
         let random = self
@@ -306,6 +306,8 @@ impl GtaState {
         let fits = n as u64 <= 1 << 32;
         match self.passes.get(pass) {
             Some(Pass::L1Sums) => random && fits,
+            // The selection passes read only keys of deltas.
+            Some(Pass::HighBits | Pass::LowBits) => true,
             Some(_) => false,
             None => random && fits && self.fuse && (1..=8).contains(&self.models.len()),
         }
@@ -457,19 +459,17 @@ impl Streaming for Gta {
             }
             _ => {}
         }
-        let base = job.base_tensor();
         for m in &mut st.models {
-            let x = job.inputs[m.input];
-            match (kind, &mut m.mask) {
-                (Pass::HighBits, Mask::Select(Some(s), _)) => {
-                    delta_keys(x, base, &mut st.keys);
-                    s.count_high(&st.keys);
-                }
-                (Pass::LowBits, Mask::Select(Some(s), _)) => {
-                    delta_keys(x, base, &mut st.keys);
-                    s.count_low(&st.keys);
-                }
-                _ => {}
+            let Mask::Select(Some(s), _) = &mut m.mask else {
+                continue;
+            };
+            match job.base.filter(|_| !job.bf16.is_empty()) {
+                Some(b) => delta_keys_bf16(job.bf16[m.input], job.bf16[b], &mut st.keys),
+                None => delta_keys(job.inputs[m.input], job.base_tensor(), &mut st.keys),
+            }
+            match kind {
+                Pass::HighBits => s.count_high(&st.keys),
+                _ => s.count_low(&st.keys),
             }
         }
         Ok(())
