@@ -368,16 +368,22 @@ fn converted(dir: &Path, from: &Path, names: &[&str], dtype: &str) {
 
 #[test]
 fn bf16_inputs_give_the_bytes_of_their_f32_values() {
-    // bf16 inputs take the kernels that read bf16 bits as they are (no f32 copy: DARE's passes,
-    // the selection histograms of TIES and Breadcrumbs); their values in f32 files take the
-    // decoding path. Both must give the same bytes, however the tensors
+    // bf16 inputs take the kernels that read bf16 bits as they are (no f32 copy: DARE's L1
+    // sums, the selection histograms, the fused output loop, with a decoded fallback for chunks
+    // it does not take); their values in f32 files take the decoding path. Both must give the same bytes, however the tensors
     // are chunked, held between passes or not, on any number of threads.
     let d = tempfile::tempdir().unwrap();
     let names = ["llama_base", "llama_ft1", "llama_ft2"];
     let (bf16, f32s) = (d.path().join("bf16"), d.path().join("f32"));
     converted(&bf16, &models(), &names, "bf16");
     converted(&f32s, &bf16, &names, "f32");
-    for method in ["dare_ties", "dare_linear", "ties", "breadcrumbs_ties"] {
+    for method in [
+        "dare_ties",
+        "dare_linear",
+        "ties",
+        "breadcrumbs_ties",
+        "task_arithmetic",
+    ] {
         let yaml = DARE.replace("dare_ties", method);
         let from_bf16 = config(&bf16, &yaml.replace("$M", s(&bf16)));
         let from_f32 = config(

@@ -275,6 +275,8 @@ pub(super) struct GtaState {
     keys: Vec<u32>,
     /// Whether the output pass may take the fused loop (tests turn it off to compare).
     pub(super) fuse: bool,
+    /// A bf16 chunk decoded for the tiled steps (when the fused loop does not take it).
+    pub(super) decoded: Vec<Vec<f32>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -299,17 +301,26 @@ impl GtaState {
     /// histograms, and the L1 sums and the fused output loop with random masks (one Weyl stream per model over the whole
     /// tensor: `n` ≤ 2^32).
     fn reads_bf16(&self, pass: usize, n: usize) -> bool {
-        let random = self
-            .models
-            .iter()
-            .all(|m| matches!(m.mask, Mask::Random(..)) && m.inverse_density.is_none());
+        let all = |f: fn(&Mask) -> bool| {
+            self.models
+                .iter()
+                .all(|m| f(&m.mask) && m.inverse_density.is_none())
+        };
+        let random = all(|m| matches!(m, Mask::Random(..)));
         let fits = n as u64 <= 1 << 32;
         match self.passes.get(pass) {
             Some(Pass::L1Sums) => random && fits,
             // The selection passes read only keys of deltas.
             Some(Pass::HighBits | Pass::LowBits) => true,
             Some(_) => false,
-            None => random && fits && self.fuse && (1..=8).contains(&self.models.len()),
+            // Where the fused loop applies; a chunk it does not take is decoded.
+            None => {
+                let select = all(|m| matches!(m, Mask::Select(..)));
+                let plain = all(|m| matches!(m, Mask::All));
+                self.fuse
+                    && (1..=8).contains(&self.models.len())
+                    && ((random && fits) || select || plain)
+            }
         }
     }
 
@@ -345,6 +356,7 @@ impl GtaState {
             sums: Default::default(),
             keys: Vec::new(),
             fuse: true,
+            decoded: Vec::new(),
         }
     }
 }

@@ -266,40 +266,73 @@ crate::simd::vectorized! {
         if fused_apply(st, job, offset, consensus, f, plain_divisor, out) {
             return;
         }
-        let base = job.base_tensor();
-        for (start, end) in tiles(out.len()) {
-            st.tile_deltas(job, offset, start, end);
-            let (o, b) = (&mut out[start..end], &base[start..end]);
-            if !consensus {
-                // Per-element sums over the models, in model order from 0.0.
-                o.fill(0.0);
-                for dm in &st.buffers {
-                    o.iter_mut().zip(dm).for_each(|(s, &v)| *s += v);
-                }
-                o.iter_mut()
-                    .zip(b)
-                    .for_each(|(o, &b)| *o = f.value(*o, plain_divisor, b));
-                continue;
+        if job.bf16.is_empty() {
+            tiled_apply(st, job, offset, consensus, f, plain_divisor, out);
+            return;
+        }
+        // A bf16 chunk the fused loop does not take (a selection's boundary ties split in it):
+        // decode it for the tiled steps.
+        let mut decoded = std::mem::take(&mut st.decoded);
+        decoded.resize_with(job.bf16.len(), Vec::new);
+        for (d, bits) in decoded.iter_mut().zip(&job.bf16) {
+            d.clear();
+            d.extend(bits.iter().map(|&b| f32::from_bits((b as u32) << 16)));
+        }
+        let f32_job = MergeJob {
+            inputs: decoded.iter().map(|d| d.as_slice()).collect(),
+            bf16: Vec::new(),
+            ..job.clone()
+        };
+        tiled_apply(st, &f32_job, offset, consensus, f, plain_divisor, out);
+        drop(f32_job);
+        st.decoded = decoded;
+    }
+}
+
+/// The output pass over one chunk of f32 inputs in tiles, every step a loop of its own.
+#[inline(always)]
+fn tiled_apply(
+    st: &mut GtaState,
+    job: &MergeJob,
+    offset: usize,
+    consensus: bool,
+    f: Finish,
+    plain_divisor: f32,
+    out: &mut [f32],
+) {
+    let base = job.base_tensor();
+    for (start, end) in tiles(out.len()) {
+        st.tile_deltas(job, offset, start, end);
+        let (o, b) = (&mut out[start..end], &base[start..end]);
+        if !consensus {
+            // Per-element sums over the models, in model order from 0.0.
+            o.fill(0.0);
+            for dm in &st.buffers {
+                o.iter_mut().zip(dm).for_each(|(s, &v)| *s += v);
             }
-            st.tile_sign_sums(end - start);
-            // Keep the entries that agree with the elected sign ([`Finish::elected_sign`]).
-            let [sum, mixed, divisor] = &mut st.sums;
-            mixed.clear();
-            mixed.resize(end - start, 0.0);
-            divisor.clear();
-            divisor.resize(end - start, 0.0);
-            for (dm, m) in st.buffers.iter().zip(&st.models) {
-                let w = if f.by_count { 1.0 } else { m.weight };
-                let cells = mixed.iter_mut().zip(divisor.iter_mut());
-                for ((x, dv), (&v, &s)) in cells.zip(dm.iter().zip(sum.iter())) {
-                    let agree = v * f.elected_sign(s) > 0.0;
-                    *x += keep_if(v, agree);
-                    *dv += keep_if(w, agree);
-                }
+            o.iter_mut()
+                .zip(b)
+                .for_each(|(o, &b)| *o = f.value(*o, plain_divisor, b));
+            continue;
+        }
+        st.tile_sign_sums(end - start);
+        // Keep the entries that agree with the elected sign ([`Finish::elected_sign`]).
+        let [sum, mixed, divisor] = &mut st.sums;
+        mixed.clear();
+        mixed.resize(end - start, 0.0);
+        divisor.clear();
+        divisor.resize(end - start, 0.0);
+        for (dm, m) in st.buffers.iter().zip(&st.models) {
+            let w = if f.by_count { 1.0 } else { m.weight };
+            let cells = mixed.iter_mut().zip(divisor.iter_mut());
+            for ((x, dv), (&v, &s)) in cells.zip(dm.iter().zip(sum.iter())) {
+                let agree = v * f.elected_sign(s) > 0.0;
+                *x += keep_if(v, agree);
+                *dv += keep_if(w, agree);
             }
-            for (((o, &b), &x), &dv) in o.iter_mut().zip(b).zip(mixed.iter()).zip(divisor.iter()) {
-                *o = f.value(x, if dv == 0.0 { 1.0 } else { dv }, b);
-            }
+        }
+        for (((o, &b), &x), &dv) in o.iter_mut().zip(b).zip(mixed.iter()).zip(divisor.iter()) {
+            *o = f.value(x, if dv == 0.0 { 1.0 } else { dv }, b);
         }
     }
 }
@@ -416,9 +449,6 @@ fn fused_apply(
         _ => return false,
     };
     let bf16 = !job.bf16.is_empty();
-    if bf16 && kind != RANDOM {
-        return false;
-    }
     let mut lanes = [Lane::default(); 8];
     let mut ties = [(0u64, 0u64); 8];
     for (m, (lane, tie)) in st.models.iter().zip(lanes.iter_mut().zip(ties.iter_mut())) {
@@ -435,9 +465,13 @@ fn fused_apply(
                 lane.threshold = *t;
             }
             (Mask::Select(None, sel), SELECT) => {
-                let (x, base) = (&job.inputs[m.input][..n], &job.base_tensor()[..n]);
                 let (lo, hi) = sel.edges();
-                *tie = count_equal_delta(x, base, lo, hi);
+                *tie = match job.base.filter(|_| bf16) {
+                    Some(b) => {
+                        count_equal_delta(Bf16(job.bf16[m.input]), Bf16(job.bf16[b]), n, lo, hi)
+                    }
+                    None => count_equal_delta(job.inputs[m.input], job.base_tensor(), n, lo, hi),
+                };
                 match sel.window(tie.0, tie.1) {
                     Some(w) => lane.window = w,
                     None => return false,
@@ -463,10 +497,13 @@ fn fused_apply(
             if bf16 {
                 let base = Bf16(job.bf16[job.base.expect("a base")]);
                 let inputs: Vec<Bf16> = st.models.iter().map(|m| Bf16(job.bf16[m.input])).collect();
-                if consensus {
-                    run!($k, RANDOM, true, &inputs, base)
-                } else {
-                    run!($k, RANDOM, false, &inputs, base)
+                match (kind, consensus) {
+                    (ALL, false) => run!($k, ALL, false, &inputs, base),
+                    (ALL, true) => run!($k, ALL, true, &inputs, base),
+                    (RANDOM, false) => run!($k, RANDOM, false, &inputs, base),
+                    (RANDOM, true) => run!($k, RANDOM, true, &inputs, base),
+                    (_, false) => run!($k, SELECT, false, &inputs, base),
+                    (_, true) => run!($k, SELECT, true, &inputs, base),
                 }
             } else {
                 let base = job.base_tensor();
@@ -495,15 +532,29 @@ fn fused_apply(
     true
 }
 
-/// How many keys of `x − b` equal `lo`, and how many equal `hi`.
+/// How many keys of `x − b` (first `n` elements) equal `lo`, and how many equal `hi`.
 #[inline(always)]
-fn count_equal_delta(x: &[f32], b: &[f32], lo: u32, hi: u32) -> (u64, u64) {
+fn count_equal_delta<E: Elems>(x: E, b: E, n: usize, lo: u32, hi: u32) -> (u64, u64) {
+    let (x, b) = (x.prefix(n), b.prefix(n));
     let (mut n_lo, mut n_hi) = (0u64, 0u64);
-    for (x, b) in x.chunks(TILE).zip(b.chunks(TILE)) {
-        let (a, c) = x.iter().zip(b).fold((0u32, 0u32), |(a, c), (&x, &b)| {
-            let k = key(x - b);
-            (a + (k == lo) as u32, c + (k == hi) as u32)
-        });
+    for t in (0..n).step_by(TILE) {
+        let end = (t + TILE).min(n);
+        let (mut a, mut c) = (0u32, 0u32);
+        let mut i = t;
+        while i + 8 <= end {
+            let (xs, bs) = (x.eight(i), b.eight(i));
+            for j in 0..8 {
+                let k = key(xs[j] - bs[j]);
+                a += (k == lo) as u32;
+                c += (k == hi) as u32;
+            }
+            i += 8;
+        }
+        for i in i..end {
+            let k = key(x.at(i) - b.at(i));
+            a += (k == lo) as u32;
+            c += (k == hi) as u32;
+        }
         n_lo += a as u64;
         n_hi += c as u64;
     }
@@ -721,11 +772,12 @@ mod tests {
             s.apply(&job(a, b, bf16), a, &mut state, &mut out[a..b])
                 .unwrap();
         }
-        // Random masks read bf16 in every pass, magnitude selections in their histogram passes.
+        // Random masks read bf16 in every pass, magnitude selections in their histogram passes,
+        // and every method here (1 to 8 models, one kind of mask) in the output pass.
         if feed == Feed::Bf16 {
             match random {
                 true => assert_eq!(bf16_passes, passes + 1),
-                false => assert_eq!(bf16_passes, passes.min(2) * selecting as usize),
+                false => assert_eq!(bf16_passes, passes.min(2) * selecting as usize + 1),
             }
         }
         out.iter().map(|v| v.to_bits()).collect()
