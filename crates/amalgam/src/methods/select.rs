@@ -260,13 +260,15 @@ impl Window {
         self == Window::ALL
     }
 
-    /// Whether key `k` passes (non-short-circuit `&`/`|` keep loops over it branch-free).
+    /// Whether key `k` passes. Two comparisons with bounds that fold the tie flags in (keys
+    /// are ≥ 0, so neither bound overflows): a mix of comparisons and the flags as booleans
+    /// compiles to packing and unpacking vector masks in the loops over it.
     #[inline(always)]
     pub fn keeps(self, k: u32) -> bool {
         let k = k as i32;
-        let above = (k > self.lo) | (self.tie_lo & (k == self.lo));
-        let below = (k < self.hi) | (self.tie_hi & (k == self.hi));
-        above & below
+        let above = self.lo - self.tie_lo as i32;
+        let up_to = self.hi - !self.tie_hi as i32;
+        (k > above) & (k <= up_to)
     }
 }
 
