@@ -34,13 +34,18 @@ impl PerThread {
         )
     }
 
-    /// Run `f` with the calling thread's scratch.
+    /// Run `f` with the calling thread's scratch. Only its own thread locks a slot, so this
+    /// never waits: when the slot is taken, the thread is running another piece of work while it
+    /// waits inside the first (rayon steals work into nested parallel calls, such as the SVD
+    /// methods'), and that piece gets a scratch of its own.
     pub fn with<R>(&self, f: impl FnOnce(&mut Scratch) -> R) -> R {
         let i = rayon::current_thread_index().unwrap_or(0) % self.0.len();
-        // Only its own thread locks a slot, so this never waits; a panic elsewhere leaves the
-        // buffers usable.
-        let mut scratch = self.0[i].lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut scratch)
+        match self.0[i].try_lock() {
+            Ok(mut scratch) => f(&mut scratch),
+            // A panic elsewhere leaves the buffers usable.
+            Err(std::sync::TryLockError::Poisoned(e)) => f(&mut e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => f(&mut Scratch::default()),
+        }
     }
 }
 
@@ -79,4 +84,24 @@ where
     })?;
     progress.finish();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_thread_scratch_does_not_deadlock_when_work_nests_on_one_thread() {
+        let per_thread = PerThread::new();
+        let inner = per_thread.with(|outer| {
+            outer.bytes.push(1);
+            // What a stolen piece of work does while the first waits in a nested parallel call.
+            per_thread.with(|nested| {
+                nested.bytes.push(2);
+                nested.bytes.clone()
+            })
+        });
+        assert_eq!(inner, [2]);
+        assert_eq!(per_thread.with(|s| s.bytes.clone()), [1]);
+    }
 }
