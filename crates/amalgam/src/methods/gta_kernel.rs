@@ -6,6 +6,10 @@
 //! over a tile that stays in L1, and every helper inlines into the entry point, so the whole pass
 //! runs in the chunk's vector instruction set. Per element, the f32 operations are the same, in
 //! the same order, as an element-at-a-time loop; tiles change only the memory traffic.
+//!
+//! The common cases take one fused loop per chunk instead ([`fused_apply`], [`l1_random`]),
+//! every model's delta in registers; those loops also read bf16 chunks as they are stored
+//! ([`Elems`], [`MergeJob::bf16`]), with the same f32 operations on the widened values.
 
 use super::MergeJob;
 use super::gta::{GtaState, Mask, PerModel};
