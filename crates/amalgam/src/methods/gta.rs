@@ -475,8 +475,8 @@ impl Streaming for Gta {
             let Mask::Select(Some(s), _) = &mut m.mask else {
                 continue;
             };
-            match job.base.filter(|_| !job.bf16.is_empty()) {
-                Some(b) => delta_keys_bf16(job.bf16[m.input], job.bf16[b], &mut st.keys),
+            match job.base_bf16() {
+                Some(b) => delta_keys_bf16(job.bf16[m.input], b, &mut st.keys),
                 None => delta_keys(job.inputs[m.input], job.base_tensor(), &mut st.keys),
             }
             match kind {

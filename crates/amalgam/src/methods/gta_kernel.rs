@@ -23,6 +23,8 @@ const TILE: usize = 512;
 /// One input of a chunk as the fused loops read it: f32 values, or bf16 bits widened as they
 /// are read ([`MergeJob::bf16`]), which saves writing and reading back an f32 copy.
 trait Elems: Copy {
+    /// How many elements.
+    fn len(self) -> usize;
     /// The first `n` elements.
     fn prefix(self, n: usize) -> Self;
     /// Element `i` as f32.
@@ -32,6 +34,10 @@ trait Elems: Copy {
 }
 
 impl Elems for &[f32] {
+    #[inline(always)]
+    fn len(self) -> usize {
+        <[f32]>::len(self)
+    }
     #[inline(always)]
     fn prefix(self, n: usize) -> Self {
         &self[..n]
@@ -51,6 +57,10 @@ impl Elems for &[f32] {
 struct Bf16<'a>(&'a [u16]);
 
 impl Elems for Bf16<'_> {
+    #[inline(always)]
+    fn len(self) -> usize {
+        self.0.len()
+    }
     #[inline(always)]
     fn prefix(self, n: usize) -> Self {
         Bf16(&self.0[..n])
@@ -361,13 +371,12 @@ crate::simd::vectorized! {
 crate::simd::vectorized! {
     /// The L1 pass over one chunk: each model's Σ|δ| and Σ|kept δ|.
     pub(super) fn l1_chunk(st: &mut GtaState, job: &MergeJob, offset: usize) {
-        if let Some(base) = job.base.filter(|_| !job.bf16.is_empty()) {
+        if let Some(base) = job.base_bf16() {
             // bf16 chunks come only when every mask is random ([`GtaState::reads_bf16`]).
-            let base = Bf16(job.bf16[base]);
             for m in &mut st.models {
                 if let Mask::Random(k, t) = m.mask {
                     let x = Bf16(job.bf16[m.input]);
-                    l1_random(x, base, x.0.len(), offset, k.stream32(offset as u64), t, &mut m.l1);
+                    l1_random(x, Bf16(base), offset, k.stream32(offset as u64), t, &mut m.l1);
                 }
             }
             return;
@@ -379,7 +388,7 @@ crate::simd::vectorized! {
             if let Mask::Random(k, t) = m.mask
                 && run_length(offset as u64) >= x.len()
             {
-                l1_random(x, base, x.len(), offset, k.stream32(offset as u64), t, &mut m.l1);
+                l1_random(x, base, offset, k.stream32(offset as u64), t, &mut m.l1);
                 continue;
             }
             for (start, end) in tiles(x.len()) {
@@ -452,10 +461,52 @@ fn fused_apply(
         Mask::Select(None, _) => SELECT,
         _ => return false,
     };
-    let bf16 = !job.bf16.is_empty();
+    let out = Output {
+        consensus,
+        f,
+        plain_divisor,
+        out,
+    };
+    match job.base_bf16() {
+        Some(base) => {
+            let inputs = st.models.iter().map(|m| Bf16(job.bf16[m.input])).collect();
+            fused_over(st, kind, inputs, Bf16(base), offset, out)
+        }
+        None => {
+            let inputs = st.models.iter().map(|m| job.inputs[m.input]).collect();
+            fused_over(st, kind, inputs, job.base_tensor(), offset, out)
+        }
+    }
+}
+
+/// Where the fused output loop writes, and how it finishes each element.
+struct Output<'o> {
+    consensus: bool,
+    f: Finish,
+    plain_divisor: f32,
+    out: &'o mut [f32],
+}
+
+/// [`fused_apply`] past its checks, over each model's input (`inputs`, in model order) and the
+/// base as `E`: the models' constants, this chunk's selection windows, then the loop.
+#[inline(always)]
+fn fused_over<E: Elems>(
+    st: &mut GtaState,
+    kind: u8,
+    inputs: Vec<E>,
+    base: E,
+    offset: usize,
+    o: Output,
+) -> bool {
+    let (n, f) = (o.out.len(), o.f);
     let mut lanes = [Lane::default(); 8];
     let mut ties = [(0u64, 0u64); 8];
-    for (m, (lane, tie)) in st.models.iter().zip(lanes.iter_mut().zip(ties.iter_mut())) {
+    for ((m, &x), (lane, tie)) in st
+        .models
+        .iter()
+        .zip(&inputs)
+        .zip(lanes.iter_mut().zip(ties.iter_mut()))
+    {
         *lane = Lane {
             scale: if st.rescale_l1 { m.scale } else { 1.0 },
             weight: m.weight,
@@ -470,12 +521,7 @@ fn fused_apply(
             }
             (Mask::Select(None, sel), SELECT) => {
                 let (lo, hi) = sel.edges();
-                *tie = match job.base.filter(|_| bf16) {
-                    Some(b) => {
-                        count_equal_delta(Bf16(job.bf16[m.input]), Bf16(job.bf16[b]), n, lo, hi)
-                    }
-                    None => count_equal_delta(job.inputs[m.input], job.base_tensor(), n, lo, hi),
-                };
+                *tie = count_equal_delta(x, base, n, lo, hi);
                 match sel.window(tie.0, tie.1) {
                     Some(w) => lane.window = w,
                     None => return false,
@@ -491,39 +537,20 @@ fn fused_apply(
             }
         }
     }
-    macro_rules! run {
-        ($k:literal, $kind:ident, $consensus:literal, $inputs:expr, $base:expr) => {
-            fused::<$k, $kind, $consensus, _>(&lanes, $inputs, $base, f, plain_divisor, out)
-        };
-    }
+    let (pd, out) = (o.plain_divisor, o.out);
     macro_rules! with_k {
         ($k:literal) => {
-            if bf16 {
-                let base = Bf16(job.bf16[job.base.expect("a base")]);
-                let inputs: Vec<Bf16> = st.models.iter().map(|m| Bf16(job.bf16[m.input])).collect();
-                match (kind, consensus) {
-                    (ALL, false) => run!($k, ALL, false, &inputs, base),
-                    (ALL, true) => run!($k, ALL, true, &inputs, base),
-                    (RANDOM, false) => run!($k, RANDOM, false, &inputs, base),
-                    (RANDOM, true) => run!($k, RANDOM, true, &inputs, base),
-                    (_, false) => run!($k, SELECT, false, &inputs, base),
-                    (_, true) => run!($k, SELECT, true, &inputs, base),
-                }
-            } else {
-                let base = job.base_tensor();
-                let inputs: Vec<&[f32]> = st.models.iter().map(|m| job.inputs[m.input]).collect();
-                match (kind, consensus) {
-                    (ALL, false) => run!($k, ALL, false, &inputs, base),
-                    (ALL, true) => run!($k, ALL, true, &inputs, base),
-                    (RANDOM, false) => run!($k, RANDOM, false, &inputs, base),
-                    (RANDOM, true) => run!($k, RANDOM, true, &inputs, base),
-                    (_, false) => run!($k, SELECT, false, &inputs, base),
-                    (_, true) => run!($k, SELECT, true, &inputs, base),
-                }
+            match (kind, o.consensus) {
+                (ALL, false) => fused::<$k, ALL, false, E>(&lanes, &inputs, base, f, pd, out),
+                (ALL, true) => fused::<$k, ALL, true, E>(&lanes, &inputs, base, f, pd, out),
+                (RANDOM, false) => fused::<$k, RANDOM, false, E>(&lanes, &inputs, base, f, pd, out),
+                (RANDOM, true) => fused::<$k, RANDOM, true, E>(&lanes, &inputs, base, f, pd, out),
+                (_, false) => fused::<$k, SELECT, false, E>(&lanes, &inputs, base, f, pd, out),
+                (_, true) => fused::<$k, SELECT, true, E>(&lanes, &inputs, base, f, pd, out),
             }
         };
     }
-    match k {
+    match st.models.len() {
         1 => with_k!(1),
         2 => with_k!(2),
         3 => with_k!(3),
@@ -618,19 +645,19 @@ fn fused<const K: usize, const KIND: u8, const CONSENSUS: bool, E: Elems>(
     }
 }
 
-/// The L1 pass of one model with a random mask over the `n` elements of a chunk at `offset`
-/// (within one stream): Σ|δ| and Σ|kept δ| into the lane sums, in one loop.
+/// The L1 pass of one model with a random mask over a chunk at `offset` (within one stream):
+/// Σ|δ| and Σ|kept δ| into the lane sums, in one loop.
 #[inline(always)]
 fn l1_random<E: Elems>(
     x: E,
     base: E,
-    n: usize,
     offset: usize,
     stream: Stream32,
     t: u32,
     sums: &mut (LaneSum, LaneSum),
 ) {
-    let (x, base) = (x.prefix(n), base.prefix(n));
+    let n = x.len();
+    let base = base.prefix(n);
     // Elements before the first index that is a multiple of 8 go through the general adder.
     let head = ((8 - offset % 8) % 8).min(n);
     let mut all = [0f32; 8];

@@ -256,6 +256,13 @@ impl<'a> MergeJob<'a> {
         self.inputs[self.base.expect("contract guarantees a base")]
     }
 
+    /// The base's bf16 bits, when the chunk came as bf16 ([`bf16`](Self::bf16)).
+    pub fn base_bf16(&self) -> Option<&'a [u16]> {
+        self.base
+            .filter(|_| !self.bf16.is_empty())
+            .map(|b| self.bf16[b])
+    }
+
     /// Indices of the non-base inputs, in order (valid also when `inputs` is empty, as it is
     /// for [`Streaming::begin`]).
     pub fn non_base(&self) -> Vec<usize> {

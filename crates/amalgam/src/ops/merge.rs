@@ -237,12 +237,9 @@ fn whole_model(
                             let bufs = buffers(&mut scratch.f32s, inputs.len());
                             for range in chunks(meta.numel(), step) {
                                 crate::cancel::check()?;
-                                source.read(range.clone(), bufs)?;
-                                let job = MergeJob {
-                                    inputs: bufs.iter().map(|b| b.as_slice()).collect(),
-                                    ..meta.clone()
-                                };
-                                wm.observe_tensor(pass, &global, &job, range.start, &mut acc)?;
+                                source.chunk(meta, range.clone(), false, bufs, |job| {
+                                    wm.observe_tensor(pass, &global, job, range.start, &mut acc)
+                                })?;
                             }
                             source.end_pass();
                             Ok(())
@@ -529,7 +526,7 @@ impl<'a> Source<'a> {
         // A vocabulary cut to the smallest input reads each input's leading rows only.
         let available = view.bytes.len() / size;
         let (start, from, end) = match self.held.get() {
-            Some(n) => (0, held.end.min(pos), (pos + len).min(n)),
+            Some(n) => (0, held.end, (pos + len).min(n)),
             None => (pos, pos, (pos + len).min(available)),
         };
         let words = ((end - start) * size).div_ceil(8);
@@ -579,6 +576,32 @@ impl<'a> Source<'a> {
         f(parts)
     }
 
+    /// Hand elements `range` of the inputs to `f` as a chunk of `meta`: as bf16 bits straight
+    /// from the read buffers when `bf16` (see [`with_bf16`](Self::with_bf16)), else decoded
+    /// into `bufs`.
+    fn chunk<R>(
+        &self,
+        meta: &MergeJob,
+        range: std::ops::Range<usize>,
+        bf16: bool,
+        bufs: &mut [Vec<f32>],
+        f: impl FnOnce(&MergeJob) -> Result<R>,
+    ) -> Result<R> {
+        if bf16 {
+            return self.with_bf16(range, |bits| {
+                f(&MergeJob {
+                    bf16: bits,
+                    ..meta.clone()
+                })
+            });
+        }
+        self.read(range, bufs)?;
+        f(&MergeJob {
+            inputs: bufs.iter().map(|b| b.as_slice()).collect(),
+            ..meta.clone()
+        })
+    }
+
     /// The error for input `k` holding NaN or infinity.
     fn not_finite(&self, k: usize) -> Error {
         Error::Numeric {
@@ -615,33 +638,19 @@ fn streamed(
     if passes > 0 {
         source.hold(n, hold);
     }
-    let bf16 = source.all_bf16();
+    let all_bf16 = source.all_bf16();
     for pass in 0..passes {
-        let raw = bf16 && s.reads_bf16(pass, meta, &state);
+        let bf16 = all_bf16 && s.reads_bf16(pass, meta, &state);
         for range in chunks(n, step) {
             crate::cancel::check()?;
-            if raw {
-                source.with_bf16(range.clone(), |bits| {
-                    let job = MergeJob {
-                        bf16: bits,
-                        ..meta.clone()
-                    };
-                    s.observe(pass, &job, range.start, &mut state)
-                })?;
-                continue;
-            }
-            let bufs = buffers(f32s, k);
-            source.read(range.clone(), bufs)?;
-            let job = MergeJob {
-                inputs: bufs.iter().map(|b| b.as_slice()).collect(),
-                ..meta.clone()
-            };
-            s.observe(pass, &job, range.start, &mut state)?;
+            source.chunk(meta, range.clone(), bf16, buffers(f32s, k), |job| {
+                s.observe(pass, job, range.start, &mut state)
+            })?;
         }
         source.end_pass();
         s.end_pass(pass, meta, &mut state)?;
     }
-    let raw = bf16 && s.reads_bf16(passes, meta, &state);
+    let bf16 = all_bf16 && s.reads_bf16(passes, meta, &state);
     for range in chunks(n, step) {
         crate::cancel::check()?;
         let bufs = buffers(f32s, k + 1);
@@ -649,22 +658,9 @@ fn streamed(
         let merged = &mut rest[0];
         merged.clear();
         merged.resize(range.len(), 0.0);
-        if raw {
-            source.with_bf16(range.clone(), |bits| {
-                let job = MergeJob {
-                    bf16: bits,
-                    ..meta.clone()
-                };
-                s.apply(&job, range.start, &mut state, merged)
-            })?;
-        } else {
-            source.read(range.clone(), ins)?;
-            let job = MergeJob {
-                inputs: ins.iter().map(|b| b.as_slice()).collect(),
-                ..meta.clone()
-            };
-            s.apply(&job, range.start, &mut state, merged)?;
-        }
+        source.chunk(meta, range.clone(), bf16, ins, |job| {
+            s.apply(job, range.start, &mut state, merged)
+        })?;
         out.emit(merged, range.start)?;
     }
     source.end_pass();
