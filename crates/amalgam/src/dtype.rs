@@ -188,8 +188,7 @@ impl FloatElem for f16 {
 
 impl FloatElem for bf16 {
     fn to_f32(self) -> f32 {
-        // bf16 is the top half of an f32: widening is a shift.
-        f32::from_bits((self.to_bits() as u32) << 16)
+        f32_of_bf16(self.to_bits())
     }
     fn to_f64(self) -> f64 {
         bf16::to_f64(self)
@@ -307,17 +306,23 @@ pub fn decode_f32_append(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> bool
     true
 }
 
+/// The f32 value of bf16 bits: bf16 is the top half of an f32, so widening is a shift.
+#[inline(always)]
+pub fn f32_of_bf16(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
 crate::simd::vectorized! {
-    /// bf16 bits → f32, appended: bf16 is the top half of an f32, so widening is a shift.
-    fn widen_bf16(src: &[u16], out: &mut Vec<f32>) {
-        out.extend(src.iter().map(|&b| f32::from_bits((b as u32) << 16)));
+    /// bf16 bits → f32, appended.
+    pub fn widen_bf16(src: &[u16], out: &mut Vec<f32>) {
+        out.extend(src.iter().map(|&b| f32_of_bf16(b)));
     }
 }
 
 crate::simd::vectorized! {
     /// [`widen_bf16`], returning whether every value is finite (exponent not all ones).
     fn widen_bf16_finite(src: &[u16], out: &mut Vec<f32>) -> bool {
-        out.extend(src.iter().map(|&b| f32::from_bits((b as u32) << 16)));
+        out.extend(src.iter().map(|&b| f32_of_bf16(b)));
         bf16_all_finite(src)
     }
 }

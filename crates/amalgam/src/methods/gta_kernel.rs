@@ -15,6 +15,7 @@ use super::MergeJob;
 use super::gta::{GtaState, Mask, PerModel};
 use super::rng::{Stream32, run_length};
 use super::select::{Window, key};
+use crate::dtype::f32_of_bf16;
 use crate::simd::{keep_if, rewrite};
 
 /// Elements per tile: a few KiB per buffer, so a tile's buffers fit in L1 together.
@@ -67,12 +68,12 @@ impl Elems for Bf16<'_> {
     }
     #[inline(always)]
     fn at(self, i: usize) -> f32 {
-        f32::from_bits((self.0[i] as u32) << 16)
+        f32_of_bf16(self.0[i])
     }
     #[inline(always)]
     fn eight(self, i: usize) -> [f32; 8] {
         let b: &[u16; 8] = self.0[i..i + 8].try_into().expect("8");
-        b.map(|b| f32::from_bits((b as u32) << 16))
+        b.map(f32_of_bf16)
     }
 }
 
@@ -290,7 +291,7 @@ crate::simd::vectorized! {
         decoded.resize_with(job.bf16.len(), Vec::new);
         for (d, bits) in decoded.iter_mut().zip(&job.bf16) {
             d.clear();
-            d.extend(bits.iter().map(|&b| f32::from_bits((b as u32) << 16)));
+            crate::dtype::widen_bf16(bits, d);
         }
         let f32_job = MergeJob {
             inputs: decoded.iter().map(|d| d.as_slice()).collect(),

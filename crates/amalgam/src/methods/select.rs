@@ -400,7 +400,7 @@ crate::simd::vectorized! {
 crate::simd::vectorized! {
     /// [`delta_keys`] of bf16 bits, widened as they are read.
     pub fn delta_keys_bf16(x: &[u16], b: &[u16], keys: &mut Vec<u32>) {
-        let f = |v: u16| f32::from_bits((v as u32) << 16);
+        let f = crate::dtype::f32_of_bf16;
         keys.clear();
         keys.extend(x.iter().zip(b).map(|(&x, &b)| key(f(x) - f(b))));
     }
