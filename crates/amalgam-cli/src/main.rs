@@ -266,12 +266,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
     parse_shard_size(s).map_err(|e| e.to_string())
 }
 
-/// A size as [`parse_size`] reads it, or 0.
+/// A memory size as [`parse_size`] reads it, or 0.
 fn parse_memory(s: &str) -> Result<u64, String> {
     if s.trim() == "0" {
         return Ok(0);
     }
-    parse_size(s)
+    parse_size(s).map_err(|_| {
+        format!("'{s}' is not a size; use a byte count or a number with K, M or B (10^9), e.g. 512M, or 0")
+    })
 }
 
 fn main() -> ExitCode {

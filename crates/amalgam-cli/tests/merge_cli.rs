@@ -413,6 +413,20 @@ fn bf16_inputs_give_the_bytes_of_their_f32_values() {
             );
         }
     }
+    // A bad cache size is refused before anything is read or written.
+    let cfg = config(&bf16, &DARE.replace("$M", s(&bf16)));
+    let bad = fails(&[
+        "merge",
+        s(&cfg),
+        s(&d.path().join("x")),
+        "--input-cache",
+        "lots",
+    ]);
+    assert!(
+        bad.contains("--input-cache") && bad.contains("'lots' is not a size"),
+        "{bad}"
+    );
+    assert!(!d.path().join("x").exists());
     // A NaN in a bf16 input is caught on that path too.
     let nan = doctored(d.path(), "model.norm.weight", |v, _| v[3] = f32::NAN);
     let nan_bf16 = d.path().join("nan-bf16");
