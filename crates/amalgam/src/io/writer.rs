@@ -85,6 +85,36 @@ const WRITEBACK_STEP: u64 = 64 << 20;
 
 /// Ask the kernel to start writing back the dirty pages of `file`, without waiting (Linux
 /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere nothing: the final fsync does it all).
+/// Size `file` to `len` bytes with its blocks allocated up front where the file system can
+/// (fallocate): a disk too small for the output is an error now, before any work, and the
+/// writes that follow skip the file system's per-page block reservation. Elsewhere the file is
+/// only sized (sparse).
+fn reserve(file: &File, len: u64, path: &Path, target: &Path) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let Ok(signed) = libc::off_t::try_from(len) else {
+            return file.set_len(len).at(path);
+        };
+        // SAFETY: a plain system call on an open descriptor.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, signed) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOSPC) {
+            let dir = path.parent().unwrap_or(path).display();
+            return Err(Error::Output {
+                path: target.to_path_buf(),
+                reason: format!(
+                    "not enough free disk space in {dir} for the output ({len} bytes); free some space or write the output elsewhere"
+                ),
+            });
+        }
+        // Not supported here (or refused): size the file without reserving its blocks.
+    }
+    file.set_len(len).at(path)
+}
+
 fn start_writeback(file: &File) {
     #[cfg(target_os = "linux")]
     {
@@ -234,8 +264,7 @@ impl ModelWriter {
             let path = tmp.path().join(&name);
             let mut file = File::create(&path).at(&path)?;
             file.write_all(&prefix).at(&path)?;
-            file.set_len(prefix.len() as u64 + cursor as u64)
-                .at(&path)?;
+            reserve(&file, prefix.len() as u64 + cursor as u64, &path, target)?;
             let mut offset = prefix.len() as u64;
             for &i in &members {
                 slots[i] = Some(Slot {
@@ -468,6 +497,35 @@ mod tests {
         assert_eq!(parse_shard_size("4096").unwrap(), 4096);
         for bad in ["", "x", "-1M", "0", "5T"] {
             assert!(parse_shard_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn output_blocks_are_reserved_when_created() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TensorSpec {
+            name: "w".into(),
+            dtype: DType::F32,
+            shape: vec![1 << 18],
+        };
+        let writer =
+            ModelWriter::create(&dir.path().join("out"), vec![spec], None, Existing::Refuse)
+                .unwrap();
+        let meta = writer.shards[0].file.metadata().unwrap();
+        assert!(meta.len() > 1 << 20);
+        // Where this file system allocates on request (a probe file tells), the output's blocks
+        // are allocated before anything is written.
+        let probe = File::create(dir.path().join("probe")).unwrap();
+        // SAFETY: a plain system call on an open descriptor.
+        if unsafe { libc::fallocate(probe.as_raw_fd(), 0, 0, 4096) } == 0 {
+            assert!(
+                meta.blocks() * 512 >= meta.len(),
+                "{} blocks",
+                meta.blocks()
+            );
         }
     }
 

@@ -424,7 +424,9 @@ pub trait Streaming: Sync {
     fn end_pass(&self, _pass: usize, _job: &MergeJob, _state: &mut State) -> Result<()> {
         Ok(())
     }
-    /// Output pass over one chunk.
+    /// Output pass over one chunk: every element of `out` must be written (it holds whatever
+    /// the executor's buffer held before; debug builds fill it with NaN, which the output check
+    /// rejects, so a missed element fails the tests).
     fn apply(
         &self,
         job: &MergeJob,

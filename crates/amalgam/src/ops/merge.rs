@@ -176,6 +176,15 @@ fn with_source<R>(
     result
 }
 
+/// Elements `range` of an input as bf16 bits, from its raw buffer holding elements `held`.
+fn bf16_part<'b>(
+    held: &std::ops::Range<usize>,
+    buf: &'b [u64],
+    range: &std::ops::Range<usize>,
+) -> &'b [u16] {
+    &bytemuck::cast_slice::<u64, u16>(buf)[range.start - held.start..range.end - held.start]
+}
+
 /// Chunks of `step` elements covering `0..n` (one empty chunk when `n` is 0).
 fn chunks(n: usize, step: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     (0..n.max(1))
@@ -563,16 +572,16 @@ impl<'a> Source<'a> {
             if !(held.start <= range.start && range.end <= held.end) {
                 self.load(k, range.start, READ_AHEAD.max(range.len()), held, buf)?;
             }
-        }
-        let mut parts = Vec::with_capacity(self.inputs.len());
-        for (k, (held, buf)) in raw.iter().enumerate().take(self.inputs.len()) {
-            let bits = &bytemuck::cast_slice::<u64, u16>(buf)
-                [range.start - held.start..range.end - held.start];
-            if check && !crate::dtype::bf16_all_finite(bits) {
+            // Checked input by input, while its bytes just read are still in cache.
+            if check && !crate::dtype::bf16_all_finite(bf16_part(held, buf, &range)) {
                 return Err(self.not_finite(k));
             }
-            parts.push(bits);
         }
+        let parts = raw
+            .iter()
+            .take(self.inputs.len())
+            .map(|(held, buf)| bf16_part(held, buf, &range))
+            .collect();
         f(parts)
     }
 
@@ -656,8 +665,11 @@ fn streamed(
         let bufs = buffers(f32s, k + 1);
         let (ins, rest) = bufs.split_at_mut(k);
         let merged = &mut rest[0];
-        merged.clear();
+        // `apply` writes every element: no zeroing, only the growth of the buffer is filled.
         merged.resize(range.len(), 0.0);
+        if cfg!(debug_assertions) {
+            merged.fill(f32::NAN);
+        }
         source.chunk(meta, range.clone(), bf16, ins, |job| {
             s.apply(job, range.start, &mut state, merged)
         })?;
