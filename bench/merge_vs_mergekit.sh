@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Merge speed and memory: amalgam against mergekit on the same configs, same machine, one run.
 #
-#   bash bench/merge_vs_mergekit.sh [WORKDIR] [--no-mergekit] [--layers N]
+#   bash bench/merge_vs_mergekit.sh [WORKDIR] [--no-mergekit] [--layers N] [--reps N]
 #
 # Builds a synthetic Llama-shaped model set with amalgam's own writer (hidden 2048, intermediate
 # 5632, vocab 32000, 8 layers: 0.54 B parameters, bf16; base + 3 fine-tunes = 4.3 GB), then for
@@ -9,15 +9,21 @@
 # /tmp/peers/bin/pip install mergekit`) and `amalgam merge` at 2 threads, and prints wall time,
 # peak RSS (/usr/bin/time) and the ratios, plus the I/O floor: reading every input once and
 # writing one output through the page cache. Needs ~15 GB of disk.
+#
+# The runs of a few seconds (amalgam, the I/O floor) are repeated --reps times (default 3) and
+# their median is the figure, every run's time printed beside it: on a shared machine a
+# disturbance of a second is half such a run. mergekit runs once (its runs take minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=/tmp/amalgam-bench
 layers=8
+reps=3
 run_mergekit=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-mergekit) run_mergekit=0 ;;
     --layers) layers=$2; shift ;;
+    --reps) reps=$2; shift ;;
     *) work=$1 ;;
   esac
   shift
@@ -69,6 +75,22 @@ measure() { # prints "seconds peak_MiB"; the command's output goes to $work/last
   awk '{printf "%.2f %.0f", $1, $2/1024}' "$work/time.txt"
 }
 
+# `median_of N CMD...`: runs `measure CMD` N times; prints "median_s max_MiB runs", runs being
+# every wall time joined with "/".
+median_of() {
+  local n=$1 i s m all=()
+  shift
+  for ((i = 0; i < n; i++)); do
+    read -r s m < <(measure "$@"; echo)
+    all+=("$s $m")
+  done
+  printf '%s\n' "${all[@]}" | python3 -c '
+import sys, statistics
+runs = [l.split() for l in sys.stdin if l.strip()]
+t = [float(r[0]) for r in runs]
+print(f"{statistics.median(t):.2f} {max(int(r[1]) for r in runs)} " + "/".join(r[0] for r in runs))'
+}
+
 # I/O floor: read every input once, write one output-sized file, fsync, through the page cache.
 floor() {
   local out=$work/floor.bin size
@@ -80,25 +102,28 @@ floor() {
   sync "$out"
   t1=$(date +%s.%N)
   rm -f "$out"
-  echo "$t1 - $t0" | bc
+  printf "%.2f" "$(echo "$t1 - $t0" | bc)"
 }
 cat "$set_dir"/*/model.safetensors > /dev/null   # warm the page cache for everyone
-io=$(floor)
-echo "model set: $layers layers, $(du -sh "$set_dir" | cut -f1); I/O floor ${io}s"
-printf '| %-15s | %12s | %12s | %12s | %12s | %8s | %8s |\n' method "mergekit s" "mergekit MiB" "amalgam s" "amalgam MiB" speedup "x floor"
-printf '|%s|\n' "-----------------|--------------|--------------|--------------|--------------|----------|----------"
+ios=()
+for ((i = 0; i < reps; i++)); do ios+=("$(floor)"); done
+io=$(printf '%s\n' "${ios[@]}" | python3 -c 'import sys, statistics; print(f"{statistics.median(float(l) for l in sys.stdin):.2f}")')
+echo "model set: $layers layers, $(du -sh "$set_dir" | cut -f1); I/O floor ${io}s (median of $(IFS=/; echo "${ios[*]}"))"
+echo "amalgam: median of $reps runs (every run's seconds in the last column); mergekit: one run"
+printf '| %-15s | %12s | %12s | %12s | %12s | %8s | %8s | %-18s |\n' method "mergekit s" "mergekit MiB" "amalgam s" "amalgam MiB" speedup "x floor" "amalgam runs s"
+printf '|%s|\n' "-----------------|--------------|--------------|--------------|--------------|----------|----------|--------------------"
 for m in linear task_arithmetic ties dare_ties breadcrumbs slerp model_stock; do
   if [ "$run_mergekit" = 1 ]; then
     read -r mk_s mk_m < <(measure "$mergekit" "$work/configs/$m.yml" "$work/out-mk" --no-copy-tokenizer --no-write-model-card --quiet; echo)
   else
     mk_s=nan; mk_m=nan
   fi
-  read -r am_s am_m < <(measure "$bin" --threads 2 merge "$work/configs/$m.yml" "$work/out-am" -q; echo)
+  read -r am_s am_m am_runs < <(median_of "$reps" "$bin" --threads 2 merge "$work/configs/$m.yml" "$work/out-am" -q)
   speed=$(python3 -c "import math; a=float('$mk_s'); b=float('$am_s'); print('n/a' if math.isnan(a) else f'{a/b:.1f}x')")
   vs=$(python3 -c "print(f'{float(\"$am_s\")/float(\"$io\"):.2f}')")
-  printf '| %-15s | %12s | %12s | %12s | %12s | %8s | %8s |\n' "$m" "$mk_s" "$mk_m" "$am_s" "$am_m" "$speed" "$vs"
+  printf '| %-15s | %12s | %12s | %12s | %12s | %8s | %8s | %-18s |\n' "$m" "$mk_s" "$mk_m" "$am_s" "$am_m" "$speed" "$vs" "$am_runs"
 done
-read -r t1_s t1_m < <(measure "$bin" --threads 1 merge "$work/configs/ties.yml" "$work/out-am" -q; echo)
-read -r t2_s t2_m < <(measure "$bin" --threads 2 merge "$work/configs/ties.yml" "$work/out-am" -q; echo)
-echo "ties: 1 thread ${t1_s}s ${t1_m} MiB, 2 threads ${t2_s}s ${t2_m} MiB: $(python3 -c "print(f'{$t1_s/$t2_s:.2f}')")x"
+read -r t1_s t1_m t1_runs < <(median_of "$reps" "$bin" --threads 1 merge "$work/configs/ties.yml" "$work/out-am" -q)
+read -r t2_s t2_m t2_runs < <(median_of "$reps" "$bin" --threads 2 merge "$work/configs/ties.yml" "$work/out-am" -q)
+echo "ties: 1 thread ${t1_s}s ${t1_m} MiB ($t1_runs), 2 threads ${t2_s}s ${t2_m} MiB ($t2_runs): $(python3 -c "print(f'{$t1_s/$t2_s:.2f}')")x"
 rm -rf "$work/out-am" "$work/out-mk"
