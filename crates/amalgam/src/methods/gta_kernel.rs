@@ -18,6 +18,23 @@ use super::select::{Window, key};
 use crate::dtype::f32_of_bf16;
 use crate::simd::{keep_if, rewrite};
 
+/// `$m!(K)` with the literal `K` equal to `$k`, for 1 to 8 models (the loops that keep every
+/// model's values in registers are instantiated per count); more than 8 is taken as 8.
+macro_rules! by_count {
+    ($k:expr, $m:ident) => {
+        match $k {
+            1 => $m!(1),
+            2 => $m!(2),
+            3 => $m!(3),
+            4 => $m!(4),
+            5 => $m!(5),
+            6 => $m!(6),
+            7 => $m!(7),
+            _ => $m!(8),
+        }
+    };
+}
+
 /// Elements per tile: a few KiB per buffer, so a tile's buffers fit in L1 together.
 const TILE: usize = 512;
 
@@ -122,11 +139,18 @@ impl LaneSum {
     /// Add the 8 elements before index `end` (a multiple of 8).
     #[inline(always)]
     fn block(&mut self, end: usize, values: &[f32; 8]) {
-        for (p, &v) in self.part.iter_mut().zip(values) {
-            *p += v;
-        }
+        self.eight(values);
         if end.is_multiple_of(FLUSH) {
             self.flush();
+        }
+    }
+
+    /// Add 8 elements that start at a multiple of 8, without the flush at a block's end (the
+    /// caller flushes there).
+    #[inline(always)]
+    fn eight(&mut self, values: &[f32; 8]) {
+        for (p, &v) in self.part.iter_mut().zip(values) {
+            *p += v;
         }
     }
 
@@ -374,22 +398,23 @@ crate::simd::vectorized! {
     pub(super) fn l1_chunk(st: &mut GtaState, job: &MergeJob, offset: usize) {
         if let Some(base) = job.base_bf16() {
             // bf16 chunks come only when every mask is random ([`GtaState::reads_bf16`]).
-            for m in &mut st.models {
-                if let Mask::Random(k, t) = m.mask {
-                    let x = Bf16(job.bf16[m.input]);
-                    l1_random(x, Bf16(base), offset, k.stream32(offset as u64), t, &mut m.l1);
-                }
-            }
+            l1_random_models(&mut st.models, |m| Bf16(job.bf16[m.input]), Bf16(base), offset);
             return;
         }
         let base = job.base_tensor();
+        let all_random = st.models.iter().all(|m| matches!(m.mask, Mask::Random(..)));
+        if all_random && run_length(offset as u64) >= base.len() {
+            l1_random_models(&mut st.models, |m| job.inputs[m.input], base, offset);
+            return;
+        }
         let (mut all, mut kept) = ([0f32; TILE], [0f32; TILE]);
         for m in &mut st.models {
             let x = job.inputs[m.input];
             if let Mask::Random(k, t) = m.mask
                 && run_length(offset as u64) >= x.len()
             {
-                l1_random(x, base, offset, k.stream32(offset as u64), t, &mut m.l1);
+                let mut sums = [&mut m.l1];
+                l1_random::<1, _>([x], base, offset, [(k.stream32(offset as u64), t)], &mut sums);
                 continue;
             }
             for (start, end) in tiles(x.len()) {
@@ -551,16 +576,7 @@ fn fused_over<E: Elems>(
             }
         };
     }
-    match st.models.len() {
-        1 => with_k!(1),
-        2 => with_k!(2),
-        3 => with_k!(3),
-        4 => with_k!(4),
-        5 => with_k!(5),
-        6 => with_k!(6),
-        7 => with_k!(7),
-        _ => with_k!(8),
-    }
+    by_count!(st.models.len(), with_k);
     true
 }
 
@@ -646,54 +662,107 @@ fn fused<const K: usize, const KIND: u8, const CONSENSUS: bool, E: Elems>(
     }
 }
 
-/// The L1 pass of one model with a random mask over a chunk at `offset` (within one stream):
-/// Σ|δ| and Σ|kept δ| into the lane sums, in one loop.
+/// The L1 pass of models that all have random masks, over a chunk at `offset` (within one
+/// stream), [`l1_random`] over up to 8 of them at a time.
 #[inline(always)]
-fn l1_random<E: Elems>(
-    x: E,
+fn l1_random_models<E: Elems>(
+    models: &mut [PerModel],
+    input: impl Fn(&PerModel) -> E,
     base: E,
     offset: usize,
-    stream: Stream32,
-    t: u32,
-    sums: &mut (LaneSum, LaneSum),
 ) {
-    let n = x.len();
-    let base = base.prefix(n);
-    // Elements before the first index that is a multiple of 8 go through the general adder.
-    let head = ((8 - offset % 8) % 8).min(n);
-    let mut all = [0f32; 8];
-    let mut kept = [0f32; 8];
-    for j in 0..head {
-        all[j] = (x.at(j) - base.at(j)).abs();
-        kept[j] = keep_if(all[j], stream.bits(j as u32) < t);
-    }
-    sums.0.add(offset, &all[..head]);
-    sums.1.add(offset, &kept[..head]);
-    // Lane accumulators in locals (registers), one block of 8 elements per step.
-    let (mut la, mut lk) = *sums;
-    let full = (n - head) / 8 * 8;
-    // The stream's Weyl sequence, carried by adds (see `Stream32::STEP`).
-    let mut weyl: [u32; 8] = std::array::from_fn(|j| stream.weyl((head + j) as u32));
-    for q in 0..full / 8 {
-        let first = head + q * 8;
-        let (xb, bb) = (x.eight(first), base.eight(first));
-        for j in 0..8 {
-            all[j] = (xb[j] - bb[j]).abs();
-            kept[j] = keep_if(all[j], Stream32::finish(weyl[j]) < t);
-            weyl[j] = weyl[j].wrapping_add(Stream32::STEP.wrapping_mul(8));
+    for group in models.chunks_mut(8) {
+        let xs: Vec<E> = group.iter().map(&input).collect();
+        let masks: Vec<(Stream32, u32)> = group
+            .iter()
+            .map(|m| match m.mask {
+                Mask::Random(k, t) => (k.stream32(offset as u64), t),
+                _ => unreachable!("every mask is random"),
+            })
+            .collect();
+        let mut sums: Vec<&mut (LaneSum, LaneSum)> = group.iter_mut().map(|m| &mut m.l1).collect();
+        macro_rules! with_k {
+            ($k:literal) => {
+                l1_random::<$k, E>(
+                    std::array::from_fn(|m| xs[m]),
+                    base,
+                    offset,
+                    std::array::from_fn(|m| masks[m]),
+                    sums.as_mut_slice().try_into().expect("k"),
+                )
+            };
         }
-        let end = offset + first + 8;
-        la.block(end, &all);
-        lk.block(end, &kept);
+        by_count!(xs.len(), with_k);
     }
-    *sums = (la, lk);
+}
+
+/// The L1 pass of `K` models with random masks (`(stream, threshold)` each) over a chunk at
+/// `offset` (within one stream): each model's Σ|δ| and Σ|kept δ| into its lane sums, in one
+/// loop that reads and widens the base once for all of them. Each lane sum gets the same adds
+/// in the same order as a loop over one model.
+#[inline(always)]
+fn l1_random<const K: usize, E: Elems>(
+    xs: [E; K],
+    base: E,
+    offset: usize,
+    masks: [(Stream32, u32); K],
+    sums: &mut [&mut (LaneSum, LaneSum); K],
+) {
+    let n = base
+        .len()
+        .min(xs.iter().map(|x| x.len()).min().unwrap_or(0));
+    let base = base.prefix(n);
+    let xs = xs.map(|x| x.prefix(n));
+    // Elements before the first index that is a multiple of 8, and after the last, go through
+    // the general adder.
+    let head = ((8 - offset % 8) % 8).min(n);
+    let full = (n - head) / 8 * 8;
     let rest = head + full;
-    for j in rest..n {
-        all[j - rest] = (x.at(j) - base.at(j)).abs();
-        kept[j - rest] = keep_if(all[j - rest], stream.bits(j as u32) < t);
+    let edge = |sums: &mut (LaneSum, LaneSum),
+                x: E,
+                (stream, t): (Stream32, u32),
+                from: usize,
+                to: usize| {
+        let (mut all, mut kept) = ([0f32; 8], [0f32; 8]);
+        for j in from..to {
+            all[j - from] = (x.at(j) - base.at(j)).abs();
+            kept[j - from] = keep_if(all[j - from], stream.bits(j as u32) < t);
+        }
+        sums.0.add(offset + from, &all[..to - from]);
+        sums.1.add(offset + from, &kept[..to - from]);
+    };
+    for m in 0..K {
+        edge(sums[m], xs[m], masks[m], 0, head);
     }
-    sums.0.add(offset + rest, &all[..n - rest]);
-    sums.1.add(offset + rest, &kept[..n - rest]);
+    // Lane accumulators in locals (registers), one block of 8 elements per step.
+    let mut acc: [(LaneSum, LaneSum); K] = std::array::from_fn(|m| *sums[m]);
+    // The streams' Weyl sequences, carried by adds (see `Stream32::STEP`).
+    let mut weyl: [[u32; 8]; K] =
+        std::array::from_fn(|m| std::array::from_fn(|j| masks[m].0.weyl((head + j) as u32)));
+    for first in (head..rest).step_by(8) {
+        let bb = base.eight(first);
+        for m in 0..K {
+            let xb = xs[m].eight(first);
+            let (mut all, mut kept) = ([0f32; 8], [0f32; 8]);
+            for j in 0..8 {
+                all[j] = (xb[j] - bb[j]).abs();
+                kept[j] = keep_if(all[j], Stream32::finish(weyl[m][j]) < masks[m].1);
+                weyl[m][j] = weyl[m][j].wrapping_add(Stream32::STEP.wrapping_mul(8));
+            }
+            acc[m].0.eight(&all);
+            acc[m].1.eight(&kept);
+        }
+        if (offset + first + 8).is_multiple_of(FLUSH) {
+            for a in &mut acc {
+                a.0.flush();
+                a.1.flush();
+            }
+        }
+    }
+    for m in 0..K {
+        *sums[m] = acc[m];
+        edge(sums[m], xs[m], masks[m], rest, n);
+    }
 }
 
 #[cfg(test)]
@@ -833,6 +902,95 @@ mod tests {
         let exact: f64 = v.iter().map(|&x| x as f64).sum();
         // f32 within blocks of 32 per lane: a few f32 roundings of relative error.
         assert!((f64::from_bits(whole) - exact).abs() < 1e-6 * exact);
+    }
+
+    #[test]
+    fn l1_of_many_models_at_once_matches_one_at_a_time_bit_for_bit() {
+        use super::super::rng::{Key, threshold32};
+        let n = 1237;
+        for k in [1, 3, 8, 11] {
+            // Values with bf16's precision but not on a grid, so sums round (and the order of
+            // the adds shows in the bits).
+            let key = Key::new(k as u64, "values", 0);
+            let inputs: Vec<Vec<f32>> = (0..=k as u64)
+                .map(|m| {
+                    (0..n as u64)
+                        .map(|i| {
+                            let v = (key.uniform(m * 100_003 + i) * 2.0 - 1.0) as f32;
+                            f32::from_bits(v.to_bits() & 0xffff_0000)
+                        })
+                        .collect()
+                })
+                .collect();
+            let masks: Vec<(Key, u32)> = (0..k)
+                .map(|m| {
+                    (
+                        Key::new(5, "l1", m + 1),
+                        threshold32([0.5, 0.3, 0.9][m % 3]),
+                    )
+                })
+                .collect();
+            // The reference: one model at a time, in tiles, through the general mask.
+            let reference: Vec<(u64, u64)> = masks
+                .iter()
+                .enumerate()
+                .map(|(m, &(key, t))| {
+                    let mut sums = (LaneSum::default(), LaneSum::default());
+                    for (a, b) in tiles(n) {
+                        let all: Vec<f32> = (a..b)
+                            .map(|i| (inputs[m + 1][i] - inputs[0][i]).abs())
+                            .collect();
+                        let mut kept = all.clone();
+                        key.mask32(a as u64, t, &mut kept);
+                        sums.0.add(a, &all);
+                        sums.1.add(a, &kept);
+                    }
+                    (sums.0.total().to_bits(), sums.1.total().to_bits())
+                })
+                .collect();
+            let bits: Vec<Vec<u16>> = inputs
+                .iter()
+                .map(|v| v.iter().map(|&x| (x.to_bits() >> 16) as u16).collect())
+                .collect();
+            for chunk in [n, 97, 515] {
+                for bf16 in [false, true] {
+                    let mut models: Vec<PerModel> = masks
+                        .iter()
+                        .enumerate()
+                        .map(|(m, &(key, t))| PerModel {
+                            input: m + 1,
+                            weight: 1.0,
+                            mask: Mask::Random(key, t),
+                            l1: Default::default(),
+                            scale: 1.0,
+                            inverse_density: None,
+                        })
+                        .collect();
+                    for a in (0..n).step_by(chunk) {
+                        let b = (a + chunk).min(n);
+                        match bf16 {
+                            false => l1_random_models(
+                                &mut models,
+                                |m| &inputs[m.input][a..b],
+                                &inputs[0][a..b],
+                                a,
+                            ),
+                            true => l1_random_models(
+                                &mut models,
+                                |m| Bf16(&bits[m.input][a..b]),
+                                Bf16(&bits[0][a..b]),
+                                a,
+                            ),
+                        }
+                    }
+                    let got: Vec<(u64, u64)> = models
+                        .iter()
+                        .map(|m| (m.l1.0.total().to_bits(), m.l1.1.total().to_bits()))
+                        .collect();
+                    assert_eq!(got, reference, "{k} models, chunk {chunk}, bf16 {bf16}");
+                }
+            }
+        }
     }
 
     #[test]
