@@ -83,8 +83,6 @@ struct ShardFile {
 /// disk works while the merge computes and the fsync at the end has little left to wait for.
 const WRITEBACK_STEP: u64 = 64 << 20;
 
-/// Ask the kernel to start writing back the dirty pages of `file`, without waiting (Linux
-/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere nothing: the final fsync does it all).
 /// Size `file` to `len` bytes with its blocks allocated up front where the file system can
 /// (fallocate): a disk too small for the output is an error now, before any work, and the
 /// writes that follow skip the file system's per-page block reservation. Elsewhere the file is
@@ -115,6 +113,8 @@ fn reserve(file: &File, len: u64, path: &Path, target: &Path) -> Result<()> {
     file.set_len(len).at(path)
 }
 
+/// Ask the kernel to start writing back the dirty pages of `file`, without waiting (Linux
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere nothing: the final fsync does it all).
 fn start_writeback(file: &File) {
     #[cfg(target_os = "linux")]
     {
