@@ -370,8 +370,9 @@ fn converted(dir: &Path, from: &Path, names: &[&str], dtype: &str) {
 fn bf16_inputs_give_the_bytes_of_their_f32_values() {
     // bf16 inputs take the kernels that read bf16 bits as they are (no f32 copy: DARE's L1
     // sums, the selection histograms, the fused output loop, with a decoded fallback for chunks
-    // it does not take); their values in f32 files take the decoding path. Both must give the same bytes, however the tensors
-    // are chunked, held between passes or not, on any number of threads.
+    // it does not take); their values in f32 files take the decoding path. Both must give the
+    // same bytes, however the tensors are chunked, held between passes or not, on any number of
+    // threads.
     let d = tempfile::tempdir().unwrap();
     let names = ["llama_base", "llama_ft1", "llama_ft2"];
     let (bf16, f32s) = (d.path().join("bf16"), d.path().join("f32"));

@@ -298,8 +298,8 @@ impl GtaState {
 
     /// Whether pass `pass` (the output pass when past the statistics passes) of a tensor of
     /// `n` elements can take bf16 chunks: when the kernels it runs read them: the selection
-    /// histograms, and the L1 sums and the fused output loop with random masks (one Weyl stream per model over the whole
-    /// tensor: `n` ≤ 2^32).
+    /// histograms, the fused output loop, and the L1 sums with random masks (one Weyl stream
+    /// per model over the whole tensor: `n` ≤ 2^32).
     fn reads_bf16(&self, pass: usize, n: usize) -> bool {
         let all = |f: fn(&Mask) -> bool| {
             self.models
