@@ -3,6 +3,7 @@
 
 #[cfg(feature = "eval")]
 mod eval;
+mod library;
 mod progress;
 
 use std::io::Write;
@@ -102,6 +103,9 @@ enum Command {
     /// LoRA adapters (PEFT format).
     #[command(subcommand)]
     Lora(LoraCommand),
+    /// Task libraries: one base plus a compact module per task, any task rebuilt on demand.
+    #[command(subcommand)]
+    Library(library::LibraryCommand),
     /// Compare two models tensor by tensor; exit code 1 if they differ beyond --rtol.
     Diff {
         /// First model.
@@ -458,6 +462,10 @@ fn run() -> Result<ExitCode> {
             let bar = progress::Bar::new("lora extract", cli.quiet);
             let report = amalgam::ops::lora::extract(&base, &model, &output, &opts, &bar)?;
             print_extract(&report, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Library(cmd) => {
+            library::run(cmd, cli.quiet)?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "eval")]

@@ -69,17 +69,29 @@ pub fn run<F>(writer: &ModelWriter, progress: &dyn Progress, produce: F) -> Resu
 where
     F: Fn(usize, &mut Scratch) -> Result<()> + Sync,
 {
-    let specs = writer.specs();
-    let total: u64 = specs.iter().filter_map(|s| s.nbytes()).sum();
-    progress.start(specs.len() as u64, total);
-    // Largest tensors first, so no worker is left with a big one at the end.
-    let mut order: Vec<usize> = (0..specs.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(specs[i].nbytes().unwrap_or(0)));
+    let sizes: Vec<u64> = writer
+        .specs()
+        .iter()
+        .map(|s| s.nbytes().unwrap_or(0))
+        .collect();
+    for_each(&sizes, progress, produce)
+}
+
+/// Run `produce(i, scratch)` for every item `i` of `sizes` (bytes each, for progress and
+/// order), in parallel on the current rayon pool, largest first so that no worker is left with
+/// a big one at the end. Stops at the first error.
+pub fn for_each<F>(sizes: &[u64], progress: &dyn Progress, produce: F) -> Result<()>
+where
+    F: Fn(usize, &mut Scratch) -> Result<()> + Sync,
+{
+    progress.start(sizes.len() as u64, sizes.iter().sum());
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sizes[i]));
     let scratch = PerThread::new();
     order.into_par_iter().with_max_len(1).try_for_each(|i| {
         crate::cancel::check()?;
         scratch.with(|s| produce(i, s))?;
-        progress.advance(specs[i].nbytes().unwrap_or(0));
+        progress.advance(sizes[i]);
         Ok(())
     })?;
     progress.finish();

@@ -14,6 +14,7 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod io;
+pub mod library;
 pub mod linalg;
 pub mod lora;
 pub mod methods;

@@ -230,6 +230,17 @@ fn unused_parameters(config: &MergeConfig, spec: &methods::MethodSpec) -> Vec<St
 /// Build the plan for `config` over `set`.
 pub fn build(config: &MergeConfig, set: &ModelSet, opts: PlanOptions) -> Result<Plan> {
     let method = methods::get(&config.merge_method).map_err(|e| config.error(e))?;
+    build_with(config, set, opts, method)
+}
+
+/// [`build`] with `method` in place of the config's `merge_method` (the task library plans its
+/// schemes this way: their parameters are resolved per tensor and model as a method's are).
+pub fn build_with(
+    config: &MergeConfig,
+    set: &ModelSet,
+    opts: PlanOptions,
+    method: &'static dyn Method,
+) -> Result<Plan> {
     check_unsupported(config)?;
     if !opts.allow_crimes {
         check_same_architecture(config, set)?;

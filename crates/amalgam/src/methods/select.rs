@@ -429,6 +429,18 @@ pub struct Selector {
     gathered: Vec<u32>,
 }
 
+/// The ascending ranks whose values `want` needs, or the selection when it needs none.
+fn ranks_of(n: usize, want: Want) -> Result<Vec<usize>, Selection> {
+    match want {
+        Want::TopK(k) if k >= n => Err(Selection::all()),
+        Want::TopK(0) => Err(Selection::nothing()),
+        Want::TopK(k) => Ok(vec![n - k]),
+        Want::Window(a, b) if a >= b || a >= n => Err(Selection::nothing()),
+        Want::Window(0, b) if b >= n => Err(Selection::all()),
+        Want::Window(a, b) => Ok(vec![a, b.min(n) - 1]),
+    }
+}
+
 /// The value at an ascending rank and how many elements are below it.
 #[derive(Clone, Copy, Debug)]
 struct Located {
@@ -453,14 +465,7 @@ pub fn locate<C: Copy + Into<u64>>(hist: &[C], rank: usize) -> (u32, usize) {
 impl Selector {
     /// A selector for a tensor of `n` elements, or the final selection when no pass is needed.
     pub fn new(n: usize, want: Want) -> Result<Selector, Selection> {
-        let ranks = match want {
-            Want::TopK(k) if k >= n => return Err(Selection::all()),
-            Want::TopK(0) => return Err(Selection::nothing()),
-            Want::TopK(k) => vec![n - k],
-            Want::Window(a, b) if a >= b || a >= n => return Err(Selection::nothing()),
-            Want::Window(0, b) if b >= n => return Err(Selection::all()),
-            Want::Window(a, b) => vec![a, b.min(n) - 1],
-        };
+        let ranks = ranks_of(n, want)?;
         Ok(Selector {
             n,
             want,
@@ -470,6 +475,20 @@ impl Selector {
             bins: Vec::new(),
             lo: Vec::new(),
         })
+    }
+
+    /// Change what is wanted, before [`end_high`](Self::end_high): for a count known only
+    /// after the first pass (e.g. a fraction of the positive elements). Gives the final
+    /// selection when no second pass is needed.
+    pub fn retarget(&mut self, want: Want) -> Option<Selection> {
+        match ranks_of(self.n, want) {
+            Ok(ranks) => {
+                self.ranks = ranks;
+                self.want = want;
+                None
+            }
+            Err(done) => Some(done),
+        }
     }
 
     /// Pass 1: count the top bits of `keys`.

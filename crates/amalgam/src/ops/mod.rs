@@ -5,3 +5,4 @@ pub mod diff;
 pub mod inspect;
 pub mod lora;
 pub mod merge;
+pub(crate) mod source;

@@ -1,0 +1,205 @@
+//! `emr`: EMR-Merging's elect, mask, rescale (Huang et al. 2024; ALGORITHMS.md §4.2).
+//!
+//! Shared: the unified vector `τ_uni = γ ⊙ max_t |a_t ⊙ τ_t|`, `γ = +1` where `Σ_t τ_t > 0`
+//! else `−1` (a zero sum elects `−1`, as the authors' code does), `a_t = [τ_t·γ > 0]`. Per task:
+//! the mask `M_t = [τ_t ⊙ τ_uni > 0]` (1 bit per parameter, part `mask`) and one rescaler `λ_t`
+//! over the whole model, in the manifest. Rebuild: `θ0 + λ_t · M_t ⊙ τ_uni`.
+//!
+//! `rescale: paper` (default): `λ_t = Σ|τ_t| / Σ|M_t ⊙ τ_uni|` over all parameters, the
+//! least-squares rescaler of the paper's appendix. `rescale: code`: the authors' code (and
+//! FusionBench's copy), the ratio of the sums over tensors of per-tensor means of the same
+//! magnitudes. A task whose masks are all zero (it agrees with the elected sign nowhere) gets
+//! `λ = 1`, where the code divides by zero. Every float tensor takes part, norms and biases too.
+
+use super::bits::{self, BitWriter};
+use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
+use crate::config::Value;
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::methods::{MergeJob, Method, MethodSpec};
+
+/// The EMR scheme.
+pub struct Emr {
+    spec: MethodSpec,
+}
+
+impl Default for Emr {
+    fn default() -> Self {
+        Emr {
+            spec: scheme::spec(
+                "emr",
+                "EMR-Merging (elect, mask, rescale)",
+                "https://arxiv.org/abs/2405.17461",
+                vec![
+                    scheme::choice("rescale", &["paper", "code"]),
+                    shared_dtype_param(),
+                ],
+            ),
+        }
+    }
+}
+
+/// `shared_dtype`: how a shared float vector is stored (float32 by default, exact).
+pub(crate) fn shared_dtype_param() -> crate::methods::ParamSpec {
+    scheme::choice("shared_dtype", &["float32", "bfloat16", "float16"])
+}
+
+/// The dtype `shared_dtype` names.
+pub(crate) fn shared_dtype(job: &MergeJob) -> DType {
+    match job.shared.get("shared_dtype") {
+        Value::Choice(c) => DType::parse_float(c).unwrap_or(DType::F32),
+        _ => DType::F32,
+    }
+}
+
+impl Method for Emr {
+    fn spec(&self) -> &MethodSpec {
+        &self.spec
+    }
+}
+
+impl Scheme for Emr {
+    fn shared_parts(&self, job: &MergeJob, _out: DType) -> Vec<scheme::PartSpec> {
+        vec![scheme::PartSpec {
+            suffix: "uni",
+            dtype: shared_dtype(job),
+            shape: job.shape.to_vec(),
+        }]
+    }
+
+    fn sums(&self) -> usize {
+        4
+    }
+
+    fn encode(
+        &self,
+        job: &MergeJob,
+        inputs: &mut dyn TensorInputs,
+        out: &mut dyn Encoded,
+    ) -> Result<()> {
+        let tasks = job.non_base();
+        let n = job.numel();
+        let mut masks: Vec<BitWriter> = tasks.iter().map(|_| BitWriter::with_capacity(n)).collect();
+        let mut stats: Vec<TaskStats> = tasks
+            .iter()
+            .map(|_| TaskStats {
+                sums: vec![0.0; 4],
+                ..Default::default()
+            })
+            .collect();
+        let mut uni: Vec<f32> = Vec::new();
+        let mut tau: Vec<f32> = Vec::new();
+        inputs.plan_passes(1);
+        inputs.pass(1, &mut |chunk, offset| {
+            let base = chunk.base_tensor();
+            uni.clear();
+            uni.extend(base.iter().enumerate().map(|(j, &b)| {
+                let sum: f32 = tasks.iter().map(|&i| chunk.inputs[i][j] - b).sum();
+                let sign = if sum > 0.0 { 1.0f32 } else { -1.0 };
+                let max = tasks
+                    .iter()
+                    .map(|&i| chunk.inputs[i][j] - b)
+                    .filter(|&t| t * sign > 0.0)
+                    .fold(0.0f32, |m, t| m.max(t.abs()));
+                sign * max
+            }));
+            for (t, &i) in tasks.iter().enumerate() {
+                tau.clear();
+                tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
+                // Running sums, element by element: the same whatever the chunking.
+                let s = &mut stats[t];
+                for (&x, &u) in tau.iter().zip(&uni) {
+                    let keep = x * u > 0.0;
+                    masks[t].push(keep);
+                    let r = if keep { u as f64 } else { 0.0 };
+                    let x = x as f64;
+                    s.sums[0] += x.abs();
+                    s.sums[1] += r.abs();
+                    s.a += r * r;
+                    s.b += r * x;
+                    s.c += x * x;
+                }
+            }
+            out.shared(0, offset, &uni)
+        })?;
+        for (t, (mask, mut s)) in masks.into_iter().zip(stats).enumerate() {
+            let n = n.max(1) as f64;
+            s.sums[2] = s.sums[0] / n;
+            s.sums[3] = s.sums[1] / n;
+            *out.stats(t) = s;
+            let len = mask.len();
+            debug_assert_eq!(len, job.numel());
+            out.task(
+                t,
+                "mask",
+                DType::U8,
+                vec![len.div_ceil(8)],
+                mask.into_bytes(),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn scale(&self, stats: &TaskStats, params: &serde_json::Value) -> Result<f64> {
+        let code = params.get("rescale").and_then(|v| v.as_str()) == Some("code");
+        let (num, den) = if code {
+            (stats.sums[2], stats.sums[3])
+        } else {
+            (stats.sums[0], stats.sums[1])
+        };
+        Ok(if den > 0.0 { num / den } else { 1.0 })
+    }
+
+    fn decoder<'a>(&self, shape: &[usize], parts: &'a dyn Parts) -> Result<Box<dyn Decoder + 'a>> {
+        let Some(mask) = parts.task("mask")? else {
+            return Ok(Box::new(scheme::Unchanged));
+        };
+        scheme::check_len(
+            parts,
+            "mask",
+            mask,
+            bits::packed_len(shape.iter().product(), 1),
+        )?;
+        Ok(Box::new(MaskDecoder {
+            mask,
+            parts,
+            shared: "uni",
+            scale: parts.scale(),
+            buf: Vec::new(),
+        }))
+    }
+}
+
+/// `θ0 + s · m ⊙ v` for a packed mask `m` and a shared vector `v` (EMR, TALL).
+pub(crate) struct MaskDecoder<'a> {
+    /// The packed mask.
+    pub(crate) mask: &'a [u8],
+    /// Where the shared vector is read from.
+    pub(crate) parts: &'a dyn Parts,
+    /// The shared part's suffix.
+    pub(crate) shared: &'static str,
+    /// The task's scale.
+    pub(crate) scale: f32,
+    /// Scratch for the shared chunk.
+    pub(crate) buf: Vec<f32>,
+}
+
+impl Decoder for MaskDecoder<'_> {
+    fn decode(
+        &mut self,
+        range: std::ops::Range<usize>,
+        base: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.parts
+            .shared(self.shared, range.clone(), &mut self.buf)?;
+        for (j, (o, (&b, &v))) in out.iter_mut().zip(base.iter().zip(&self.buf)).enumerate() {
+            *o = if bits::bit(self.mask, range.start + j) {
+                b + self.scale * v
+            } else {
+                b
+            };
+        }
+        Ok(())
+    }
+}

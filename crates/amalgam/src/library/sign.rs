@@ -1,0 +1,184 @@
+//! `sign`: 1-bit task vectors with a scale, BitDelta's data-free form (Liu et al. 2024;
+//! ALGORITHMS.md §6.1).
+//!
+//! For each matrix (2-D tensor): the sign of `τ` (part `sign`, 1 bit per element; `τ ≥ 0` is
+//! `+1`, as BitDelta's code maps a zero difference) and its scale `α = mean|τ|`, the L2-optimal
+//! value for a fixed sign pattern, over the whole matrix (`scale: matrix`, the default) or per
+//! row (`scale: row`), part `scale` (f32). Other tensors (norms, biases) are stored as they are
+//! (`raw`). Rebuild: `θ0 + α ⊙ sign(τ)`.
+
+use super::bits::{self, BitWriter};
+use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::methods::{MergeJob, Method, MethodSpec};
+
+/// The sign scheme.
+pub struct Sign {
+    spec: MethodSpec,
+}
+
+impl Default for Sign {
+    fn default() -> Self {
+        Sign {
+            spec: scheme::spec(
+                "sign",
+                "1-bit sign and scale (BitDelta, data-free)",
+                "https://arxiv.org/abs/2402.10193",
+                vec![scheme::choice("scale", &["matrix", "row"])],
+            ),
+        }
+    }
+}
+
+/// Per task: the sign bits, and per scale group `Σ|τ|`, `Στ²` and the element count.
+struct Acc {
+    bits: BitWriter,
+    abs: Vec<f64>,
+    sq: Vec<f64>,
+}
+
+impl Method for Sign {
+    fn spec(&self) -> &MethodSpec {
+        &self.spec
+    }
+}
+
+impl Scheme for Sign {
+    fn encode(
+        &self,
+        job: &MergeJob,
+        inputs: &mut dyn TensorInputs,
+        out: &mut dyn Encoded,
+    ) -> Result<()> {
+        let tasks = job.non_base();
+        let Some((rows, cols)) = scheme::matrix(job.shape) else {
+            for (t, &i) in tasks.iter().enumerate() {
+                scheme::store_raw(job, inputs, i, t, out)?;
+            }
+            return Ok(());
+        };
+        let per_row = job.shared.choice("scale") == "row";
+        let groups = if per_row { rows } else { 1 };
+        let mut accs: Vec<Acc> = tasks
+            .iter()
+            .map(|_| Acc {
+                bits: BitWriter::with_capacity(rows * cols),
+                abs: vec![0.0; groups],
+                sq: vec![0.0; groups],
+            })
+            .collect();
+        inputs.plan_passes(1);
+        inputs.pass(1, &mut |chunk, offset| {
+            let base = chunk.base_tensor();
+            for (acc, &i) in accs.iter_mut().zip(&tasks) {
+                for (j, (&x, &b)) in chunk.inputs[i].iter().zip(base).enumerate() {
+                    let tau = x - b;
+                    acc.bits.push(tau >= 0.0);
+                    let g = if per_row {
+                        (offset + j) / cols.max(1)
+                    } else {
+                        0
+                    };
+                    acc.abs[g] += tau.abs() as f64;
+                    acc.sq[g] += (tau as f64) * (tau as f64);
+                }
+            }
+            Ok(())
+        })?;
+        let count = if per_row { cols } else { rows * cols } as f64;
+        for (t, acc) in accs.into_iter().enumerate() {
+            let scales: Vec<f32> = acc
+                .abs
+                .iter()
+                .map(|&s| if count > 0.0 { (s / count) as f32 } else { 0.0 })
+                .collect();
+            let mut s = TaskStats::default();
+            for ((&alpha, &abs), &sq) in scales.iter().zip(&acc.abs).zip(&acc.sq) {
+                let alpha = alpha as f64;
+                s.a += alpha * alpha * count;
+                // sign(τ)·τ = |τ| (a zero τ counts +1 and adds 0).
+                s.b += alpha * abs;
+                s.c += sq;
+            }
+            *out.stats(t) = s;
+            let len = acc.bits.len();
+            out.task(
+                t,
+                "sign",
+                DType::U8,
+                vec![len.div_ceil(8)],
+                acc.bits.into_bytes(),
+            )?;
+            out.task(
+                t,
+                "scale",
+                DType::F32,
+                vec![scales.len()],
+                bytemuck::cast_slice(&scales).to_vec(),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn decoder<'a>(&self, shape: &[usize], parts: &'a dyn Parts) -> Result<Box<dyn Decoder + 'a>> {
+        if let Some(raw) = scheme::raw_decoder(parts, shape)? {
+            return Ok(raw);
+        }
+        let Some(sign) = parts.task("sign")? else {
+            return Ok(Box::new(scheme::Unchanged));
+        };
+        let (rows, cols) = scheme::matrix(shape)
+            .ok_or_else(|| parts.corrupt("a sign part on a tensor that is not 2-D".into()))?;
+        scheme::check_len(parts, "sign", sign, (rows * cols).div_ceil(8))?;
+        let scales = f32s(parts, "scale")?;
+        if scales.len() != 1 && scales.len() != rows {
+            return Err(parts.corrupt(format!(
+                "{} scales for {rows} rows; expected 1 or {rows}",
+                scales.len()
+            )));
+        }
+        Ok(Box::new(SignDecoder { sign, scales, cols }))
+    }
+}
+
+/// A task's f32 part `suffix` (an error if it is missing).
+pub(crate) fn f32s(parts: &dyn Parts, suffix: &str) -> Result<Vec<f32>> {
+    let bytes = parts
+        .task(suffix)?
+        .ok_or_else(|| parts.corrupt(format!("its part '{suffix}' is missing")))?;
+    if parts.task_dtype(suffix) != Some(DType::F32) || !bytes.len().is_multiple_of(4) {
+        return Err(parts.corrupt(format!("its part '{suffix}' is not F32")));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+struct SignDecoder<'a> {
+    sign: &'a [u8],
+    scales: Vec<f32>,
+    cols: usize,
+}
+
+impl Decoder for SignDecoder<'_> {
+    fn decode(
+        &mut self,
+        range: std::ops::Range<usize>,
+        base: &[f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let per_row = self.scales.len() > 1;
+        for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
+            let e = range.start + j;
+            let alpha = self.scales[if per_row { e / self.cols } else { 0 }];
+            *o = if bits::bit(self.sign, e) {
+                b + alpha
+            } else {
+                b - alpha
+            };
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,170 @@
+//! `tall`: TALL masks (Wang et al. 2024, "Localizing Task Information"; ALGORITHMS.md §4.1).
+//!
+//! Shared: a multi-task vector `τ_MTL`, the plain sum `Σ_t τ_t` (`merged: task_arithmetic`, the
+//! default) or TIES with `density` and the disjoint sum (`merged: ties`: mergekit's `ties` with
+//! `normalize: false`, weights 1, `λ = 1`). Per task: the mask
+//! `m_t = [ |τ_t| > λ_t · |τ_MTL − τ_t| ]` (strict, 1 bit per parameter, part `mask`), `λ_t` per
+//! task (`lambda` under the task's `parameters:`) or one for all (default 0.4). Rebuild:
+//! `θ0 + m_t ⊙ τ_MTL`, coefficient 1 as in the authors' code.
+//!
+//! With `merged: ties` the merged vector needs each tensor's inputs whole (TIES' per-tensor
+//! threshold), so a worker holds them; the sum streams.
+
+use super::bits::BitWriter;
+use super::emr::{MaskDecoder, shared_dtype, shared_dtype_param};
+use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
+use crate::config::{Kind, Value};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::methods::{MergeJob, Method, MethodSpec, ParamSpec, Scope};
+
+/// The TALL-mask scheme.
+pub struct Tall {
+    spec: MethodSpec,
+}
+
+impl Default for Tall {
+    fn default() -> Self {
+        Tall {
+            spec: scheme::spec(
+                "tall",
+                "TALL masks over a multi-task vector",
+                "https://arxiv.org/abs/2405.07813",
+                vec![
+                    ParamSpec::new("lambda", Kind::Float, Scope::NonBase, Value::Float(0.4)),
+                    scheme::choice("merged", &["task_arithmetic", "ties"]),
+                    ParamSpec::new("density", Kind::Float, Scope::Shared, Value::Float(0.2)),
+                    shared_dtype_param(),
+                ],
+            ),
+        }
+    }
+}
+
+/// Masks of one chunk: for each task, `|τ_t| > λ_t |v − τ_t|`, with the statistics of
+/// `τ̂ = m ⊙ v` against `τ_t`.
+fn masks(
+    taus: &[&[f32]],
+    lambdas: &[f32],
+    v: &[f32],
+    masks: &mut [BitWriter],
+    stats: &mut [TaskStats],
+) {
+    for (t, tau) in taus.iter().enumerate() {
+        let lambda = lambdas[t];
+        let s = &mut stats[t];
+        for (&x, &m) in tau.iter().zip(v) {
+            let keep = x.abs() > lambda * (m - x).abs();
+            masks[t].push(keep);
+            let r = if keep { m as f64 } else { 0.0 };
+            s.a += r * r;
+            s.b += r * x as f64;
+            s.c += (x as f64) * (x as f64);
+        }
+    }
+}
+
+impl Method for Tall {
+    fn spec(&self) -> &MethodSpec {
+        &self.spec
+    }
+}
+
+impl Scheme for Tall {
+    fn merge_block(&self) -> scheme::MergeBlock {
+        scheme::MergeBlock::Optional
+    }
+
+    fn check(&self, job: &MergeJob) -> std::result::Result<(), String> {
+        for &i in &job.non_base() {
+            scheme::in_range(job, &job.per_input[i], "lambda", 0.0, f64::MAX)?;
+        }
+        scheme::in_range(job, job.shared, "density", 0.0, 1.0).map(|_| ())
+    }
+
+    fn shared_parts(&self, job: &MergeJob, _out: DType) -> Vec<scheme::PartSpec> {
+        vec![scheme::PartSpec {
+            suffix: "mtl",
+            dtype: shared_dtype(job),
+            shape: job.shape.to_vec(),
+        }]
+    }
+
+    fn encode(
+        &self,
+        job: &MergeJob,
+        inputs: &mut dyn TensorInputs,
+        out: &mut dyn Encoded,
+    ) -> Result<()> {
+        let tasks = job.non_base();
+        let n = job.numel();
+        let lambdas: Vec<f32> = tasks
+            .iter()
+            .map(|&i| job.per_input[i].f("lambda") as f32)
+            .collect();
+        let mut bits: Vec<BitWriter> = tasks.iter().map(|_| BitWriter::with_capacity(n)).collect();
+        let mut stats: Vec<TaskStats> = vec![TaskStats::default(); tasks.len()];
+        if job.shared.choice("merged") == "ties" {
+            let base_index = job.base.expect("contract: a base");
+            let (mut base, mut mtl) = (Vec::new(), Vec::new());
+            inputs.whole(base_index, &mut base)?;
+            inputs.merged(&mut mtl)?;
+            for (m, b) in mtl.iter_mut().zip(&base) {
+                *m -= b;
+            }
+            let mut taus: Vec<Vec<f32>> = Vec::with_capacity(tasks.len());
+            for &i in &tasks {
+                let mut x = Vec::new();
+                inputs.whole(i, &mut x)?;
+                x.iter_mut().zip(&base).for_each(|(x, b)| *x -= b);
+                taus.push(x);
+            }
+            let views: Vec<&[f32]> = taus.iter().map(|v| v.as_slice()).collect();
+            masks(&views, &lambdas, &mtl, &mut bits, &mut stats);
+            out.shared(0, 0, &mtl)?;
+        } else {
+            let mut mtl: Vec<f32> = Vec::new();
+            let mut taus: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];
+            inputs.plan_passes(1);
+            inputs.pass(1, &mut |chunk, offset| {
+                let base = chunk.base_tensor();
+                for (tau, &i) in taus.iter_mut().zip(&tasks) {
+                    tau.clear();
+                    tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
+                }
+                mtl.clear();
+                mtl.extend((0..base.len()).map(|j| taus.iter().map(|t| t[j]).sum::<f32>()));
+                let views: Vec<&[f32]> = taus.iter().map(|v| v.as_slice()).collect();
+                masks(&views, &lambdas, &mtl, &mut bits, &mut stats);
+                out.shared(0, offset, &mtl)
+            })?;
+        }
+        for (t, (mask, s)) in bits.into_iter().zip(stats).enumerate() {
+            *out.stats(t) = s;
+            let len = mask.len();
+            out.task(
+                t,
+                "mask",
+                DType::U8,
+                vec![len.div_ceil(8)],
+                mask.into_bytes(),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn decoder<'a>(&self, shape: &[usize], parts: &'a dyn Parts) -> Result<Box<dyn Decoder + 'a>> {
+        let Some(mask) = parts.task("mask")? else {
+            return Ok(Box::new(scheme::Unchanged));
+        };
+        let n: usize = shape.iter().product();
+        scheme::check_len(parts, "mask", mask, n.div_ceil(8))?;
+        Ok(Box::new(MaskDecoder {
+            mask,
+            parts,
+            shared: "mtl",
+            scale: 1.0,
+            buf: Vec::new(),
+        }))
+    }
+}
