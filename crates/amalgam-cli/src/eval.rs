@@ -33,6 +33,13 @@ pub struct EvalArgs {
     /// Rows per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// MODEL is a task library: evaluate this task of it, rebuilt in memory (nothing is
+    /// written), with the base's config and tokenizer.
+    #[arg(long)]
+    library_task: Option<String>,
+    /// With --library-task: the base model (default: the one the library was built from).
+    #[arg(long, requires = "library_task")]
+    base: Option<PathBuf>,
     /// Print one JSON object on stdout: {"tasks": [{"name", "examples", "accuracy"} or
     /// {"name", "examples", "loss", "perplexity"}]}.
     #[arg(long)]
@@ -54,8 +61,13 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
         .map(|p| Task::load(p, args.limit))
         .collect::<amalgam_eval::Result<Vec<_>>>()?;
     let start = Instant::now();
-    let mut ev = Evaluator::open(&args.model, args.max_len)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let mut ev = match &args.library_task {
+        Some(task) => {
+            Evaluator::open_library(&args.model, task, args.base.as_deref(), args.max_len)
+        }
+        None => Evaluator::open(&args.model, args.max_len),
+    }
+    .with_context(|| format!("loading {}", args.model.display()))?;
     ev.batch_size = args.batch_size;
     let heads = heads_for(&tasks, &args.heads, ev.hidden_size())?;
     let say = |msg: String| {

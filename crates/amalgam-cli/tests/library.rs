@@ -236,3 +236,332 @@ fn dense_round_trips_bit_exactly() {
         .collect();
     assert!(bytes[2] < bytes[0], "{bytes:?}");
 }
+
+/// The tiny BERT of crates/amalgam-eval and two "fine-tunes" of it (its weights plus seeded
+/// noise), with its config and tokenizer: a library whose tasks `eval` can run.
+#[cfg(feature = "eval")]
+fn bert_library(dir: &Path, scheme: &str) -> PathBuf {
+    let bert = root().join("../amalgam-eval/tests/fixtures/bert");
+    let model = amalgam::io::Model::open(&bert).unwrap();
+    for (k, name) in ["a", "b"].iter().enumerate() {
+        let tensors: Vec<common::T> = model
+            .tensors()
+            .iter()
+            .map(|e| {
+                let mut v = model.floats(&e.name).unwrap();
+                let noise = common::randn(k as u64 * 1000 + e.numel() as u64, v.len());
+                v.iter_mut().zip(noise).for_each(|(x, z)| *x += 0.05 * z);
+                let mut bytes = Vec::new();
+                amalgam::dtype::encode_f32(e.dtype, &v, &mut bytes);
+                common::raw(&e.name, e.dtype, &e.shape, bytes)
+            })
+            .collect();
+        let out = dir.join(name);
+        common::write_model(&out, &tensors);
+        for f in ["config.json", "tokenizer.json"] {
+            std::fs::copy(bert.join(f), out.join(f)).unwrap();
+        }
+    }
+    let config = dir.join("lib.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "base_model: {}\ntasks:\n  - {{name: a, model: {}}}\n  - {{name: b, model: {}}}\nscheme: {scheme}\n",
+            s(&bert),
+            s(&dir.join("a")),
+            s(&dir.join("b"))
+        ),
+    )
+    .unwrap();
+    let lib = dir.join("lib");
+    ok(&["library", "build", s(&config), s(&lib), "-q"]);
+    lib
+}
+
+/// `eval --library-task` reports what `eval` reports on the rebuilt model, without writing it.
+#[cfg(feature = "eval")]
+#[test]
+fn eval_of_a_library_task_equals_eval_of_the_rebuilt_model() {
+    let d = tempfile::tempdir().unwrap();
+    let lib = bert_library(d.path(), "sign");
+    let bert = root().join("../amalgam-eval/tests/fixtures/bert");
+    let (task, head) = (bert.join("task.jsonl"), bert.join("head.safetensors"));
+    for name in ["a", "b"] {
+        let rebuilt = d.path().join(format!("rebuilt-{name}"));
+        ok(&["library", "rebuild", s(&lib), name, s(&rebuilt), "-q"]);
+        let direct = ok(&[
+            "eval",
+            s(&lib),
+            "--library-task",
+            name,
+            "--task",
+            s(&task),
+            "--head",
+            s(&head),
+            "--json",
+            "-q",
+        ]);
+        let written = ok(&[
+            "eval",
+            s(&rebuilt),
+            "--task",
+            s(&task),
+            "--head",
+            s(&head),
+            "--json",
+            "-q",
+        ]);
+        assert_eq!(direct, written, "task {name}");
+    }
+    let err = fails(&[
+        "eval",
+        s(&lib),
+        "--library-task",
+        "c",
+        "--task",
+        s(&task),
+        "--head",
+        s(&head),
+    ]);
+    assert!(err.contains("no task 'c'") && err.contains("a, b"), "{err}");
+}
+
+/// Write `text` as a library config in `dir` and build it; returns stderr of the failure.
+fn build_fails(dir: &Path, text: &str) -> String {
+    let config = dir.join("bad.yml");
+    std::fs::write(&config, text).unwrap();
+    let lib = dir.join("badlib");
+    let out = run(&["library", "build", s(&config), s(&lib)]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!lib.exists(), "a failed build left {}", lib.display());
+    assert!(
+        common::listing(dir)
+            .iter()
+            .all(|f| !f.starts_with(".amalgam-tmp")),
+        "a failed build left a staging directory"
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
+const MODELS: &str = "tests/fixtures/library/models";
+
+fn config(scheme: &str, parameters: &str, extra_task: &str) -> String {
+    format!(
+        "base_model: {MODELS}/base\ntasks:\n  - {{name: t0, model: {MODELS}/task0}}\n  - {{name: t1, model: {MODELS}/task1}}\n{extra_task}scheme: {scheme}\nparameters: {parameters}\n"
+    )
+}
+
+#[test]
+fn bad_configs_are_clear_errors_and_write_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let cases: Vec<(String, &str)> = vec![
+        (
+            config("emr", "{}", "").replace("scheme:", "sheme:"),
+            "unknown field `sheme`",
+        ),
+        (
+            config("zip", "{}", ""),
+            "unknown scheme 'zip'; valid schemes: emr, tall",
+        ),
+        (
+            config("emr", "{density: 0.5}", ""),
+            "parameter 'density' is not one of scheme emr's: rescale",
+        ),
+        (
+            config("ternary", "{density: 1.5}", ""),
+            "parameter 'density' is 1.5",
+        ),
+        (config("quant", "{bits: 5}", ""), "it must be 2, 3, 4 or 8"),
+        (
+            config("tsv_c", "{energy: 0}", ""),
+            "'energy' must be above 0",
+        ),
+        (config("twin", "{}", ""), "needs a 'merge:' block"),
+        (config("emr", "{rescale: sometimes}", ""), "rescale"),
+        (
+            config(
+                "emr",
+                "{}",
+                &format!("  - {{name: t0, model: {MODELS}/task2}}\n"),
+            ),
+            "task 't0' is named twice",
+        ),
+        (
+            config(
+                "emr",
+                "{}",
+                "  - {name: t2, model: tests/fixtures/library/nothing}\n",
+            ),
+            "not found",
+        ),
+        (
+            config(
+                "emr",
+                "{}",
+                &format!("  - {{name: ../x, model: {MODELS}/task2}}\n"),
+            ),
+            "task name '../x'",
+        ),
+        (
+            config("emr", "{}", "").replace("emr", "emr\nout_dtype: int8"),
+            "out_dtype: 'int8'",
+        ),
+    ];
+    for (text, want) in cases {
+        let err = build_fails(dir, &text);
+        assert!(err.contains(want), "expected '{want}' in: {err}");
+    }
+}
+
+#[test]
+fn tasks_of_another_shape_name_the_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    // A "fine-tune" whose q_proj has other dimensions.
+    let mut tensors = Vec::new();
+    let base = amalgam::io::Model::open(root().join(MODELS).join("base")).unwrap();
+    for e in base.tensors() {
+        let shape = if e.name == "model.layers.0.self_attn.q_proj.weight" {
+            vec![e.shape[0] + 1, e.shape[1]]
+        } else {
+            e.shape.clone()
+        };
+        tensors.push(common::float(&e.name, e.dtype, &shape, 7));
+    }
+    let odd = d.path().join("odd");
+    common::write_model(&odd, &tensors);
+    let err = build_fails(
+        d.path(),
+        &config(
+            "emr",
+            "{}",
+            &format!("  - {{name: odd, model: {}}}\n", s(&odd)),
+        ),
+    );
+    assert!(
+        err.contains("model.layers.0.self_attn.q_proj.weight") && err.contains("[17, 16]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_library_refuses_another_base_and_edited_files() {
+    let d = tempfile::tempdir().unwrap();
+    let lib = build("emr_paper", d.path(), &[]);
+    let out = d.path().join("out");
+    // Another base: same names and shapes, other values (a fine-tune).
+    let other = root().join(MODELS).join("task1");
+    let err = fails(&[
+        "library",
+        "rebuild",
+        s(&lib),
+        "task0",
+        s(&out),
+        "--base",
+        s(&other),
+    ]);
+    assert!(
+        err.contains("differs from the library's base") && err.contains("tensor '"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // A base missing a tensor / of another shape: named before anything is read.
+    let err = fails(&[
+        "library",
+        "rebuild",
+        s(&lib),
+        "task0",
+        s(&out),
+        "--base",
+        s(&root().join("tests/fixtures/library/expected/tsv_c_rank2/task0.safetensors")),
+    ]);
+    assert!(err.contains("differs from the library's base"), "{err}");
+    // An unknown task.
+    let err = fails(&["library", "rebuild", s(&lib), "task9", s(&out)]);
+    assert!(
+        err.contains("no task 'task9'") && err.contains("task0, task1, task2"),
+        "{err}"
+    );
+    // An edited task file (one byte of its data flipped), then a truncated one.
+    let file = lib.join("tasks/task1.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let err = fails(&["library", "rebuild", s(&lib), "task1", s(&out)]);
+    assert!(
+        err.contains("task1.safetensors") && err.contains("truncated or edited"),
+        "{err}"
+    );
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&["library", "rebuild", s(&lib), "task1", s(&out)]);
+    assert!(err.contains("truncated or edited"), "{err}");
+    // A deleted task file: that task cannot be rebuilt, the others can; info says so.
+    std::fs::remove_file(&file).unwrap();
+    let err = fails(&["library", "rebuild", s(&lib), "task1", s(&out)]);
+    assert!(err.contains("missing from the library"), "{err}");
+    ok(&["library", "rebuild", s(&lib), "task0", s(&out), "-q"]);
+    let report = info(&lib);
+    assert_eq!(report["tasks"][1]["present"], false);
+    assert_eq!(report["tasks"][0]["present"], true);
+    // An edited shared part (a value of the unified vector changed).
+    let shared = lib.join("shared.safetensors");
+    let mut bytes = std::fs::read(&shared).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x10;
+    std::fs::write(&shared, &bytes).unwrap();
+    let out2 = d.path().join("out2");
+    let err = fails(&["library", "rebuild", s(&lib), "task0", s(&out2)]);
+    assert!(
+        err.contains("shared part") && err.contains("edited or damaged"),
+        "{err}"
+    );
+    assert!(!out2.exists());
+    // Not a library at all.
+    let err = fails(&["library", "info", s(&root().join(MODELS).join("base"))]);
+    assert!(err.contains("not a task library"), "{err}");
+}
+
+#[test]
+fn export_lora_writes_an_adapter_that_rebuilds_the_task() {
+    let d = tempfile::tempdir().unwrap();
+    let lib = build("tsv_c_rank2", d.path(), &[]);
+    let adapter = d.path().join("adapter");
+    // The task's matrices are rank 2 in this library, so rank 2 is exact for them.
+    ok(&[
+        "library",
+        "export-lora",
+        s(&lib),
+        "task0",
+        s(&adapter),
+        "--rank",
+        "2",
+        "--exact",
+        "-q",
+    ]);
+    let baked = d.path().join("baked");
+    ok(&[
+        "lora",
+        "apply",
+        s(&root().join(MODELS).join("base")),
+        s(&adapter),
+        s(&baked),
+        "-q",
+    ]);
+    let want = root().join("tests/fixtures/library/expected/tsv_c_rank2/task0.safetensors");
+    let w = worst(&baked, &want);
+    assert!(
+        w <= 1e-5,
+        "adapter baked into the base: worst norm-relative error {w:e}"
+    );
+    let listing = common::listing(d.path());
+    assert!(
+        listing.iter().all(|f| !f.starts_with(".amalgam-export")),
+        "{listing:?}"
+    );
+}

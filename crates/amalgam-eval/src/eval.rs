@@ -80,7 +80,25 @@ impl Evaluator {
     /// sentence-transformers setting (`sentence_bert_config.json`) or the position table for
     /// encoders, and [`DEFAULT_DECODER_MAX_LEN`] for decoders.
     pub fn open(path: &Path, max_len: Option<usize>) -> Result<Evaluator> {
-        let mut weights = Weights::open(path)?;
+        Evaluator::from_weights(path, Weights::open(path)?, max_len)
+    }
+
+    /// [`open`](Self::open) for task `task` of the library at `lib`, rebuilt in memory from
+    /// `base` (default: the library's base), whose folder gives the config and tokenizer.
+    pub fn open_library(
+        lib: &Path,
+        task: &str,
+        base: Option<&Path>,
+        max_len: Option<usize>,
+    ) -> Result<Evaluator> {
+        Evaluator::from_weights(lib, Weights::library(lib, task, base)?, max_len)
+    }
+
+    fn from_weights(
+        path: &Path,
+        mut weights: Weights,
+        max_len: Option<usize>,
+    ) -> Result<Evaluator> {
         let dir = weights.model().dir.clone();
         let arch = Arch::load(&dir)?;
         let max_len = match (max_len, arch.max_positions()) {

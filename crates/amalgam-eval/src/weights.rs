@@ -1,16 +1,29 @@
 //! Tensors of a model folder as candle tensors, read through amalgam's validated,
-//! memory-mapped safetensors reader (single files and sharded indexes alike) and decoded to f32.
+//! memory-mapped safetensors reader (single files and sharded indexes alike) and decoded to f32;
+//! or the tensors of one task of a task library, rebuilt from the base in memory as `library
+//! rebuild` would write them (rounded to the library's output dtype).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use amalgam::io::Model;
+use amalgam::library::{Library, TaskModule};
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 
+/// A library task: the library, the task's module, and where each tensor is listed.
+struct LibraryTask {
+    library: Library,
+    task: TaskModule,
+    index: HashMap<String, usize>,
+}
+
 /// A model's tensors under a name prefix.
 pub struct Weights {
+    /// The model, or a library task's base (whose folder gives config and tokenizer).
     model: Model,
+    library: Option<LibraryTask>,
     prefix: String,
     device: Device,
 }
@@ -20,12 +33,40 @@ impl Weights {
     pub fn open(path: &Path) -> Result<Weights> {
         Ok(Weights {
             model: Model::open(path)?,
+            library: None,
             prefix: String::new(),
             device: Device::Cpu,
         })
     }
 
-    /// The underlying model.
+    /// Task `task` of the library at `lib`, rebuilt tensor by tensor as it is loaded from
+    /// `base` (default: the base the library was built from), checked as `library rebuild`
+    /// checks it.
+    pub fn library(lib: &Path, task: &str, base: Option<&Path>) -> Result<Weights> {
+        let library = Library::open(lib)?;
+        let module = library.task(task)?;
+        let model = library.base(base)?;
+        let index = library
+            .manifest
+            .base
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Weights {
+            model,
+            library: Some(LibraryTask {
+                library,
+                task: module,
+                index,
+            }),
+            prefix: String::new(),
+            device: Device::Cpu,
+        })
+    }
+
+    /// The underlying model (a library task's base).
     pub fn model(&self) -> &Model {
         &self.model
     }
@@ -80,7 +121,10 @@ impl Weights {
             )
             .into());
         }
-        let values = self.model.floats(name)?;
+        let values = match &self.library {
+            Some(lib) => rebuilt(lib, &self.model, name)?,
+            None => self.model.floats(name)?,
+        };
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(amalgam::Error::argument(
                 format!("{}: tensor {name}", self.model.path.display()),
@@ -91,4 +135,34 @@ impl Weights {
         self.model.release(name);
         Ok(Tensor::from_vec(values, shape, &self.device)?)
     }
+}
+
+/// Tensor `name` of a library task, rebuilt and rounded to the dtype `rebuild` writes.
+fn rebuilt(lib: &LibraryTask, base: &Model, name: &str) -> Result<Vec<f32>> {
+    let i = lib.index[name];
+    let dtype = lib.library.out_dtype(i, None);
+    let values = std::cell::RefCell::new(Vec::new());
+    let mut bytes = Vec::new();
+    let widen = |raw: &[u8]| {
+        let mut back = Vec::new();
+        amalgam::dtype::decode_f32(dtype, raw, &mut back);
+        values.borrow_mut().extend_from_slice(&back);
+    };
+    lib.library.rebuild_tensor(
+        &lib.task,
+        base,
+        i,
+        0,
+        &mut |_, chunk| {
+            amalgam::dtype::encode_f32(dtype, chunk, &mut bytes);
+            widen(&bytes);
+            Ok(())
+        },
+        &mut |raw| {
+            widen(raw);
+            Ok(())
+        },
+    )?;
+    let values = values.into_inner();
+    Ok(values)
 }
