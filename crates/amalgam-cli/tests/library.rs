@@ -565,3 +565,36 @@ fn export_lora_writes_an_adapter_that_rebuilds_the_task() {
         "{listing:?}"
     );
 }
+
+/// A task given as `model+adapter` is the baked model: a lossless library of it rebuilds what
+/// `lora apply` writes.
+#[test]
+fn adapter_tasks_are_the_baked_models() {
+    let d = tempfile::tempdir().unwrap();
+    let base = root().join("tests/fixtures/merge/models/llama_base");
+    let adapter = root().join("tests/fixtures/lora/adapters/qv");
+    let baked = d.path().join("baked");
+    ok(&["lora", "apply", s(&base), s(&adapter), s(&baked), "-q"]);
+    let config = d.path().join("lib.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "base_model: {}\ntasks:\n  - {{name: qv, model: {}+{}}}\nscheme: dense\n",
+            s(&base),
+            s(&base),
+            s(&adapter)
+        ),
+    )
+    .unwrap();
+    let lib = d.path().join("lib");
+    ok(&["library", "build", s(&config), s(&lib), "-q"]);
+    let out = d.path().join("out");
+    ok(&["library", "rebuild", s(&lib), "qv", s(&out), "-q"]);
+    let diff = amalgam(&["diff", s(&out), s(&baked)]);
+    assert_eq!(
+        diff.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+}
