@@ -624,7 +624,7 @@ struct Sink<'s> {
     bytes: Vec<u8>,
     /// Per shared part: its hash so far and the bytes written (in order).
     hashers: Vec<(blake3::Hasher, u64)>,
-    parts: Vec<Vec<(&'static str, DType, Vec<usize>, Vec<u8>)>>,
+    parts: Vec<Vec<scheme::TaskPart>>,
     stats: Vec<TaskStats>,
     name: &'s str,
 }

@@ -68,7 +68,7 @@ impl Range {
     }
 
     fn index(&self, e: usize) -> usize {
-        if self.group == 0 { 0 } else { e / self.group }
+        e.checked_div(self.group).unwrap_or(0)
     }
 
     fn observe(&mut self, offset: usize, x: impl Iterator<Item = f32>) {
@@ -109,7 +109,7 @@ struct Grid {
 impl Grid {
     #[inline]
     fn group_of(&self, e: usize) -> usize {
-        if self.group == 0 { 0 } else { e / self.group }
+        e.checked_div(self.group).unwrap_or(0)
     }
 
     #[inline]
@@ -141,7 +141,7 @@ fn check_bits(job: &MergeJob, name: &str) -> std::result::Result<u32, String> {
 }
 
 /// The `q`, `lo`, `step` and `meta` (`[bits, group_size]`, U32) parts of one quantized vector.
-fn parts_of(grid: &Grid, codes: BitWriter) -> [(&'static str, DType, Vec<usize>, Vec<u8>); 4] {
+fn parts_of(grid: &Grid, codes: BitWriter) -> [scheme::TaskPart; 4] {
     let len = codes.len();
     let meta = [grid.bits, grid.group as u32];
     [

@@ -12,6 +12,9 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::{Contract, MergeJob, Method, MethodSpec, ParamSpec};
 
+/// A task's part of one tensor as a scheme hands it over: suffix, dtype, shape, bytes.
+pub type TaskPart = (&'static str, DType, Vec<usize>, Vec<u8>);
+
 /// A fixed-size shared part of one tensor: the part's name suffix, dtype and shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PartSpec {

@@ -4,9 +4,10 @@
 //! `u = U_k diag(σ_k)` (part `u`, `m × k`) and `v = V_kᵀ` (part `v`, `k × n`) in `factor_dtype`
 //! (float32 by default). `k = ⌊min(m, n)/T⌋` (the authors' code), or `rank: K`, or with
 //! `energy: e` the smallest `k` holding that fraction of `‖τ_t‖²_F` (at most `rank` when both
-//! are given). Other tensors are stored as they are (`raw`). Rebuild: `θ0 + u·v`, coefficient
-//! 1. The SVD is exact (faer's thin SVD, f32) unless `randomized_svd: true` (seeded range
-//! finder, fixed `k` only), and reads each tensor's inputs whole, one task at a time.
+//! are given). Other tensors are stored as they are (`raw`). Rebuild: `θ0 + u·v`, at
+//! coefficient one. The SVD is exact (faer's thin SVD, f32) unless `randomized_svd: true`
+//! (seeded range finder, fixed `k` only), and reads each tensor's inputs whole, one task at a
+//! time.
 
 use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TensorInputs};
 use crate::config::{Kind, Value};
@@ -55,24 +56,38 @@ impl Method for TsvC {
 }
 
 /// The dtype of `factor_dtype`.
-fn factor_dtype(job: &MergeJob) -> DType {
+pub(crate) fn factor_dtype(job: &MergeJob) -> DType {
     DType::parse_float(job.shared.choice("factor_dtype")).unwrap_or(DType::F32)
 }
 
-/// Factor `tau` (`m × n`, row-major) to rank `k` (or the `energy` rule capped at `k`), store
-/// the factors as task `task`'s parts `u`, `v` rounded to `dtype`, and return `u·v` as stored
-/// (to measure the error).
+/// How a matrix is factored.
+pub(crate) struct Factoring {
+    /// Rank (the cap, with `energy`).
+    pub(crate) k: usize,
+    /// The smallest rank holding this fraction of the squared norm, if set.
+    pub(crate) energy: Option<f64>,
+    /// A seeded randomized SVD instead of the exact one (fixed rank only).
+    pub(crate) randomized: bool,
+    /// The factors' storage dtype.
+    pub(crate) dtype: DType,
+}
+
+/// Factor `tau` (`m × n`, row-major) as `how` says, store the factors as task `task`'s parts
+/// `u`, `v`, and return `u·v` as stored (to measure the error).
 pub(crate) fn store_factors(
     job: &MergeJob,
     tau: &[f32],
     (m, n): (usize, usize),
-    k: usize,
-    energy: Option<f64>,
-    randomized: bool,
-    dtype: DType,
+    how: &Factoring,
     task: usize,
     out: &mut dyn Encoded,
 ) -> Result<Vec<f32>> {
+    let Factoring {
+        k,
+        energy,
+        randomized,
+        dtype,
+    } = *how;
     let a = linalg::rows(tau, m, n);
     let numeric = |e: String| Error::Numeric {
         name: job.name.to_string(),
@@ -181,17 +196,13 @@ impl Scheme for TsvC {
             if tau.iter().all(|&x| x == 0.0) {
                 continue;
             }
-            let rebuilt = store_factors(
-                job,
-                &tau,
-                (m, n),
+            let how = Factoring {
                 k,
                 energy,
-                job.shared.b("randomized_svd"),
-                factor_dtype(job),
-                t,
-                out,
-            )?;
+                randomized: job.shared.b("randomized_svd"),
+                dtype: factor_dtype(job),
+            };
+            let rebuilt = store_factors(job, &tau, (m, n), &how, t, out)?;
             out.stats(t).observe(&rebuilt, &tau);
         }
         Ok(())

@@ -9,7 +9,7 @@
 
 use super::emr::{shared_dtype, shared_dtype_param};
 use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TensorInputs};
-use super::tsv_c::{LowRank, factor_dtype_param, store_factors};
+use super::tsv_c::{Factoring, LowRank, factor_dtype, factor_dtype_param, store_factors};
 use crate::config::{Kind, Value};
 use crate::dtype::{DType, decode_f32, encode_f32};
 use crate::error::Result;
@@ -97,17 +97,13 @@ impl Scheme for Twin {
             };
             let residual: Vec<f32> = x.iter().zip(&star).map(|(x, s)| x - s).collect();
             let k = (job.shared.f("rank_fraction") * m.min(n) as f64).floor() as usize;
-            let low = store_factors(
-                job,
-                &residual,
-                (m, n),
+            let how = Factoring {
                 k,
-                None,
-                false,
-                DType::parse_float(job.shared.choice("factor_dtype")).unwrap_or(DType::F32),
-                t,
-                out,
-            )?;
+                energy: None,
+                randomized: false,
+                dtype: factor_dtype(job),
+            };
+            let low = store_factors(job, &residual, (m, n), &how, t, out)?;
             let rebuilt: Vec<f32> = delta.iter().zip(&low).map(|(d, l)| d + l).collect();
             out.stats(t).observe(&rebuilt, &tau);
         }
