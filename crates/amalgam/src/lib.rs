@@ -22,6 +22,7 @@ pub mod ops;
 pub mod plan;
 pub mod progress;
 pub mod simd;
+pub mod sums;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -4,10 +4,12 @@
 //! `⌊i/8⌋`, as `numpy.packbits(..., bitorder="little")` writes it. A `b`-bit code `i` occupies
 //! stream bits `i·b .. i·b + b`, least significant bit first; the last byte is padded with 0.
 
-/// A growing stream of bits.
+/// A growing stream of bits, filled through a 64-bit accumulator.
 #[derive(Clone, Debug, Default)]
 pub struct BitWriter {
     bytes: Vec<u8>,
+    acc: u64,
+    pending: u32,
     len: usize,
 }
 
@@ -16,36 +18,46 @@ impl BitWriter {
     pub fn with_capacity(bits: usize) -> BitWriter {
         BitWriter {
             bytes: Vec::with_capacity(bits.div_ceil(8)),
-            len: 0,
+            ..Default::default()
         }
     }
 
     /// Append one bit.
     #[inline]
     pub fn push(&mut self, bit: bool) {
-        if self.len.is_multiple_of(8) {
-            self.bytes.push(0);
-        }
-        *self.bytes.last_mut().expect("pushed") |= (bit as u8) << (self.len % 8);
-        self.len += 1;
+        self.push_code(bit as u32, 1);
     }
 
-    /// Append the low `width` bits of `code`, least significant first.
+    /// Append the low `width` (at most 32) bits of `code`, least significant first.
     #[inline]
     pub fn push_code(&mut self, code: u32, width: u32) {
-        for j in 0..width {
-            self.push((code >> j) & 1 == 1);
+        let mask = if width == 32 {
+            u32::MAX
+        } else {
+            (1u32 << width) - 1
+        };
+        self.acc |= ((code & mask) as u64) << self.pending;
+        self.pending += width;
+        self.len += width as usize;
+        while self.pending >= 8 {
+            self.bytes.push(self.acc as u8);
+            self.acc >>= 8;
+            self.pending -= 8;
         }
     }
 
-    /// Append a byte-aligned run of 8 bits at once when the stream is aligned, else bit by bit.
-    #[inline]
-    pub fn push_byte(&mut self, byte: u8) {
-        if self.len.is_multiple_of(8) {
-            self.bytes.push(byte);
-            self.len += 8;
-        } else {
+    /// Append one bit per element of `values`: whether it is non-zero (8 at a time).
+    pub fn push_nonzero(&mut self, values: &[f32]) {
+        let mut blocks = values.chunks_exact(8);
+        for block in &mut blocks {
+            let mut byte = 0u8;
+            for (l, &v) in block.iter().enumerate() {
+                byte |= ((v != 0.0) as u8) << l;
+            }
             self.push_code(byte as u32, 8);
+        }
+        for &v in blocks.remainder() {
+            self.push(v != 0.0);
         }
     }
 
@@ -59,8 +71,11 @@ impl BitWriter {
         self.len == 0
     }
 
-    /// The packed bytes.
-    pub fn into_bytes(self) -> Vec<u8> {
+    /// The packed bytes (the last one padded with 0).
+    pub fn into_bytes(mut self) -> Vec<u8> {
+        if self.pending > 0 {
+            self.bytes.push(self.acc as u8);
+        }
         self.bytes
     }
 }
@@ -71,15 +86,14 @@ pub fn bit(bytes: &[u8], i: usize) -> bool {
     bytes.get(i / 8).is_some_and(|b| (b >> (i % 8)) & 1 == 1)
 }
 
-/// The `width`-bit code `i` of a packed stream.
+/// The `width`-bit code `i` (width at most 8) of a packed stream.
 #[inline]
 pub fn code(bytes: &[u8], i: usize, width: u32) -> u32 {
     let start = i * width as usize;
-    let mut c = 0u32;
-    for j in 0..width as usize {
-        c |= (bit(bytes, start + j) as u32) << j;
-    }
-    c
+    let (byte, shift) = (start / 8, start % 8);
+    let lo = bytes.get(byte).copied().unwrap_or(0) as u32;
+    let hi = bytes.get(byte + 1).copied().unwrap_or(0) as u32;
+    ((lo | (hi << 8)) >> shift) & ((1u32 << width) - 1)
 }
 
 /// Bytes needed for `n` codes of `width` bits.
@@ -130,6 +144,22 @@ mod tests {
         }
         // Code 0 is 3 = 0b011: bits 0 and 1 of byte 0; code 1 is 0 (bits 3..6).
         assert_eq!(bytes[0] & 0b111, 3);
+    }
+
+    #[test]
+    fn nonzero_bits_pack_whole_bytes_and_a_tail() {
+        let mut w = BitWriter::default();
+        w.push(true);
+        let values: Vec<f32> = (0..11)
+            .map(|i| if i % 3 == 0 { 1.5 } else { 0.0 })
+            .collect();
+        w.push_nonzero(&values);
+        let bytes = w.into_bytes();
+        for (i, &v) in values.iter().enumerate() {
+            assert_eq!(bit(&bytes, i + 1), v != 0.0, "{i}");
+        }
+        assert!(bit(&bytes, 0));
+        assert_eq!(bytes.len(), 2);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! `λ = 1`, where the code divides by zero. Every float tensor takes part, norms and biases too.
 
 use super::bits::{self, BitWriter};
-use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
+use super::scheme::{self, ChunkStats, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
 use crate::config::Value;
 use crate::dtype::DType;
 use crate::error::Result;
@@ -80,53 +80,55 @@ impl Scheme for Emr {
         let tasks = job.non_base();
         let n = job.numel();
         let mut masks: Vec<BitWriter> = tasks.iter().map(|_| BitWriter::with_capacity(n)).collect();
-        let mut stats: Vec<TaskStats> = tasks
-            .iter()
-            .map(|_| TaskStats {
-                sums: vec![0.0; 4],
-                ..Default::default()
-            })
-            .collect();
-        let mut uni: Vec<f32> = Vec::new();
-        let mut tau: Vec<f32> = Vec::new();
+        let mut stats: Vec<ChunkStats> = tasks.iter().map(|_| ChunkStats::new(2)).collect();
+        let (mut uni, mut sign, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+        let mut taus: Vec<Vec<f32>> = vec![Vec::new(); tasks.len()];
         inputs.plan_passes(1);
         inputs.pass(1, &mut |chunk, offset| {
             let base = chunk.base_tensor();
-            uni.clear();
-            uni.extend(base.iter().enumerate().map(|(j, &b)| {
-                let sum: f32 = tasks.iter().map(|&i| chunk.inputs[i][j] - b).sum();
-                let sign = if sum > 0.0 { 1.0f32 } else { -1.0 };
-                let max = tasks
-                    .iter()
-                    .map(|&i| chunk.inputs[i][j] - b)
-                    .filter(|&t| t * sign > 0.0)
-                    .fold(0.0f32, |m, t| m.max(t.abs()));
-                sign * max
-            }));
-            for (t, &i) in tasks.iter().enumerate() {
+            let len = base.len();
+            for (tau, &i) in taus.iter_mut().zip(&tasks) {
                 tau.clear();
                 tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
-                // Running sums, element by element: the same whatever the chunking.
-                let s = &mut stats[t];
-                for (&x, &u) in tau.iter().zip(&uni) {
-                    let keep = x * u > 0.0;
-                    masks[t].push(keep);
-                    let r = if keep { u as f64 } else { 0.0 };
-                    let x = x as f64;
-                    s.sums[0] += x.abs();
-                    s.sums[1] += r.abs();
-                    s.a += r * r;
-                    s.b += r * x;
-                    s.c += x * x;
+            }
+            // The elected sign (a zero sum elects −1), then the largest agreeing magnitude.
+            sign.clear();
+            sign.resize(len, 0.0f32);
+            for tau in &taus {
+                sign.iter_mut().zip(tau).for_each(|(s, &t)| *s += t);
+            }
+            sign.iter_mut()
+                .for_each(|s| *s = if *s > 0.0 { 1.0 } else { -1.0 });
+            uni.clear();
+            uni.resize(len, 0.0f32);
+            for tau in &taus {
+                for ((u, &t), &g) in uni.iter_mut().zip(tau).zip(&sign) {
+                    let agree = if t * g > 0.0 { t.abs() } else { 0.0 };
+                    *u = u.max(agree);
                 }
+            }
+            uni.iter_mut().zip(&sign).for_each(|(u, &g)| *u *= g);
+            for ((tau, mask), s) in taus.iter().zip(&mut masks).zip(&mut stats) {
+                // M ⊙ τ_uni: non-zero exactly where the mask is set (τ·τ_uni > 0 needs τ_uni ≠ 0).
+                kept.clear();
+                kept.extend(
+                    tau.iter()
+                        .zip(&uni)
+                        .map(|(&t, &u)| if t * u > 0.0 { u } else { 0.0 }),
+                );
+                mask.push_nonzero(&kept);
+                s.observe(offset, &kept, tau);
+                s.extra(0, offset, tau.iter().map(|t| t.abs()));
+                s.extra(1, offset, kept.iter().map(|r| r.abs()));
             }
             out.shared(0, offset, &uni)
         })?;
-        for (t, (mask, mut s)) in masks.into_iter().zip(stats).enumerate() {
+        for (t, (mask, s)) in masks.into_iter().zip(stats).enumerate() {
+            let mut totals = s.totals();
             let n = n.max(1) as f64;
-            s.sums[2] = s.sums[0] / n;
-            s.sums[3] = s.sums[1] / n;
-            *out.stats(t) = s;
+            totals.sums.push(totals.sums[0] / n);
+            totals.sums.push(totals.sums[1] / n);
+            *out.stats(t) = totals;
             let len = mask.len();
             debug_assert_eq!(len, job.numel());
             out.task(

@@ -11,7 +11,7 @@
 //! are (`raw`).
 
 use super::bits::{self, BitWriter};
-use super::scheme::{self, Decoder, Encoded, PartSpec, Parts, Scheme, TaskStats, TensorInputs};
+use super::scheme::{self, ChunkStats, Decoder, Encoded, PartSpec, Parts, Scheme, TensorInputs};
 use crate::config::{Kind, Value};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -67,15 +67,12 @@ impl Range {
         }
     }
 
-    fn index(&self, e: usize) -> usize {
-        e.checked_div(self.group).unwrap_or(0)
-    }
-
-    fn observe(&mut self, offset: usize, x: impl Iterator<Item = f32>) {
-        for (j, v) in x.enumerate() {
-            let g = self.index(offset + j);
-            self.lo[g] = self.lo[g].min(v);
-            self.hi[g] = self.hi[g].max(v);
+    fn observe(&mut self, offset: usize, x: &[f32]) {
+        for (g, seg) in segments(offset, x, self.group) {
+            let (lo, hi) = seg.iter().fold((self.lo[g], self.hi[g]), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+            (self.lo[g], self.hi[g]) = (lo, hi);
         }
     }
 
@@ -98,6 +95,23 @@ impl Range {
     }
 }
 
+/// The parts of elements `offset..offset + x.len()` in each group: `(group, values)`.
+fn segments(offset: usize, x: &[f32], group: usize) -> impl Iterator<Item = (usize, &[f32])> {
+    let mut e = offset;
+    std::iter::from_fn(move || {
+        if e >= offset + x.len() {
+            return None;
+        }
+        let (g, end) = match group {
+            0 => (0, offset + x.len()),
+            _ => (e / group, ((e / group + 1) * group).min(offset + x.len())),
+        };
+        let seg = &x[e - offset..end - offset];
+        e = end;
+        Some((g, seg))
+    })
+}
+
 /// A quantization grid: per group `lo` and `step`, `bits` per code.
 struct Grid {
     lo: Vec<f32>,
@@ -112,15 +126,31 @@ impl Grid {
         e.checked_div(self.group).unwrap_or(0)
     }
 
-    #[inline]
-    fn code(&self, e: usize, x: f32) -> u32 {
-        let g = self.group_of(e);
-        let step = self.step[g];
-        if step == 0.0 {
-            return 0;
-        }
+    /// Quantize elements `offset..` given in `x`: their codes to `codes` (if given) and the
+    /// values they stand for to `values`.
+    fn quantize(
+        &self,
+        offset: usize,
+        x: &[f32],
+        mut codes: Option<&mut BitWriter>,
+        values: &mut Vec<f32>,
+    ) {
+        values.clear();
         let max = ((1u32 << self.bits) - 1) as f32;
-        ((x - self.lo[g]) / step).round().clamp(0.0, max) as u32
+        for (g, seg) in segments(offset, x, self.group) {
+            let (lo, step) = (self.lo[g], self.step[g]);
+            for &v in seg {
+                let q = if step == 0.0 {
+                    0
+                } else {
+                    ((v - lo) / step).round().clamp(0.0, max) as u32
+                };
+                if let Some(c) = codes.as_deref_mut() {
+                    c.push_code(q, self.bits);
+                }
+                values.push(lo + q as f32 * step);
+            }
+        }
     }
 
     #[inline]
@@ -236,19 +266,30 @@ impl Scheme for Quant {
         let bits = job.shared.i("bits") as u32;
         let residual = job.shared.b("residual");
         let t_count = tasks.len() as f32;
-        let mean = |chunk: &MergeJob, j: usize| -> f32 {
-            let b = chunk.base_tensor()[j];
-            tasks.iter().map(|&i| chunk.inputs[i][j] - b).sum::<f32>() / t_count
+        // Per chunk: each task's τ, and their mean.
+        let (mut taus, mut mean) = (vec![Vec::new(); tasks.len()], Vec::new());
+        let fill = |chunk: &MergeJob, taus: &mut Vec<Vec<f32>>, mean: &mut Vec<f32>| {
+            let base = chunk.base_tensor();
+            for (tau, &i) in taus.iter_mut().zip(&tasks) {
+                tau.clear();
+                tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
+            }
+            if residual {
+                mean.clear();
+                mean.resize(base.len(), 0.0);
+                for tau in taus.iter() {
+                    mean.iter_mut().zip(tau).for_each(|(m, &t)| *m += t);
+                }
+                mean.iter_mut().for_each(|m| *m /= t_count);
+            }
         };
         inputs.plan_passes(if residual { 3 } else { 2 });
-        // The shared mean's grid and codes first (residual only).
+        // The shared mean's grid first (residual only).
         let shared_grid = if residual {
             let mut r = Range::new(n, group);
             inputs.pass(1, &mut |chunk, offset| {
-                r.observe(
-                    offset,
-                    (0..chunk.base_tensor().len()).map(|j| mean(chunk, j)),
-                );
+                fill(chunk, &mut taus, &mut mean);
+                r.observe(offset, &mean);
                 Ok(())
             })?;
             let base_bits = job.shared.i("base_bits") as u32;
@@ -262,21 +303,20 @@ impl Scheme for Quant {
         } else {
             None
         };
-        let centre = |chunk: &MergeJob, offset: usize, j: usize| -> f32 {
-            match &shared_grid {
-                Some(g) => g.value(offset + j, g.code(offset + j, mean(chunk, j))),
-                None => 0.0,
-            }
-        };
+        let (mut centre, mut x, mut values) = (Vec::new(), Vec::new(), Vec::new());
         let mut ranges: Vec<Range> = vec![Range::new(n, group); tasks.len()];
         inputs.pass(1, &mut |chunk, offset| {
-            let base = chunk.base_tensor();
-            for (r, &i) in ranges.iter_mut().zip(&tasks) {
-                let x = chunk.inputs[i].iter().zip(base).enumerate();
-                r.observe(
-                    offset,
-                    x.map(|(j, (&x, &b))| x - b - centre(chunk, offset, j)),
-                );
+            fill(chunk, &mut taus, &mut mean);
+            if let Some(g) = &shared_grid {
+                g.quantize(offset, &mean, None, &mut centre);
+            }
+            for (r, tau) in ranges.iter_mut().zip(&taus) {
+                x.clear();
+                match &shared_grid {
+                    Some(_) => x.extend(tau.iter().zip(&centre).map(|(t, c)| t - c)),
+                    None => x.extend_from_slice(tau),
+                }
+                r.observe(offset, &x);
             }
             Ok(())
         })?;
@@ -297,27 +337,23 @@ impl Scheme for Quant {
             .map(|_| BitWriter::with_capacity(n * bits as usize))
             .collect();
         let mut shared_codes = BitWriter::default();
-        let mut stats = vec![TaskStats::default(); tasks.len()];
+        let mut stats = vec![ChunkStats::new(0); tasks.len()];
         inputs.pass(1, &mut |chunk, offset| {
-            let base = chunk.base_tensor();
-            let centres: Vec<f32> = (0..base.len()).map(|j| centre(chunk, offset, j)).collect();
+            fill(chunk, &mut taus, &mut mean);
             if let Some(g) = &shared_grid {
-                for j in 0..base.len() {
-                    shared_codes.push_code(g.code(offset + j, mean(chunk, j)), g.bits);
-                }
+                g.quantize(offset, &mean, Some(&mut shared_codes), &mut centre);
             }
-            for (t, &i) in tasks.iter().enumerate() {
-                let s = &mut stats[t];
-                for (j, (&x, &b)) in chunk.inputs[i].iter().zip(base).enumerate() {
-                    let tau = x - b;
-                    let e = offset + j;
-                    let q = grids[t].code(e, tau - centres[j]);
-                    codes[t].push_code(q, bits);
-                    let r = (centres[j] + grids[t].value(e, q)) as f64;
-                    s.a += r * r;
-                    s.b += r * tau as f64;
-                    s.c += (tau as f64) * (tau as f64);
+            for (t, tau) in taus.iter().enumerate() {
+                x.clear();
+                match &shared_grid {
+                    Some(_) => x.extend(tau.iter().zip(&centre).map(|(t, c)| t - c)),
+                    None => x.extend_from_slice(tau),
                 }
+                grids[t].quantize(offset, &x, Some(&mut codes[t]), &mut values);
+                if shared_grid.is_some() {
+                    values.iter_mut().zip(&centre).for_each(|(v, c)| *v += c);
+                }
+                stats[t].observe(offset, &values, tau);
             }
             Ok(())
         })?;
@@ -327,7 +363,7 @@ impl Scheme for Quant {
             }
         }
         for (t, (grid, codes)) in grids.iter().zip(codes).enumerate() {
-            *out.stats(t) = std::mem::take(&mut stats[t]);
+            *out.stats(t) = stats[t].totals();
             for (suffix, dtype, shape, bytes) in parts_of(grid, codes) {
                 out.task(t, suffix, dtype, shape, bytes)?;
             }

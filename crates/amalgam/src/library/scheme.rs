@@ -11,6 +11,7 @@ use crate::config::Value;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::{Contract, MergeJob, Method, MethodSpec, ParamSpec};
+use crate::sums::LaneSum;
 
 /// A task's part of one tensor as a scheme hands it over: suffix, dtype, shape, bytes.
 pub type TaskPart = (&'static str, DType, Vec<usize>, Vec<u8>);
@@ -58,15 +59,11 @@ impl TaskStats {
         }
     }
 
-    /// Add a chunk's `τ̂` against `τ`, element by element into the running sums (so that the
-    /// sums do not depend on how the tensor is cut into chunks).
+    /// Add a whole tensor's `τ̂` against `τ`.
     pub fn observe(&mut self, rebuilt: &[f32], truth: &[f32]) {
-        for (&r, &t) in rebuilt.iter().zip(truth) {
-            let (r, t) = (r as f64, t as f64);
-            self.a += r * r;
-            self.b += r * t;
-            self.c += t * t;
-        }
+        let mut s = ChunkStats::new(0);
+        s.observe(0, rebuilt, truth);
+        self.add(&s.totals());
     }
 
     /// `‖s·τ̂ − τ‖ / ‖τ‖` (0 when the task vector is zero).
@@ -76,6 +73,58 @@ impl TaskStats {
         }
         let err2 = scale * scale * self.a - 2.0 * scale * self.b + self.c;
         (err2.max(0.0) / self.c).sqrt()
+    }
+}
+
+/// One task's [`TaskStats`] over one tensor, gathered chunk by chunk in lanes by element index
+/// ([`LaneSum`]): vectorised, and the same sums whatever the chunking.
+#[derive(Clone, Debug, Default)]
+pub struct ChunkStats {
+    a: LaneSum,
+    b: LaneSum,
+    c: LaneSum,
+    extra: Vec<LaneSum>,
+    tmp: Vec<f32>,
+}
+
+impl ChunkStats {
+    /// Sums with `extra` scheme-defined ones.
+    pub fn new(extra: usize) -> ChunkStats {
+        ChunkStats {
+            extra: vec![LaneSum::default(); extra],
+            ..Default::default()
+        }
+    }
+
+    /// Add elements `offset..` of `τ̂` (`rebuilt`) against `τ` (`truth`).
+    pub fn observe(&mut self, offset: usize, rebuilt: &[f32], truth: &[f32]) {
+        let tmp = &mut self.tmp;
+        tmp.clear();
+        tmp.extend(rebuilt.iter().map(|&r| r * r));
+        self.a.add(offset, tmp);
+        tmp.clear();
+        tmp.extend(rebuilt.iter().zip(truth).map(|(&r, &t)| r * t));
+        self.b.add(offset, tmp);
+        tmp.clear();
+        tmp.extend(truth.iter().map(|&t| t * t));
+        self.c.add(offset, tmp);
+    }
+
+    /// Add elements `offset..` of `values` to extra sum `k`.
+    pub fn extra(&mut self, k: usize, offset: usize, values: impl Iterator<Item = f32>) {
+        self.tmp.clear();
+        self.tmp.extend(values);
+        self.extra[k].add(offset, &self.tmp);
+    }
+
+    /// The totals.
+    pub fn totals(&self) -> TaskStats {
+        TaskStats {
+            a: self.a.total(),
+            b: self.b.total(),
+            c: self.c.total(),
+            sums: self.extra.iter().map(LaneSum::total).collect(),
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInpu
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::{MergeJob, Method, MethodSpec};
+use crate::sums::LaneSum;
 
 /// The sign scheme.
 pub struct Sign {
@@ -31,11 +32,11 @@ impl Default for Sign {
     }
 }
 
-/// Per task: the sign bits, and per scale group `Σ|τ|`, `Στ²` and the element count.
+/// Per task: the sign bits, and per scale group `Σ|τ|` and `Στ²` in lanes.
 struct Acc {
     bits: BitWriter,
-    abs: Vec<f64>,
-    sq: Vec<f64>,
+    abs: Vec<LaneSum>,
+    sq: Vec<LaneSum>,
 }
 
 impl Method for Sign {
@@ -64,38 +65,50 @@ impl Scheme for Sign {
             .iter()
             .map(|_| Acc {
                 bits: BitWriter::with_capacity(rows * cols),
-                abs: vec![0.0; groups],
-                sq: vec![0.0; groups],
+                abs: vec![LaneSum::default(); groups],
+                sq: vec![LaneSum::default(); groups],
             })
             .collect();
+        let (mut tau, mut tmp) = (Vec::new(), Vec::new());
         inputs.plan_passes(1);
         inputs.pass(1, &mut |chunk, offset| {
             let base = chunk.base_tensor();
             for (acc, &i) in accs.iter_mut().zip(&tasks) {
-                for (j, (&x, &b)) in chunk.inputs[i].iter().zip(base).enumerate() {
-                    let tau = x - b;
-                    acc.bits.push(tau >= 0.0);
-                    let g = if per_row {
-                        (offset + j) / cols.max(1)
+                tau.clear();
+                tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
+                tmp.clear();
+                tmp.extend(tau.iter().map(|&t| if t >= 0.0 { 1.0f32 } else { 0.0 }));
+                acc.bits.push_nonzero(&tmp);
+                // Each scale group's part of the chunk (rows when per row).
+                let mut e = offset;
+                while e < offset + tau.len() {
+                    let (g, end) = if per_row {
+                        (e / cols, ((e / cols + 1) * cols).min(offset + tau.len()))
                     } else {
-                        0
+                        (0, offset + tau.len())
                     };
-                    acc.abs[g] += tau.abs() as f64;
-                    acc.sq[g] += (tau as f64) * (tau as f64);
+                    let part = &tau[e - offset..end - offset];
+                    tmp.clear();
+                    tmp.extend(part.iter().map(|t| t.abs()));
+                    acc.abs[g].add(e, &tmp);
+                    tmp.clear();
+                    tmp.extend(part.iter().map(|t| t * t));
+                    acc.sq[g].add(e, &tmp);
+                    e = end;
                 }
             }
             Ok(())
         })?;
         let count = if per_row { cols } else { rows * cols } as f64;
         for (t, acc) in accs.into_iter().enumerate() {
-            let scales: Vec<f32> = acc
-                .abs
+            let abs: Vec<f64> = acc.abs.iter().map(LaneSum::total).collect();
+            let scales: Vec<f32> = abs
                 .iter()
                 .map(|&s| if count > 0.0 { (s / count) as f32 } else { 0.0 })
                 .collect();
             let mut s = TaskStats::default();
-            for ((&alpha, &abs), &sq) in scales.iter().zip(&acc.abs).zip(&acc.sq) {
-                let alpha = alpha as f64;
+            for ((&alpha, &abs), sq) in scales.iter().zip(&abs).zip(&acc.sq) {
+                let (alpha, sq) = (alpha as f64, sq.total());
                 s.a += alpha * alpha * count;
                 // sign(τ)·τ = |τ| (a zero τ counts +1 and adds 0).
                 s.b += alpha * abs;

@@ -12,7 +12,7 @@
 
 use super::bits::BitWriter;
 use super::emr::{MaskDecoder, shared_dtype, shared_dtype_param};
-use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
+use super::scheme::{self, ChunkStats, Decoder, Encoded, Parts, Scheme, TensorInputs};
 use crate::config::{Kind, Value};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -41,26 +41,30 @@ impl Default for Tall {
     }
 }
 
-/// Masks of one chunk: for each task, `|τ_t| > λ_t |v − τ_t|`, with the statistics of
-/// `τ̂ = m ⊙ v` against `τ_t`.
+/// Masks of the chunk at `offset`: for each task, `|τ_t| > λ_t |v − τ_t|`, with the
+/// statistics of `τ̂ = m ⊙ v` against `τ_t`.
 fn masks(
+    offset: usize,
     taus: &[&[f32]],
     lambdas: &[f32],
     v: &[f32],
     masks: &mut [BitWriter],
-    stats: &mut [TaskStats],
+    stats: &mut [ChunkStats],
+    kept: &mut Vec<f32>,
 ) {
     for (t, tau) in taus.iter().enumerate() {
         let lambda = lambdas[t];
-        let s = &mut stats[t];
-        for (&x, &m) in tau.iter().zip(v) {
-            let keep = x.abs() > lambda * (m - x).abs();
-            masks[t].push(keep);
-            let r = if keep { m as f64 } else { 0.0 };
-            s.a += r * r;
-            s.b += r * x as f64;
-            s.c += (x as f64) * (x as f64);
-        }
+        // Where v is 0 a set bit would rebuild the same value as a clear one: clear.
+        kept.clear();
+        kept.extend(tau.iter().zip(v).map(|(&x, &m)| {
+            if x.abs() > lambda * (m - x).abs() {
+                m
+            } else {
+                0.0
+            }
+        }));
+        masks[t].push_nonzero(kept);
+        stats[t].observe(offset, kept, tau);
     }
 }
 
@@ -103,7 +107,8 @@ impl Scheme for Tall {
             .map(|&i| job.per_input[i].f("lambda") as f32)
             .collect();
         let mut bits: Vec<BitWriter> = tasks.iter().map(|_| BitWriter::with_capacity(n)).collect();
-        let mut stats: Vec<TaskStats> = vec![TaskStats::default(); tasks.len()];
+        let mut stats: Vec<ChunkStats> = vec![ChunkStats::new(0); tasks.len()];
+        let mut kept = Vec::new();
         if job.shared.choice("merged") == "ties" {
             let base_index = job.base.expect("contract: a base");
             let (mut base, mut mtl) = (Vec::new(), Vec::new());
@@ -120,7 +125,7 @@ impl Scheme for Tall {
                 taus.push(x);
             }
             let views: Vec<&[f32]> = taus.iter().map(|v| v.as_slice()).collect();
-            masks(&views, &lambdas, &mtl, &mut bits, &mut stats);
+            masks(0, &views, &lambdas, &mtl, &mut bits, &mut stats, &mut kept);
             out.shared(0, 0, &mtl)?;
         } else {
             let mut mtl: Vec<f32> = Vec::new();
@@ -133,14 +138,19 @@ impl Scheme for Tall {
                     tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
                 }
                 mtl.clear();
-                mtl.extend((0..base.len()).map(|j| taus.iter().map(|t| t[j]).sum::<f32>()));
+                mtl.resize(base.len(), 0.0);
+                for tau in &taus {
+                    mtl.iter_mut().zip(tau).for_each(|(m, &t)| *m += t);
+                }
                 let views: Vec<&[f32]> = taus.iter().map(|v| v.as_slice()).collect();
-                masks(&views, &lambdas, &mtl, &mut bits, &mut stats);
+                masks(
+                    offset, &views, &lambdas, &mtl, &mut bits, &mut stats, &mut kept,
+                );
                 out.shared(0, offset, &mtl)
             })?;
         }
         for (t, (mask, s)) in bits.into_iter().zip(stats).enumerate() {
-            *out.stats(t) = s;
+            *out.stats(t) = s.totals();
             let len = mask.len();
             out.task(
                 t,

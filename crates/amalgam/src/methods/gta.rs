@@ -12,12 +12,13 @@
 //! sums in one more, and the output pass applies masks, election and merge in one sweep.
 
 use super::gta_global::GlobalTrim;
-use super::gta_kernel::{Finish, LaneSum, apply_chunk, l1_chunk, vote_chunk};
+use super::gta_kernel::{Finish, apply_chunk, l1_chunk, vote_chunk};
 use super::rng::{Key, threshold32};
 use super::select::{Selection, Selector, Want, delta_keys, delta_keys_bf16};
 use super::sparsify::{Rescale, della_mask};
 use super::*;
 use crate::config::Kind;
+use crate::sums::LaneSum;
 
 /// Which sparsification a GTA method uses (parameters are resolved per model).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
