@@ -48,16 +48,60 @@ impl BitWriter {
 
     /// Append one bit per element of `values`: whether it is non-zero (8 at a time).
     pub fn push_nonzero(&mut self, values: &[f32]) {
+        self.push_bits(values, |v| v != 0.0);
+    }
+
+    /// Append one bit per element of `values`: `pred` of it, packed 8 at a time (whole bytes
+    /// straight into the stream when it is byte-aligned).
+    #[inline(always)]
+    pub fn push_bits(&mut self, values: &[f32], pred: impl Fn(f32) -> bool) {
         let mut blocks = values.chunks_exact(8);
-        for block in &mut blocks {
-            let mut byte = 0u8;
-            for (l, &v) in block.iter().enumerate() {
-                byte |= ((v != 0.0) as u8) << l;
+        if self.pending == 0 {
+            self.bytes.reserve(values.len() / 8);
+            for block in &mut blocks {
+                let mut byte = 0u8;
+                for (l, &v) in block.iter().enumerate() {
+                    byte |= (pred(v) as u8) << l;
+                }
+                self.bytes.push(byte);
             }
-            self.push_code(byte as u32, 8);
+            self.len += values.len() / 8 * 8;
+        } else {
+            for block in &mut blocks {
+                let mut byte = 0u8;
+                for (l, &v) in block.iter().enumerate() {
+                    byte |= (pred(v) as u8) << l;
+                }
+                self.push_code(byte as u32, 8);
+            }
         }
         for &v in blocks.remainder() {
-            self.push(v != 0.0);
+            self.push(pred(v));
+        }
+    }
+
+    /// Append `width`-bit codes (width at most 8), whole bytes at a time when the stream is
+    /// byte-aligned and `width` divides 8.
+    pub fn push_codes(&mut self, codes: &[u8], width: u32) {
+        if self.pending == 0 && 8 % width == 0 {
+            let per = (8 / width) as usize;
+            let mut blocks = codes.chunks_exact(per);
+            self.bytes.reserve(codes.len() / per);
+            for block in &mut blocks {
+                let mut byte = 0u8;
+                for (j, &c) in block.iter().enumerate() {
+                    byte |= c << (j as u32 * width);
+                }
+                self.bytes.push(byte);
+            }
+            self.len += codes.len() / per * 8;
+            for &c in blocks.remainder() {
+                self.push_code(c as u32, width);
+            }
+        } else {
+            for &c in codes {
+                self.push_code(c as u32, width);
+            }
         }
     }
 
@@ -160,6 +204,23 @@ mod tests {
         }
         assert!(bit(&bytes, 0));
         assert_eq!(bytes.len(), 2);
+    }
+
+    #[test]
+    fn codes_pushed_in_bulk_read_back() {
+        for width in [2u32, 3, 4, 8] {
+            let codes: Vec<u8> = (0..29u32)
+                .map(|i| ((i * 7 + 1) % (1 << width)) as u8)
+                .collect();
+            let mut w = BitWriter::default();
+            w.push_codes(&codes[..13], width);
+            w.push_codes(&codes[13..], width);
+            let bytes = w.into_bytes();
+            assert_eq!(bytes.len(), packed_len(codes.len(), width));
+            for (i, &c) in codes.iter().enumerate() {
+                assert_eq!(code(&bytes, i, width), c as u32, "width {width} code {i}");
+            }
+        }
     }
 
     #[test]

@@ -112,6 +112,38 @@ fn segments(offset: usize, x: &[f32], group: usize) -> impl Iterator<Item = (usi
     })
 }
 
+/// `x.round()` (half away from zero) for `0 ≤ x < 2²³`, without the library call that `round`
+/// is on baseline x86-64: the fractional part of such an `x` is exact. (Larger values are
+/// clamped by the caller anyway.)
+#[inline(always)]
+fn round_half_away(x: f32) -> f32 {
+    let t = x as i32 as f32;
+    if x - t >= 0.5 { t + 1.0 } else { t }
+}
+
+crate::simd::vectorized! {
+    /// Append the codes of `seg` on the grid `lo + q·step`, `q ≤ max`, to `q`.
+    fn codes_of(seg: &[f32], lo: f32, step: f32, max: f32, q: &mut Vec<u8>) {
+        let start = q.len();
+        q.resize(start + seg.len(), 0);
+        for (o, &v) in q[start..].iter_mut().zip(seg) {
+            // Clamped first, so the conversion is exact (and vectorises through i32).
+            *o = round_half_away((v - lo) / step).clamp(0.0, max) as i32 as u8;
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// Append the values `lo + q·step` of codes `q` to `values`.
+    fn values_of(q: &[u8], lo: f32, step: f32, values: &mut Vec<f32>) {
+        let start = values.len();
+        values.resize(start + q.len(), 0.0);
+        for (o, &c) in values[start..].iter_mut().zip(q) {
+            *o = lo + c as f32 * step;
+        }
+    }
+}
+
 /// A quantization grid: per group `lo` and `step`, `bits` per code.
 struct Grid {
     lo: Vec<f32>,
@@ -137,19 +169,19 @@ impl Grid {
     ) {
         values.clear();
         let max = ((1u32 << self.bits) - 1) as f32;
+        let mut q: Vec<u8> = Vec::with_capacity(x.len());
         for (g, seg) in segments(offset, x, self.group) {
             let (lo, step) = (self.lo[g], self.step[g]);
-            for &v in seg {
-                let q = if step == 0.0 {
-                    0
-                } else {
-                    ((v - lo) / step).round().clamp(0.0, max) as u32
-                };
-                if let Some(c) = codes.as_deref_mut() {
-                    c.push_code(q, self.bits);
-                }
-                values.push(lo + q as f32 * step);
+            q.clear();
+            if step == 0.0 {
+                q.resize(seg.len(), 0);
+            } else {
+                codes_of(seg, lo, step, max, &mut q);
             }
+            if let Some(c) = codes.as_deref_mut() {
+                c.push_codes(&q, self.bits);
+            }
+            values_of(&q, lo, step, values);
         }
     }
 

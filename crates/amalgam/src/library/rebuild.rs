@@ -168,6 +168,7 @@ impl Library {
             task,
             tensor: &t.name,
             read: RefCell::new(HashMap::new()),
+            used: RefCell::new(Vec::new()),
         };
         if !t.dtype.is_float() {
             let mut bytes = vec![0u8; entry.nbytes()];
@@ -200,7 +201,13 @@ impl Library {
             emit(start, &out)?;
         }
         self.check_hash(base, t, hasher)?;
-        parts.check_shared_hashes()
+        parts.check_shared_hashes()?;
+        // The task file's pages of this tensor are done with (its memory map would otherwise
+        // keep them resident: a dense library's task is a whole model).
+        for name in parts.used.borrow().iter() {
+            task.model.release(name);
+        }
+        Ok(())
     }
 
     fn check_hash(
@@ -280,6 +287,8 @@ struct TensorParts<'a> {
     tensor: &'a str,
     /// Per shared part read in order: its hash so far and the elements read.
     read: RefCell<HashMap<String, (blake3::Hasher, usize)>>,
+    /// The task's parts handed out.
+    used: RefCell<Vec<String>>,
 }
 
 impl TensorParts<'_> {
@@ -329,7 +338,9 @@ impl Parts for TensorParts<'_> {
         if !self.task.model.contains(&name) {
             return Ok(None);
         }
-        Ok(Some(self.task.model.tensor(&name)?.bytes))
+        let bytes = self.task.model.tensor(&name)?.bytes;
+        self.used.borrow_mut().push(name);
+        Ok(Some(bytes))
     }
 
     fn task_shape(&self, suffix: &str) -> Option<&[usize]> {

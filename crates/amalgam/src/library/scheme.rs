@@ -98,16 +98,13 @@ impl ChunkStats {
 
     /// Add elements `offset..` of `τ̂` (`rebuilt`) against `τ` (`truth`).
     pub fn observe(&mut self, offset: usize, rebuilt: &[f32], truth: &[f32]) {
-        let tmp = &mut self.tmp;
-        tmp.clear();
-        tmp.extend(rebuilt.iter().map(|&r| r * r));
-        self.a.add(offset, tmp);
-        tmp.clear();
-        tmp.extend(rebuilt.iter().zip(truth).map(|(&r, &t)| r * t));
-        self.b.add(offset, tmp);
-        tmp.clear();
-        tmp.extend(truth.iter().map(|&t| t * t));
-        self.c.add(offset, tmp);
+        quad(
+            offset,
+            rebuilt,
+            truth,
+            &mut self.tmp,
+            [&mut self.a, &mut self.b, &mut self.c],
+        );
     }
 
     /// Add elements `offset..` of `values` to extra sum `k`.
@@ -125,6 +122,22 @@ impl ChunkStats {
             c: self.c.total(),
             sums: self.extra.iter().map(LaneSum::total).collect(),
         }
+    }
+}
+
+crate::simd::vectorized! {
+    /// `Σ r²`, `Σ r·t`, `Σ t²` of a chunk into their lane sums.
+    fn quad(offset: usize, r: &[f32], t: &[f32], tmp: &mut Vec<f32>, sums: [&mut LaneSum; 3]) {
+        let [a, b, c] = sums;
+        tmp.clear();
+        tmp.extend(r.iter().map(|&r| r * r));
+        a.add(offset, tmp);
+        tmp.clear();
+        tmp.extend(r.iter().zip(t).map(|(&r, &t)| r * t));
+        b.add(offset, tmp);
+        tmp.clear();
+        tmp.extend(t.iter().map(|&t| t * t));
+        c.add(offset, tmp);
     }
 }
 

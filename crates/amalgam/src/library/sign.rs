@@ -76,9 +76,7 @@ impl Scheme for Sign {
             for (acc, &i) in accs.iter_mut().zip(&tasks) {
                 tau.clear();
                 tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
-                tmp.clear();
-                tmp.extend(tau.iter().map(|&t| if t >= 0.0 { 1.0f32 } else { 0.0 }));
-                acc.bits.push_nonzero(&tmp);
+                acc.bits.push_bits(&tau, |t| t >= 0.0);
                 // Each scale group's part of the chunk (rows when per row).
                 let mut e = offset;
                 while e < offset + tau.len() {
