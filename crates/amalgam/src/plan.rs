@@ -160,6 +160,35 @@ pub struct PlannedTensor {
     pub op: Op,
 }
 
+impl PlannedTensor {
+    /// The job of a merged tensor, without inputs (`None` for a buffer copied as it is).
+    pub fn job<'a>(
+        &'a self,
+        seed: u64,
+        global: Option<&'a methods::Global>,
+    ) -> Option<methods::MergeJob<'a>> {
+        match &self.op {
+            Op::CopyBuffer { .. } => None,
+            Op::Merge {
+                base,
+                shared,
+                per_input,
+                ..
+            } => Some(methods::MergeJob {
+                name: &self.name,
+                shape: &self.shape,
+                inputs: Vec::new(),
+                bf16: Vec::new(),
+                base: *base,
+                shared,
+                per_input,
+                seed,
+                global,
+            }),
+        }
+    }
+}
+
 /// A whole merge plan.
 pub struct Plan {
     /// The method.

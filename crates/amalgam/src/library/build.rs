@@ -257,25 +257,7 @@ fn merged_plan(
 
 /// The job of a float tensor, without inputs; `None` for buffers copied as they are.
 fn meta(t: &PlannedTensor, seed: u64) -> Option<MergeJob<'_>> {
-    match &t.op {
-        Op::CopyBuffer { .. } => None,
-        Op::Merge {
-            base,
-            shared,
-            per_input,
-            ..
-        } => Some(MergeJob {
-            name: &t.name,
-            shape: &t.shape,
-            inputs: Vec::new(),
-            bf16: Vec::new(),
-            base: *base,
-            shared,
-            per_input,
-            seed,
-            global: None,
-        }),
-    }
+    t.job(seed, None)
 }
 
 /// The base's input of a planned tensor (the planner appends the base after the tasks).

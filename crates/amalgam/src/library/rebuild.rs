@@ -83,7 +83,8 @@ impl Library {
             .map_err(|e| Error::argument("task", e))?;
         let info = &self.manifest.tasks[index];
         let path = self.dir.join(&info.file);
-        let bytes = std::fs::read(&path).map_err(|e| {
+        // Hashed as it is read, in blocks: a task's module can be as large as a model.
+        let file = std::fs::File::open(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::NotAModel {
                     path: path.clone(),
@@ -95,12 +96,18 @@ impl Library {
                 Error::io(&path, e)
             }
         })?;
-        if bytes.len() as u64 != info.bytes || format::hash(&bytes) != info.blake3 {
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update_reader(std::io::BufReader::with_capacity(1 << 20, file))
+            .map_err(|e| Error::io(&path, e))?;
+        let len = std::fs::metadata(&path)
+            .map_err(|e| Error::io(&path, e))?
+            .len();
+        if len != info.bytes || hasher.finalize().to_hex().as_str() != info.blake3 {
             return Err(Error::Config {
                 path: path.clone(),
                 reason: format!(
-                    "task '{name}''s file does not match the manifest ({} bytes, {} expected, or its content differs): it was truncated or edited; copy it back from the library it came from",
-                    bytes.len(),
+                    "task '{name}''s file does not match the manifest ({len} bytes, {} expected, or its content differs): it was truncated or edited; copy it back from the library it came from",
                     info.bytes
                 ),
             });

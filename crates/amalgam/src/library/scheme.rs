@@ -415,6 +415,22 @@ pub(crate) fn store_raw(
     out.task(task, "raw", dtype, job.shape.to_vec(), bytes)
 }
 
+/// Store every task's tensor as it is ([`store_raw`]), for a tensor the scheme does not
+/// compress (not 2-D); `Ok(true)` when the tensor was such.
+pub(crate) fn raw_unless_matrix(
+    job: &MergeJob,
+    inputs: &mut dyn TensorInputs,
+    out: &mut dyn Encoded,
+) -> Result<bool> {
+    if matrix(job.shape).is_some() {
+        return Ok(false);
+    }
+    for (t, &i) in job.non_base().iter().enumerate() {
+        store_raw(job, inputs, i, t, out)?;
+    }
+    Ok(true)
+}
+
 /// Check that part `suffix` has `len` bytes.
 pub(crate) fn check_len(parts: &dyn Parts, suffix: &str, bytes: &[u8], len: usize) -> Result<()> {
     if bytes.len() != len {

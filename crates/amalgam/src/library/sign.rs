@@ -53,12 +53,10 @@ impl Scheme for Sign {
         out: &mut dyn Encoded,
     ) -> Result<()> {
         let tasks = job.non_base();
-        let Some((rows, cols)) = scheme::matrix(job.shape) else {
-            for (t, &i) in tasks.iter().enumerate() {
-                scheme::store_raw(job, inputs, i, t, out)?;
-            }
+        if scheme::raw_unless_matrix(job, inputs, out)? {
             return Ok(());
-        };
+        }
+        let (rows, cols) = scheme::matrix(job.shape).expect("a matrix");
         let per_row = job.shared.choice("scale") == "row";
         let groups = if per_row { rows } else { 1 };
         let mut accs: Vec<Acc> = tasks

@@ -86,10 +86,7 @@ impl Scheme for Ternary {
         out: &mut dyn Encoded,
     ) -> Result<()> {
         let tasks = job.non_base();
-        if scheme::matrix(job.shape).is_none() {
-            for (t, &i) in tasks.iter().enumerate() {
-                scheme::store_raw(job, inputs, i, t, out)?;
-            }
+        if scheme::raw_unless_matrix(job, inputs, out)? {
             return Ok(());
         }
         let n = job.numel();

@@ -176,12 +176,10 @@ impl Scheme for TsvC {
         out: &mut dyn Encoded,
     ) -> Result<()> {
         let tasks = job.non_base();
-        let Some((m, n)) = scheme::matrix(job.shape) else {
-            for (t, &i) in tasks.iter().enumerate() {
-                scheme::store_raw(job, inputs, i, t, out)?;
-            }
+        if scheme::raw_unless_matrix(job, inputs, out)? {
             return Ok(());
-        };
+        }
+        let (m, n) = scheme::matrix(job.shape).expect("a matrix");
         let energy = job.shared.opt_f("energy");
         let k = match job.shared.i("rank") as usize {
             0 if energy.is_some() => m.min(n),

@@ -120,25 +120,7 @@ struct Context<'a> {
 impl<'a> Context<'a> {
     /// The job of a merged tensor, without inputs.
     fn meta(&self, t: &'a PlannedTensor) -> Option<MergeJob<'a>> {
-        match &t.op {
-            Op::CopyBuffer { .. } => None,
-            Op::Merge {
-                base,
-                shared,
-                per_input,
-                ..
-            } => Some(MergeJob {
-                name: &t.name,
-                shape: &t.shape,
-                inputs: Vec::new(),
-                bf16: Vec::new(),
-                base: *base,
-                shared,
-                per_input,
-                seed: self.seed,
-                global: self.global,
-            }),
-        }
+        t.job(self.seed, self.global)
     }
 
     /// Chunk length for a method whose chunks hold whole granules.
