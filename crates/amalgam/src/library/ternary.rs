@@ -10,7 +10,7 @@
 //! Rebuild: `θ0 + α · mask ⊙ sign`.
 
 use super::bits::{self, BitWriter};
-use super::scheme::{self, ChunkStats, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
+use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
 use crate::config::{Kind, Value};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -179,39 +179,35 @@ impl Scheme for Ternary {
             .collect();
         let mut masks: Vec<BitWriter> = tasks.iter().map(|_| BitWriter::with_capacity(n)).collect();
         let mut signs: Vec<BitWriter> = tasks.iter().map(|_| BitWriter::default()).collect();
-        // Per task, in lanes: Σ τ_kept², Σ |τ_kept|, Σ τ²; the kept count.
-        let mut sums: Vec<ChunkStats> = tasks.iter().map(|_| ChunkStats::new(3)).collect();
-        let mut counts = vec![0usize; tasks.len()];
-        let (mut tau, mut kept) = (Vec::new(), Vec::new());
-        inputs.pass(1, &mut |chunk, offset| {
+        // Per task: Σ τ_kept², Σ |τ_kept|, Σ τ², running in index order (the same whatever the
+        // chunking; this loop is bound by the selections' per-element tie counting anyway).
+        let mut sums = vec![[0.0f64; 3]; tasks.len()];
+        inputs.pass(1, &mut |chunk, _| {
             let base = chunk.base_tensor();
             for (t, &i) in tasks.iter().enumerate() {
-                tau.clear();
-                tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
-                kept.clear();
-                // Every selection sees every element, in order (its tie count).
-                kept.extend(tau.iter().map(|&x| {
-                    let mut keep = false;
+                for (&x, &b) in chunk.inputs[i].iter().zip(base) {
+                    let tau = x - b;
+                    let mut kept = false;
                     for (s, side) in sides.iter().enumerate() {
-                        let k = key(x, *side);
-                        keep |= selections[t][s].keep(k) && k != 0;
+                        // Every selection sees every element, in order (its tie count).
+                        let k = key(tau, *side);
+                        kept |= selections[t][s].keep(k) && k != 0;
                     }
-                    if keep { x } else { 0.0 }
-                }));
-                masks[t].push_nonzero(&kept);
-                for &x in kept.iter().filter(|&&x| x != 0.0) {
-                    signs[t].push(x > 0.0);
-                    counts[t] += 1;
+                    masks[t].push(kept);
+                    let v = tau as f64;
+                    if kept {
+                        signs[t].push(tau > 0.0);
+                        sums[t][0] += v * v;
+                        sums[t][1] += v.abs();
+                    }
+                    sums[t][2] += v * v;
                 }
-                sums[t].extra(0, offset, kept.iter().map(|x| x * x));
-                sums[t].extra(1, offset, kept.iter().map(|x| x.abs()));
-                sums[t].extra(2, offset, tau.iter().map(|x| x * x));
             }
             Ok(())
         })?;
         for (t, (mask, sign)) in masks.into_iter().zip(signs).enumerate() {
-            let totals = sums[t].totals().sums;
-            let count = counts[t] as f64;
+            let totals = sums[t];
+            let count = sign.len() as f64;
             let alpha = if count > 0.0 {
                 (totals[0].sqrt() / count.sqrt()) as f32
             } else {
