@@ -229,20 +229,20 @@ fn print_info(m: &Manifest, dir: &std::path::Path, json: bool, out: &mut dyn Wri
         writeln!(out)?;
         return Ok(());
     }
-    let mb = |b: u64| b as f64 / 1e6;
+    let h = crate::human_bytes;
     writeln!(
         out,
-        "scheme {} over {} ({} parameters, {:.1} MB), {} tasks",
+        "scheme {} over {} ({} parameters, {}), {} tasks",
         m.scheme,
         m.base.path,
         m.base.parameters,
-        mb(m.base.bytes),
+        h(m.base.bytes),
         m.tasks.len()
     )?;
     writeln!(
         out,
         "{:<24} {:>12} {:>10} {:>12}",
-        "task", "MB", "bits/param", "rel. error"
+        "task", "size", "bits/param", "rel. error"
     )?;
     for t in &m.tasks {
         let missing = if dir.join(&t.file).is_file() {
@@ -252,9 +252,9 @@ fn print_info(m: &Manifest, dir: &std::path::Path, json: bool, out: &mut dyn Wri
         };
         writeln!(
             out,
-            "{:<24} {:>12.3} {:>10.4} {:>12.3e}{missing}",
+            "{:<24} {:>12} {:>10.4} {:>12.3e}{missing}",
             t.name,
-            mb(t.bytes),
+            h(t.bytes),
             t.bits_per_parameter,
             t.relative_error
         )?;
@@ -263,14 +263,14 @@ fn print_info(m: &Manifest, dir: &std::path::Path, json: bool, out: &mut dyn Wri
     let full = s["full_models_bytes"].as_u64().unwrap_or(1).max(1);
     writeln!(
         out,
-        "shared {:.1} MB + tasks {:.1} MB = {:.1} MB, against {:.1} MB for {} full models ({:.1} %); the base ({:.1} MB) is needed too",
-        mb(m.shared_bytes),
-        mb(s["task_bytes"].as_u64().unwrap_or(0)),
-        mb(total),
-        mb(full),
+        "shared {} + tasks {} = {}, against {} for {} full models ({:.1} %); the base ({}) is needed too",
+        h(m.shared_bytes),
+        h(s["task_bytes"].as_u64().unwrap_or(0)),
+        h(total),
+        h(full),
         m.tasks.len(),
         100.0 * total as f64 / full as f64,
-        mb(m.base.bytes)
+        h(m.base.bytes)
     )?;
     Ok(())
 }
