@@ -5,7 +5,9 @@
 //! `shared_dtype`). Per task, for each matrix: the rank-`⌊rank_fraction · min(m, n)⌋` truncated
 //! SVD of the exclusive vector `θ_t − θ*` (parts `u`, `v` as in `tsv_c`); other tensors are
 //! stored as they are (`raw`). A task whose tensor equals the base stores nothing for it and
-//! rebuilds the base exactly. Rebuild: `θ0 + (θ* − θ0) + u·v`.
+//! rebuilds the base exactly. Rebuild: `θ0 + (θ* − θ0) + u·v`. The SVDs are exact unless
+//! `randomized_svd: true` (seeded range finder; much faster on large matrices such as the
+//! embeddings).
 
 use super::emr::{shared_dtype, shared_dtype_param};
 use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TensorInputs};
@@ -36,6 +38,12 @@ impl Default for Twin {
                     ),
                     factor_dtype_param(),
                     shared_dtype_param(),
+                    ParamSpec::new(
+                        "randomized_svd",
+                        Kind::Bool,
+                        Scope::Shared,
+                        Value::Bool(false),
+                    ),
                 ],
             ),
         }
@@ -100,7 +108,7 @@ impl Scheme for Twin {
             let how = Factoring {
                 k,
                 energy: None,
-                randomized: false,
+                randomized: job.shared.b("randomized_svd"),
                 dtype: factor_dtype(job),
             };
             let low = store_factors(job, &residual, (m, n), &how, t, out)?;
