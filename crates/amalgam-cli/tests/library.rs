@@ -598,3 +598,56 @@ fn adapter_tasks_are_the_baked_models() {
         String::from_utf8_lossy(&diff.stdout)
     );
 }
+
+/// Ternary keeps exactly `round(density · count)` entries per sign, equal magnitudes by lower
+/// index first, and rebuilds them at `±α`, `α = ‖τ_kept‖ / √kept`.
+#[test]
+fn ternary_keeps_ties_by_lower_index() {
+    let d = tempfile::tempdir().unwrap();
+    let name = "model.embed_tokens.weight";
+    let f32s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let base = d.path().join("base");
+    common::write_model(
+        &base,
+        &[common::raw(
+            name,
+            amalgam::DType::F32,
+            &[2, 4],
+            f32s(&[0.0; 8]),
+        )],
+    );
+    let task = [1.0, 1.0, 1.0, 2.0, -1.0, -1.0, -3.0, 0.5];
+    let ft = d.path().join("ft");
+    common::write_model(
+        &ft,
+        &[common::raw(name, amalgam::DType::F32, &[2, 4], f32s(&task))],
+    );
+    let config = d.path().join("lib.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "base_model: {}\ntasks:\n  - {{name: t, model: {}}}\nscheme: ternary\nparameters: {{density: 0.5}}\n",
+            s(&base),
+            s(&ft)
+        ),
+    )
+    .unwrap();
+    let lib = d.path().join("lib");
+    ok(&["library", "build", s(&config), s(&lib), "-q"]);
+    let out = d.path().join("out");
+    ok(&["library", "rebuild", s(&lib), "t", s(&out), "-q"]);
+    let got = amalgam::io::Model::open(&out)
+        .unwrap()
+        .floats(name)
+        .unwrap();
+    // Positives 1, 1, 1, 2, 0.5: round(2.5) = 3 kept, the 2 and the first two 1s; negatives
+    // −1, −1, −3: round(1.5) = 2 kept, the −3 and the first −1.
+    let alpha = (16.0f32 / 5.0).sqrt();
+    let want = [alpha, alpha, 0.0, alpha, -alpha, 0.0, -alpha, 0.0];
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-6,
+            "element {i}: {g} vs {w} (all: {got:?})"
+        );
+    }
+}
