@@ -140,6 +140,59 @@ pub fn code(bytes: &[u8], i: usize, width: u32) -> u32 {
     ((lo | (hi << 8)) >> shift) & ((1u32 << width) - 1)
 }
 
+/// Where elements `start..start + n` of a packed stream begin a whole byte: the count of leading
+/// elements to take one by one (0 when `start` is a multiple of 8).
+#[inline(always)]
+fn head(start: usize, n: usize) -> usize {
+    ((8 - start % 8) % 8).min(n)
+}
+
+crate::simd::vectorized! {
+    /// `out[j] = base[j] + scale·v[j]` where bit `start + j` of `mask` is set, else `base[j]`.
+    pub fn masked_add(mask: &[u8], start: usize, base: &[f32], v: &[f32], scale: f32, out: &mut [f32]) {
+        let h = head(start, out.len());
+        for j in 0..h {
+            out[j] = if bit(mask, start + j) { base[j] + scale * v[j] } else { base[j] };
+        }
+        let first = (start + h) / 8;
+        let blocks = out[h..].chunks_exact_mut(8).zip(base[h..].chunks_exact(8)).zip(v[h..].chunks_exact(8));
+        let mut done = h;
+        for (k, ((o, b), x)) in blocks.enumerate() {
+            let byte = mask[first + k];
+            for l in 0..8 {
+                o[l] = if (byte >> l) & 1 == 1 { b[l] + scale * x[l] } else { b[l] };
+            }
+            done += 8;
+        }
+        for j in done..out.len() {
+            out[j] = if bit(mask, start + j) { base[j] + scale * v[j] } else { base[j] };
+        }
+    }
+}
+
+crate::simd::vectorized! {
+    /// `out[j] = base[j] + α` where bit `start + j` of `signs` is set, else `base[j] − α`.
+    pub fn signed_add(signs: &[u8], start: usize, base: &[f32], alpha: f32, out: &mut [f32]) {
+        let h = head(start, out.len());
+        for j in 0..h {
+            out[j] = if bit(signs, start + j) { base[j] + alpha } else { base[j] - alpha };
+        }
+        let first = (start + h) / 8;
+        let blocks = out[h..].chunks_exact_mut(8).zip(base[h..].chunks_exact(8));
+        let mut done = h;
+        for (k, (o, b)) in blocks.enumerate() {
+            let byte = signs[first + k];
+            for l in 0..8 {
+                o[l] = if (byte >> l) & 1 == 1 { b[l] + alpha } else { b[l] - alpha };
+            }
+            done += 8;
+        }
+        for j in done..out.len() {
+            out[j] = if bit(signs, start + j) { base[j] + alpha } else { base[j] - alpha };
+        }
+    }
+}
+
 /// Bytes needed for `n` codes of `width` bits.
 pub fn packed_len(n: usize, width: u32) -> usize {
     (n * width as usize).div_ceil(8)
@@ -219,6 +272,44 @@ mod tests {
             assert_eq!(bytes.len(), packed_len(codes.len(), width));
             for (i, &c) in codes.iter().enumerate() {
                 assert_eq!(code(&bytes, i, width), c as u32, "width {width} code {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn masked_and_signed_adds_match_bit_by_bit_at_any_start() {
+        let mask: Vec<u8> = (0..8u32).map(|i| (i * 37 + 11) as u8).collect();
+        let base: Vec<f32> = (0..64).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let v: Vec<f32> = (0..64).map(|i| 1.0 / (i as f32 + 1.5)).collect();
+        for start in [0usize, 3, 8, 13] {
+            let n = 64 - start - 5;
+            let (b, x) = (&base[start..start + n], &v[start..start + n]);
+            let mut out = vec![0.0; n];
+            masked_add(&mask, start, b, x, 0.7, &mut out);
+            for j in 0..n {
+                let want = if bit(&mask, start + j) {
+                    b[j] + 0.7 * x[j]
+                } else {
+                    b[j]
+                };
+                assert_eq!(
+                    out[j].to_bits(),
+                    want.to_bits(),
+                    "start {start} element {j}"
+                );
+            }
+            signed_add(&mask, start, b, 0.3, &mut out);
+            for j in 0..n {
+                let want = if bit(&mask, start + j) {
+                    b[j] + 0.3
+                } else {
+                    b[j] - 0.3
+                };
+                assert_eq!(
+                    out[j].to_bits(),
+                    want.to_bits(),
+                    "start {start} element {j}"
+                );
             }
         }
     }

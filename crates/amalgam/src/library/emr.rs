@@ -195,13 +195,7 @@ impl Decoder for MaskDecoder<'_> {
     ) -> Result<()> {
         self.parts
             .shared(self.shared, range.clone(), &mut self.buf)?;
-        for (j, (o, (&b, &v))) in out.iter_mut().zip(base.iter().zip(&self.buf)).enumerate() {
-            *o = if bits::bit(self.mask, range.start + j) {
-                b + self.scale * v
-            } else {
-                b
-            };
-        }
+        bits::masked_add(self.mask, range.start, base, &self.buf, self.scale, out);
         Ok(())
     }
 }

@@ -178,15 +178,24 @@ impl Decoder for SignDecoder<'_> {
         base: &[f32],
         out: &mut [f32],
     ) -> Result<()> {
-        let per_row = self.scales.len() > 1;
-        for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
-            let e = range.start + j;
-            let alpha = self.scales[if per_row { e / self.cols } else { 0 }];
-            *o = if bits::bit(self.sign, e) {
-                b + alpha
-            } else {
-                b - alpha
-            };
+        if self.scales.len() == 1 {
+            bits::signed_add(self.sign, range.start, base, self.scales[0], out);
+            return Ok(());
+        }
+        // Row by row: one scale each.
+        let mut e = range.start;
+        while e < range.end {
+            let row = e / self.cols;
+            let end = ((row + 1) * self.cols).min(range.end);
+            let at = e - range.start..end - range.start;
+            bits::signed_add(
+                self.sign,
+                e,
+                &base[at.clone()],
+                self.scales[row],
+                &mut out[at],
+            );
+            e = end;
         }
         Ok(())
     }
