@@ -13,7 +13,6 @@
 
 use super::bits::{self, BitWriter};
 use super::scheme::{self, ChunkStats, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
-use crate::config::Value;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::{MergeJob, Method, MethodSpec};
@@ -32,23 +31,10 @@ impl Default for Emr {
                 "https://arxiv.org/abs/2405.17461",
                 vec![
                     scheme::choice("rescale", &["paper", "code"]),
-                    shared_dtype_param(),
+                    scheme::shared_dtype_param(),
                 ],
             ),
         }
-    }
-}
-
-/// `shared_dtype`: how a shared float vector is stored (float32 by default, exact).
-pub(crate) fn shared_dtype_param() -> crate::methods::ParamSpec {
-    scheme::choice("shared_dtype", &["float32", "bfloat16", "float16"])
-}
-
-/// The dtype `shared_dtype` names.
-pub(crate) fn shared_dtype(job: &MergeJob) -> DType {
-    match job.shared.get("shared_dtype") {
-        Value::Choice(c) => DType::parse_float(c).unwrap_or(DType::F32),
-        _ => DType::F32,
     }
 }
 
@@ -60,11 +46,7 @@ impl Method for Emr {
 
 impl Scheme for Emr {
     fn shared_parts(&self, job: &MergeJob, _out: DType) -> Vec<scheme::PartSpec> {
-        vec![scheme::PartSpec {
-            suffix: "uni",
-            dtype: shared_dtype(job),
-            shape: job.shape.to_vec(),
-        }]
+        scheme::shared_vector(job, "uni")
     }
 
     fn sums(&self) -> usize {
@@ -88,8 +70,7 @@ impl Scheme for Emr {
             let base = chunk.base_tensor();
             let len = base.len();
             for (tau, &i) in taus.iter_mut().zip(&tasks) {
-                tau.clear();
-                tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
+                scheme::delta_into(chunk.inputs[i], base, tau);
             }
             // The elected sign (a zero sum elects −1), then the largest agreeing magnitude.
             sign.clear();
@@ -129,15 +110,8 @@ impl Scheme for Emr {
             totals.sums.push(totals.sums[0] / n);
             totals.sums.push(totals.sums[1] / n);
             *out.stats(t) = totals;
-            let len = mask.len();
-            debug_assert_eq!(len, job.numel());
-            out.task(
-                t,
-                "mask",
-                DType::U8,
-                vec![len.div_ceil(8)],
-                mask.into_bytes(),
-            )?;
+            debug_assert_eq!(mask.len(), job.numel());
+            scheme::put_bits(out, t, "mask", mask)?;
         }
         Ok(())
     }

@@ -300,8 +300,7 @@ impl Scheme for Quant {
         let fill = |chunk: &MergeJob, taus: &mut Vec<Vec<f32>>, mean: &mut Vec<f32>| {
             let base = chunk.base_tensor();
             for (tau, &i) in taus.iter_mut().zip(&tasks) {
-                tau.clear();
-                tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
+                scheme::delta_into(chunk.inputs[i], base, tau);
             }
             if residual {
                 mean.clear();
@@ -440,13 +439,8 @@ fn grid_of(
     part: &dyn Fn(&str) -> Result<Vec<u8>>,
 ) -> Result<Grid> {
     let floats = |s: &str| -> Result<Vec<f32>> {
-        let b = part(s)?;
-        if !b.len().is_multiple_of(4) {
-            return Err(parts.corrupt(format!("its part '{s}' is not F32")));
-        }
-        Ok(b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        scheme::le_f32s(&part(s)?)
+            .ok_or_else(|| parts.corrupt(format!("its part '{s}' is not F32")))
     };
     let (lo, step) = (floats("lo")?, floats("step")?);
     let meta: Vec<u32> = part("meta")?

@@ -431,6 +431,87 @@ pub(crate) fn raw_unless_matrix(
     Ok(true)
 }
 
+/// `out = x − b`: a task vector's chunk.
+#[inline]
+pub(crate) fn delta_into(x: &[f32], b: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(x.iter().zip(b).map(|(&x, &b)| x - b));
+}
+
+/// `shared_dtype`: how a shared full-size vector is stored (float32 by default, exact).
+pub(crate) fn shared_dtype_param() -> ParamSpec {
+    choice("shared_dtype", &["float32", "bfloat16", "float16"])
+}
+
+/// The dtype `shared_dtype` names.
+pub(crate) fn shared_dtype(job: &MergeJob) -> DType {
+    match job.shared.get("shared_dtype") {
+        Value::Choice(c) => DType::parse_float(c).unwrap_or(DType::F32),
+        _ => DType::F32,
+    }
+}
+
+/// The one shared part of schemes that keep a full-size vector (EMR's `uni`, TALL's `mtl`,
+/// Twin's `merged`), in `shared_dtype`.
+pub(crate) fn shared_vector(job: &MergeJob, suffix: &'static str) -> Vec<PartSpec> {
+    vec![PartSpec {
+        suffix,
+        dtype: shared_dtype(job),
+        shape: job.shape.to_vec(),
+    }]
+}
+
+/// `x` as stored in `dtype`: the values read back, and the bytes.
+pub(crate) fn stored_as(x: &[f32], dtype: DType) -> (Vec<f32>, Vec<u8>) {
+    let mut bytes = Vec::new();
+    crate::dtype::encode_f32(dtype, x, &mut bytes);
+    let mut back = Vec::new();
+    crate::dtype::decode_f32(dtype, &bytes, &mut back);
+    (back, bytes)
+}
+
+/// Store `values` as task `task`'s F32 part `suffix` (1-D).
+pub(crate) fn put_f32(
+    out: &mut dyn Encoded,
+    task: usize,
+    suffix: &'static str,
+    values: &[f32],
+) -> Result<()> {
+    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    out.task(task, suffix, DType::F32, vec![values.len()], bytes)
+}
+
+/// Store a packed bit stream as task `task`'s U8 part `suffix`.
+pub(crate) fn put_bits(
+    out: &mut dyn Encoded,
+    task: usize,
+    suffix: &'static str,
+    bits: super::bits::BitWriter,
+) -> Result<()> {
+    let bytes = bits.into_bytes();
+    out.task(task, suffix, DType::U8, vec![bytes.len()], bytes)
+}
+
+/// Little-endian f32s, or `None` if `bytes` is not a whole number of them.
+pub(crate) fn le_f32s(bytes: &[u8]) -> Option<Vec<f32>> {
+    bytes.len().is_multiple_of(4).then(|| {
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    })
+}
+
+/// A task's F32 part `suffix` (an error if it is missing or not F32).
+pub(crate) fn task_f32s(parts: &dyn Parts, suffix: &str) -> Result<Vec<f32>> {
+    let bytes = parts
+        .task(suffix)?
+        .ok_or_else(|| parts.corrupt(format!("its part '{suffix}' is missing")))?;
+    le_f32s(bytes)
+        .filter(|_| parts.task_dtype(suffix) == Some(DType::F32))
+        .ok_or_else(|| parts.corrupt(format!("its part '{suffix}' is not F32")))
+}
+
 /// Check that part `suffix` has `len` bytes.
 pub(crate) fn check_len(parts: &dyn Parts, suffix: &str, bytes: &[u8], len: usize) -> Result<()> {
     if bytes.len() != len {

@@ -9,7 +9,6 @@
 
 use super::bits::{self, BitWriter};
 use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
-use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::{MergeJob, Method, MethodSpec};
 use crate::sums::LaneSum;
@@ -72,8 +71,7 @@ impl Scheme for Sign {
         inputs.pass(1, &mut |chunk, offset| {
             let base = chunk.base_tensor();
             for (acc, &i) in accs.iter_mut().zip(&tasks) {
-                tau.clear();
-                tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
+                scheme::delta_into(chunk.inputs[i], base, &mut tau);
                 acc.bits.push_bits(&tau, |t| t >= 0.0);
                 // Each scale group's part of the chunk (rows when per row).
                 let mut e = offset;
@@ -111,21 +109,8 @@ impl Scheme for Sign {
                 s.c += sq;
             }
             *out.stats(t) = s;
-            let len = acc.bits.len();
-            out.task(
-                t,
-                "sign",
-                DType::U8,
-                vec![len.div_ceil(8)],
-                acc.bits.into_bytes(),
-            )?;
-            out.task(
-                t,
-                "scale",
-                DType::F32,
-                vec![scales.len()],
-                bytemuck::cast_slice(&scales).to_vec(),
-            )?;
+            scheme::put_bits(out, t, "sign", acc.bits)?;
+            scheme::put_f32(out, t, "scale", &scales)?;
         }
         Ok(())
     }
@@ -140,7 +125,7 @@ impl Scheme for Sign {
         let (rows, cols) = scheme::matrix(shape)
             .ok_or_else(|| parts.corrupt("a sign part on a tensor that is not 2-D".into()))?;
         scheme::check_len(parts, "sign", sign, (rows * cols).div_ceil(8))?;
-        let scales = f32s(parts, "scale")?;
+        let scales = scheme::task_f32s(parts, "scale")?;
         if scales.len() != 1 && scales.len() != rows {
             return Err(parts.corrupt(format!(
                 "{} scales for {rows} rows; expected 1 or {rows}",
@@ -149,20 +134,6 @@ impl Scheme for Sign {
         }
         Ok(Box::new(SignDecoder { sign, scales, cols }))
     }
-}
-
-/// A task's f32 part `suffix` (an error if it is missing).
-pub(crate) fn f32s(parts: &dyn Parts, suffix: &str) -> Result<Vec<f32>> {
-    let bytes = parts
-        .task(suffix)?
-        .ok_or_else(|| parts.corrupt(format!("its part '{suffix}' is missing")))?;
-    if parts.task_dtype(suffix) != Some(DType::F32) || !bytes.len().is_multiple_of(4) {
-        return Err(parts.corrupt(format!("its part '{suffix}' is not F32")));
-    }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
 }
 
 struct SignDecoder<'a> {

@@ -11,7 +11,7 @@
 //! threshold), so a worker holds them; the sum streams.
 
 use super::bits::BitWriter;
-use super::emr::{MaskDecoder, shared_dtype, shared_dtype_param};
+use super::emr::MaskDecoder;
 use super::scheme::{self, ChunkStats, Decoder, Encoded, Parts, Scheme, TensorInputs};
 use crate::config::{Kind, Value};
 use crate::dtype::DType;
@@ -34,7 +34,7 @@ impl Default for Tall {
                     ParamSpec::new("lambda", Kind::Float, Scope::NonBase, Value::Float(0.4)),
                     scheme::choice("merged", &["task_arithmetic", "ties"]),
                     ParamSpec::new("density", Kind::Float, Scope::Shared, Value::Float(0.2)),
-                    shared_dtype_param(),
+                    scheme::shared_dtype_param(),
                 ],
             ),
         }
@@ -87,11 +87,7 @@ impl Scheme for Tall {
     }
 
     fn shared_parts(&self, job: &MergeJob, _out: DType) -> Vec<scheme::PartSpec> {
-        vec![scheme::PartSpec {
-            suffix: "mtl",
-            dtype: shared_dtype(job),
-            shape: job.shape.to_vec(),
-        }]
+        scheme::shared_vector(job, "mtl")
     }
 
     fn encode(
@@ -134,8 +130,7 @@ impl Scheme for Tall {
             inputs.pass(1, &mut |chunk, offset| {
                 let base = chunk.base_tensor();
                 for (tau, &i) in taus.iter_mut().zip(&tasks) {
-                    tau.clear();
-                    tau.extend(chunk.inputs[i].iter().zip(base).map(|(&x, &b)| x - b));
+                    scheme::delta_into(chunk.inputs[i], base, tau);
                 }
                 mtl.clear();
                 mtl.resize(base.len(), 0.0);
@@ -151,14 +146,8 @@ impl Scheme for Tall {
         }
         for (t, (mask, s)) in bits.into_iter().zip(stats).enumerate() {
             *out.stats(t) = s.totals();
-            let len = mask.len();
-            out.task(
-                t,
-                "mask",
-                DType::U8,
-                vec![len.div_ceil(8)],
-                mask.into_bytes(),
-            )?;
+            debug_assert_eq!(mask.len(), job.numel());
+            scheme::put_bits(out, t, "mask", mask)?;
         }
         Ok(())
     }

@@ -12,7 +12,6 @@
 use super::bits::{self, BitWriter};
 use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
 use crate::config::{Kind, Value};
-use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::select::{self, Selection, Selector, Want};
 use crate::methods::{MergeJob, Method, MethodSpec, ParamSpec, Scope};
@@ -220,28 +219,9 @@ impl Scheme for Ternary {
                 c: totals[2],
                 sums: Vec::new(),
             };
-            let (mlen, slen) = (mask.len(), sign.len());
-            out.task(
-                t,
-                "mask",
-                DType::U8,
-                vec![mlen.div_ceil(8)],
-                mask.into_bytes(),
-            )?;
-            out.task(
-                t,
-                "sign",
-                DType::U8,
-                vec![slen.div_ceil(8)],
-                sign.into_bytes(),
-            )?;
-            out.task(
-                t,
-                "scale",
-                DType::F32,
-                vec![1],
-                alpha.to_le_bytes().to_vec(),
-            )?;
+            scheme::put_bits(out, t, "mask", mask)?;
+            scheme::put_bits(out, t, "sign", sign)?;
+            scheme::put_f32(out, t, "scale", &[alpha])?;
         }
         Ok(())
     }
@@ -260,7 +240,7 @@ impl Scheme for Ternary {
             .task("sign")?
             .ok_or_else(|| parts.corrupt("its part 'sign' is missing".into()))?;
         scheme::check_len(parts, "sign", sign, kept.div_ceil(8))?;
-        let scale = super::sign::f32s(parts, "scale")?;
+        let scale = scheme::task_f32s(parts, "scale")?;
         let &[alpha] = scale.as_slice() else {
             return Err(parts.corrupt(format!("{} scales; expected 1", scale.len())));
         };

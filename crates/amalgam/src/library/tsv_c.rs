@@ -11,7 +11,7 @@
 
 use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TensorInputs};
 use crate::config::{Kind, Value};
-use crate::dtype::{DType, decode_f32, encode_f32};
+use crate::dtype::{DType, decode_f32};
 use crate::error::{Error, Result};
 use crate::linalg;
 use crate::methods::{MergeJob, Method, MethodSpec, ParamSpec, Scope};
@@ -124,8 +124,8 @@ pub(crate) fn store_factors(
             v[j * n + c] = svd.v[(c, j)];
         }
     }
-    let (u, u_bytes) = rounded(&u, dtype);
-    let (v, v_bytes) = rounded(&v, dtype);
+    let (u, u_bytes) = scheme::stored_as(&u, dtype);
+    let (v, v_bytes) = scheme::stored_as(&v, dtype);
     out.task(task, "u", dtype, vec![m, r], u_bytes)?;
     out.task(task, "v", dtype, vec![r, n], v_bytes)?;
     let mut rebuilt = vec![0.0f32; m * n];
@@ -137,15 +137,6 @@ pub(crate) fn store_factors(
         );
     }
     Ok(rebuilt)
-}
-
-/// `x` stored as `dtype`: the values read back, and the bytes.
-fn rounded(x: &[f32], dtype: DType) -> (Vec<f32>, Vec<u8>) {
-    let mut bytes = Vec::new();
-    encode_f32(dtype, x, &mut bytes);
-    let mut back = Vec::new();
-    decode_f32(dtype, &bytes, &mut back);
-    (back, bytes)
 }
 
 impl Scheme for TsvC {

@@ -9,11 +9,10 @@
 //! `randomized_svd: true` (seeded range finder; much faster on large matrices such as the
 //! embeddings).
 
-use super::emr::{shared_dtype, shared_dtype_param};
 use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TensorInputs};
 use super::tsv_c::{Factoring, LowRank, factor_dtype, factor_dtype_param, store_factors};
 use crate::config::{Kind, Value};
-use crate::dtype::{DType, decode_f32, encode_f32};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::{MergeJob, Method, MethodSpec, ParamSpec, Scope};
 
@@ -37,7 +36,7 @@ impl Default for Twin {
                         Value::Float(0.1),
                     ),
                     factor_dtype_param(),
-                    shared_dtype_param(),
+                    scheme::shared_dtype_param(),
                     ParamSpec::new(
                         "randomized_svd",
                         Kind::Bool,
@@ -66,11 +65,7 @@ impl Scheme for Twin {
     }
 
     fn shared_parts(&self, job: &MergeJob, _out: DType) -> Vec<scheme::PartSpec> {
-        vec![scheme::PartSpec {
-            suffix: "merged",
-            dtype: shared_dtype(job),
-            shape: job.shape.to_vec(),
-        }]
+        scheme::shared_vector(job, "merged")
     }
 
     fn encode(
@@ -85,10 +80,7 @@ impl Scheme for Twin {
         inputs.merged(&mut merged)?;
         // The shared delta as stored, so each residual is taken against what rebuild adds.
         let delta: Vec<f32> = merged.iter().zip(&base).map(|(m, b)| m - b).collect();
-        let mut bytes = Vec::new();
-        encode_f32(shared_dtype(job), &delta, &mut bytes);
-        let mut delta = Vec::new();
-        decode_f32(shared_dtype(job), &bytes, &mut delta);
+        let (delta, _) = scheme::stored_as(&delta, scheme::shared_dtype(job));
         out.shared(0, 0, &delta)?;
         let star: Vec<f32> = base.iter().zip(&delta).map(|(b, d)| b + d).collect();
         let matrix = scheme::matrix(job.shape);
