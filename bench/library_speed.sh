@@ -75,56 +75,7 @@ config() { # scheme
   } > "$work/configs/library-$s.yml"
 }
 
-measure() { # DIR CMD...: prints "seconds peak_MiB"; the command's output goes to $work/last.log
-  # Each run starts with no output directory (DIR) and no dirty pages left by the previous run.
-  local dir=$1
-  shift
-  rm -rf "$dir"
-  sync
-  /usr/bin/time -f '%e %M' -o "$work/time.txt" "$@" > "$work/last.log" 2>&1 || {
-    echo "FAILED: $*" >&2; cat "$work/last.log" >&2; return 1; }
-  awk '{printf "%.2f %.0f", $1, $2/1024}' "$work/time.txt"
-}
-
-# `median_of N DIR CMD...`: runs `measure DIR CMD` N times; prints "median_s max_MiB runs", runs
-# being every wall time joined with "/", or nothing if a run failed.
-median_of() {
-  local n=$1 i s m all=()
-  shift
-  for ((i = 0; i < n; i++)); do
-    read -r s m < <(measure "$@"; echo) || true   # a failed run: s empty
-    [ -n "$s" ] || return 0
-    all+=("$s $m")
-  done
-  printf '%s\n' "${all[@]}" | python3 -c '
-import sys, statistics
-runs = [l.split() for l in sys.stdin if l.strip()]
-t = [float(r[0]) for r in runs]
-print(f"{statistics.median(t):.2f} {max(int(r[1]) for r in runs)} " + "/".join(r[0] for r in runs))'
-}
-
-# I/O floor: `floor BYTES FILE...` reads every FILE once and writes a BYTES-sized file, fsync,
-# through the page cache; prints the seconds.
-floor() {
-  local size=$1 out=$work/floor.bin t0 t1
-  shift
-  t0=$(date +%s.%N)
-  cat "$@" > /dev/null
-  head -c "$size" /dev/zero > "$out"
-  sync "$out"
-  t1=$(date +%s.%N)
-  rm -f "$out"
-  printf "%.2f" "$(echo "$t1 - $t0" | bc)"
-}
-# `floor_median BYTES FILE...`: `floor` --reps times; prints "median_s runs".
-floor_median() {
-  local i all=()
-  for ((i = 0; i < reps; i++)); do all+=("$(floor "$@")"); done
-  printf '%s\n' "${all[@]}" | python3 -c '
-import sys, statistics
-t = [l.strip() for l in sys.stdin if l.strip()]
-print(f"{statistics.median(float(x) for x in t):.2f} " + "/".join(t))'
-}
+source "$(dirname "$0")/measure.sh"   # measure, median_of, floor, floor_median
 
 inputs=("$set_dir"/base/*.safetensors "$set_dir"/ft1/*.safetensors "$set_dir"/ft2/*.safetensors "$set_dir"/ft3/*.safetensors)
 model_bytes=$(cat "$set_dir"/base/*.safetensors | wc -c)

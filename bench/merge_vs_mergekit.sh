@@ -66,64 +66,27 @@ models:
 parameters: {t: 0.4}
 YML
 
-measure() { # prints "seconds peak_MiB"; the command's output goes to $work/last.log
-  # Each run starts with no output directory and no dirty pages left by the previous run.
-  rm -rf "$work/out-mk" "$work/out-am"
-  sync
-  /usr/bin/time -f '%e %M' -o "$work/time.txt" "$@" > "$work/last.log" 2>&1 || {
-    echo "FAILED: $*" >&2; cat "$work/last.log" >&2; return 1; }
-  awk '{printf "%.2f %.0f", $1, $2/1024}' "$work/time.txt"
-}
+source "$(dirname "$0")/measure.sh"   # measure, median_of, floor, floor_median
 
-# `median_of N CMD...`: runs `measure CMD` N times; prints "median_s max_MiB runs", runs being
-# every wall time joined with "/".
-median_of() {
-  local n=$1 i s m all=()
-  shift
-  for ((i = 0; i < n; i++)); do
-    read -r s m < <(measure "$@"; echo)
-    all+=("$s $m")
-  done
-  printf '%s\n' "${all[@]}" | python3 -c '
-import sys, statistics
-runs = [l.split() for l in sys.stdin if l.strip()]
-t = [float(r[0]) for r in runs]
-print(f"{statistics.median(t):.2f} {max(int(r[1]) for r in runs)} " + "/".join(r[0] for r in runs))'
-}
-
-# I/O floor: read every input once, write one output-sized file, fsync, through the page cache.
-floor() {
-  local out=$work/floor.bin size
-  size=$(du -b "$set_dir/base/model.safetensors" | cut -f1)
-  local t0 t1
-  t0=$(date +%s.%N)
-  cat "$set_dir"/*/model.safetensors > /dev/null
-  head -c "$size" /dev/zero > "$out"
-  sync "$out"
-  t1=$(date +%s.%N)
-  rm -f "$out"
-  printf "%.2f" "$(echo "$t1 - $t0" | bc)"
-}
 cat "$set_dir"/*/model.safetensors > /dev/null   # warm the page cache for everyone
-ios=()
-for ((i = 0; i < reps; i++)); do ios+=("$(floor)"); done
-io=$(printf '%s\n' "${ios[@]}" | python3 -c 'import sys, statistics; print(f"{statistics.median(float(l) for l in sys.stdin):.2f}")')
-echo "model set: $layers layers, $(du -sh "$set_dir" | cut -f1); I/O floor ${io}s (median of $(IFS=/; echo "${ios[*]}"))"
+# The I/O floor: every input read once, one output-sized file written.
+read -r io io_runs < <(floor_median "$(du -b "$set_dir/base/model.safetensors" | cut -f1)" "$set_dir"/*/model.safetensors)
+echo "model set: $layers layers, $(du -sh "$set_dir" | cut -f1); I/O floor ${io}s (median of $io_runs)"
 echo "amalgam: median of $reps runs (every run's seconds in the last column); mergekit: one run"
 printf '| %-15s | %12s | %12s | %12s | %12s | %8s | %8s | %-18s |\n' method "mergekit s" "mergekit MiB" "amalgam s" "amalgam MiB" speedup "x floor" "amalgam runs s"
 printf '|%s|\n' "-----------------|--------------|--------------|--------------|--------------|----------|----------|--------------------"
 for m in linear task_arithmetic ties dare_ties breadcrumbs slerp model_stock; do
   if [ "$run_mergekit" = 1 ]; then
-    read -r mk_s mk_m < <(measure "$mergekit" "$work/configs/$m.yml" "$work/out-mk" --no-copy-tokenizer --no-write-model-card --quiet; echo)
+    read -r mk_s mk_m < <(measure "$work/out-mk" "$mergekit" "$work/configs/$m.yml" "$work/out-mk" --no-copy-tokenizer --no-write-model-card --quiet; echo)
   else
     mk_s=nan; mk_m=nan
   fi
-  read -r am_s am_m am_runs < <(median_of "$reps" "$bin" --threads 2 merge "$work/configs/$m.yml" "$work/out-am" -q)
+  read -r am_s am_m am_runs < <(median_of "$reps" "$work/out-am" "$bin" --threads 2 merge "$work/configs/$m.yml" "$work/out-am" -q)
   speed=$(python3 -c "import math; a=float('$mk_s'); b=float('$am_s'); print('n/a' if math.isnan(a) else f'{a/b:.1f}x')")
   vs=$(python3 -c "print(f'{float(\"$am_s\")/float(\"$io\"):.2f}')")
   printf '| %-15s | %12s | %12s | %12s | %12s | %8s | %8s | %-18s |\n' "$m" "$mk_s" "$mk_m" "$am_s" "$am_m" "$speed" "$vs" "$am_runs"
 done
-read -r t1_s t1_m t1_runs < <(median_of "$reps" "$bin" --threads 1 merge "$work/configs/ties.yml" "$work/out-am" -q)
-read -r t2_s t2_m t2_runs < <(median_of "$reps" "$bin" --threads 2 merge "$work/configs/ties.yml" "$work/out-am" -q)
+read -r t1_s t1_m t1_runs < <(median_of "$reps" "$work/out-am" "$bin" --threads 1 merge "$work/configs/ties.yml" "$work/out-am" -q)
+read -r t2_s t2_m t2_runs < <(median_of "$reps" "$work/out-am" "$bin" --threads 2 merge "$work/configs/ties.yml" "$work/out-am" -q)
 echo "ties: 1 thread ${t1_s}s ${t1_m} MiB ($t1_runs), 2 threads ${t2_s}s ${t2_m} MiB ($t2_runs): $(python3 -c "print(f'{$t1_s/$t2_s:.2f}')")x"
 rm -rf "$work/out-am" "$work/out-mk"
