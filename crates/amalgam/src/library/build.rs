@@ -268,15 +268,20 @@ fn base_input(t: &PlannedTensor) -> &plan::Input {
     }
 }
 
-/// Encode tensor `i` of the plan.
-fn tensor(job: &Job, i: usize, scratch: &mut Scratch) -> Result<()> {
-    let t = &job.plan.tensors[i];
+/// BLAKE3 of tensor `t`'s base bytes as stored, read from its memory map.
+fn base_hash(job: &Job, t: &PlannedTensor) -> Result<String> {
     let base = base_input(t);
     let (model, name) = job.set.file_of(base);
     let hash = format::hash(job.set.tensor_of(base)?.bytes);
     model.release(name);
+    Ok(hash)
+}
+
+/// Encode tensor `i` of the plan.
+fn tensor(job: &Job, i: usize, scratch: &mut Scratch) -> Result<()> {
+    let t = &job.plan.tensors[i];
     let Some(meta) = meta(t, job.seed) else {
-        return buffer(job, i, hash);
+        return buffer(job, i, base_hash(job, t)?);
     };
     let Op::Merge { inputs, .. } = &t.op else {
         unreachable!("float tensors are merged")
@@ -299,7 +304,8 @@ fn tensor(job: &Job, i: usize, scratch: &mut Scratch) -> Result<()> {
         ],
         name: &t.name,
     };
-    let same = with_source(job.set, inputs, &mut scratch.raw, |source| {
+    let (same, hash) = with_source(job.set, inputs, &mut scratch.raw, |source| {
+        source.hash_input(meta.base.expect("contract: a base"));
         let mut reader = Reader {
             source,
             meta: &meta,
@@ -311,12 +317,21 @@ fn tensor(job: &Job, i: usize, scratch: &mut Scratch) -> Result<()> {
             merged: job.merged.map(|p| (p.method, &p.tensors[i])),
         };
         job.scheme.encode(&meta, &mut reader, &mut sink)?;
-        Ok(if reader.passed {
+        let same = if reader.passed {
             reader.same
         } else {
             vec![false; inputs.len()]
-        })
+        };
+        Ok((same, source.input_hash()))
     })?;
+    // Schemes that did not read the whole base through the source (dense's raw bytes): hash it.
+    let hash = match hash {
+        Some(h) => {
+            debug_assert_eq!(h, base_hash(job, t)?, "{}: hash of the bytes read", t.name);
+            h
+        }
+        None => base_hash(job, t)?,
+    };
     scratch.bytes = std::mem::take(&mut sink.bytes);
     let mut result = TensorResult {
         hash,

@@ -75,6 +75,9 @@ pub(crate) struct Source<'a> {
     /// Whether the raw buffers hold the inputs' first elements, up to this many, as they are
     /// read, so later passes read memory instead of the files ([`Source::hold`]).
     held: std::cell::Cell<Option<usize>>,
+    /// The input whose stored bytes are hashed as they are first read, in order
+    /// ([`hash_input`](Self::hash_input)): its index, the hash so far and the bytes it covers.
+    hash: std::cell::RefCell<Option<(usize, blake3::Hasher, usize)>>,
 }
 
 /// Elements per positioned read: 64K (128 KiB of bf16). Larger reads cost fewer system calls
@@ -167,6 +170,7 @@ impl<'a> Source<'a> {
             rows: Default::default(),
             raw: std::cell::RefCell::new(raw.into_iter().map(|b| (0..0, b)).collect()),
             held: std::cell::Cell::new(None),
+            hash: std::cell::RefCell::new(None),
         })
     }
 
@@ -266,8 +270,29 @@ impl<'a> Source<'a> {
             [(from - start) * size..(end - start) * size];
         self.model(k)
             .read_at(entry.shard, entry.range.start + from * size, bytes)?;
+        if let Some((i, hasher, done)) = self.hash.borrow_mut().as_mut()
+            && *i == k
+            && *done == from * size
+        {
+            hasher.update(bytes);
+            *done += bytes.len();
+        }
         *held = start..end;
         Ok(())
+    }
+
+    /// Hash input `k`'s stored bytes as the reads that follow first cover them (the task
+    /// library records its base's content hashes without reading the base again).
+    pub(crate) fn hash_input(&self, k: usize) {
+        *self.hash.borrow_mut() = Some((k, blake3::Hasher::new(), 0));
+    }
+
+    /// The BLAKE3 (hex) of the input [`hash_input`](Self::hash_input) named, if the reads
+    /// since covered all its bytes.
+    pub(crate) fn input_hash(&self) -> Option<String> {
+        let hash = self.hash.borrow();
+        let (k, hasher, done) = hash.as_ref()?;
+        (*done == self.views[*k].bytes.len()).then(|| hasher.finalize().to_hex().to_string())
     }
 
     /// Whether every input is stored as bf16 and read as is (no LoRA delta to add).
