@@ -262,19 +262,15 @@ fn bert_library(dir: &Path, scheme: &str) -> PathBuf {
             std::fs::copy(bert.join(f), out.join(f)).unwrap();
         }
     }
-    let config = dir.join("lib.yml");
-    std::fs::write(
-        &config,
+    let lib = build_text(
+        dir,
         format!(
             "base_model: {}\ntasks:\n  - {{name: a, model: {}}}\n  - {{name: b, model: {}}}\nscheme: {scheme}\n",
             s(&bert),
             s(&dir.join("a")),
             s(&dir.join("b"))
         ),
-    )
-    .unwrap();
-    let lib = dir.join("lib");
-    ok(&["library", "build", s(&config), s(&lib), "-q"]);
+    );
     lib
 }
 
@@ -324,6 +320,15 @@ fn eval_of_a_library_task_equals_eval_of_the_rebuilt_model() {
         s(&head),
     ]);
     assert!(err.contains("no task 'c'") && err.contains("a, b"), "{err}");
+}
+
+/// Write `text` as `dir/lib.yml` and build it into `dir/lib`, which it returns.
+fn build_text(dir: &Path, text: String) -> PathBuf {
+    let config = dir.join("lib.yml");
+    std::fs::write(&config, text).unwrap();
+    let lib = dir.join("lib");
+    ok(&["library", "build", s(&config), s(&lib), "-q"]);
+    lib
 }
 
 /// Write `text` as a library config in `dir` and build it; returns stderr of the failure.
@@ -575,19 +580,15 @@ fn adapter_tasks_are_the_baked_models() {
     let adapter = root().join("tests/fixtures/lora/adapters/qv");
     let baked = d.path().join("baked");
     ok(&["lora", "apply", s(&base), s(&adapter), s(&baked), "-q"]);
-    let config = d.path().join("lib.yml");
-    std::fs::write(
-        &config,
+    let lib = build_text(
+        d.path(),
         format!(
             "base_model: {}\ntasks:\n  - {{name: qv, model: {}+{}}}\nscheme: dense\n",
             s(&base),
             s(&base),
             s(&adapter)
         ),
-    )
-    .unwrap();
-    let lib = d.path().join("lib");
-    ok(&["library", "build", s(&config), s(&lib), "-q"]);
+    );
     let out = d.path().join("out");
     ok(&["library", "rebuild", s(&lib), "qv", s(&out), "-q"]);
     let diff = amalgam(&["diff", s(&out), s(&baked)]);
@@ -622,18 +623,14 @@ fn ternary_keeps_ties_by_lower_index() {
         &ft,
         &[common::raw(name, amalgam::DType::F32, &[2, 4], f32s(&task))],
     );
-    let config = d.path().join("lib.yml");
-    std::fs::write(
-        &config,
+    let lib = build_text(
+        d.path(),
         format!(
             "base_model: {}\ntasks:\n  - {{name: t, model: {}}}\nscheme: ternary\nparameters: {{density: 0.5}}\n",
             s(&base),
             s(&ft)
         ),
-    )
-    .unwrap();
-    let lib = d.path().join("lib");
-    ok(&["library", "build", s(&config), s(&lib), "-q"]);
+    );
     let out = d.path().join("out");
     ok(&["library", "rebuild", s(&lib), "t", s(&out), "-q"]);
     let got = amalgam::io::Model::open(&out)
