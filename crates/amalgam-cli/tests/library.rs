@@ -262,7 +262,7 @@ fn bert_library(dir: &Path, scheme: &str) -> PathBuf {
             std::fs::copy(bert.join(f), out.join(f)).unwrap();
         }
     }
-    let lib = build_text(
+    build_text(
         dir,
         format!(
             "base_model: {}\ntasks:\n  - {{name: a, model: {}}}\n  - {{name: b, model: {}}}\nscheme: {scheme}\n",
@@ -270,8 +270,7 @@ fn bert_library(dir: &Path, scheme: &str) -> PathBuf {
             s(&dir.join("a")),
             s(&dir.join("b"))
         ),
-    );
-    lib
+    )
 }
 
 /// `eval --library-task` reports what `eval` reports on the rebuilt model, without writing it.
