@@ -47,8 +47,9 @@ f32; reductions (norms, means, λ sums) in f64. Rules chosen where the brief lef
   * ternary: the kept count round(density·n) (density·n in f64) rounds half AWAY from zero, as
     Rust's f64::round. Half-way counts do occur here (e.g. P = 175, 0.3·175 = 52.5 → 53); on 6
     per-sign selections of ternary_sign Python's round (half to even) keeps one entry fewer.
-  * quant: codes use torch.round (half to even); no code (x − lo)/step is exactly half-way in
-    these fixtures (checked and printed), so half-away rounding gives the same codes.
+  * quant: codes use torch.round (half to even), as amalgam does. The f32 models have no code
+    (x − lo)/step exactly half-way; the bf16 ones (quant4_bf16) have many (counted and printed),
+    which is how an earlier half-away-from-zero rounding in amalgam was found.
   * quant: a group with max == min has step 0 and every code 0 (x̂ = lo), no 0/0.
   * ternary / tsv_c / twin: a tensor with nothing kept, or τ all zero, rebuilds θ0 exactly.
   * Scalars (λ, α, 0.3, 0.4) are cast to f32 before they multiply f32 tensors.
@@ -682,6 +683,21 @@ def main():
     bzeros = [sum(int((tv[k] == 0).sum()) for k in bbase if k != FROZEN) for tv in btaus]
     print(f"models_bf16: exact zeros in τ outside {FROZEN}: {bzeros}")
     emr_cases(bbase, bfts, btaus, suffix="_bf16", models="models_bf16")
+    # The streamed kernels that read bf16 bits and widen them in registers (sign, ternary,
+    # quant, TALL): the same restatements on the widened values.
+    write_case("sign_row_bf16", config("sign", {"scale": "row"}, models="models_bf16"), bbase,
+               bfts, sign_rebuild(bbase, bfts, btaus, row=True))
+    stats = {"ties": 0}
+    write_case("ternary_sign_bf16", config("ternary", {"density": 0.3}, models="models_bf16"),
+               bbase, bfts, ternary_rebuild(bbase, bfts, btaus, 0.3, "sign", stats))
+    print(f"  ternary_sign_bf16: entries tied with the k-th magnitude outside the top k: "
+          f"{stats['ties']}")
+    write_case("quant4_bf16", config("quant", {"bits": 4}, models="models_bf16"), bbase, bfts,
+               quant_rebuild(bbase, bfts, btaus, 4))
+    bta_mtl = {k: task_sum(btaus, k) for k in bbase}
+    write_case("tall_ta_bf16", config("tall", {"lambda": 0.4}, models="models_bf16"), bbase, bfts,
+               tall_rebuild(bbase, tall_masks(bbase, btaus, bta_mtl, [0.4] * T, "tall_ta_bf16"),
+                            bta_mtl))
 
     print(f"half-way counts density·n in ternary: {HALVES['ternary']} (round half to even would "
           f"differ on {HALVES['ternary_even_differs']}); half-way codes (x − lo)/step in quant: "

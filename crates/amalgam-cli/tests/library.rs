@@ -208,6 +208,10 @@ parity!(
     tsv_c_rank2,
     twin,
     dense,
+    sign_row_bf16,
+    ternary_sign_bf16,
+    quant4_bf16,
+    tall_ta_bf16,
 );
 
 #[test]

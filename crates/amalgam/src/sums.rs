@@ -14,11 +14,75 @@ pub struct LaneSum {
 /// Elements per f32 block of a [`LaneSum`] (32 per lane).
 pub const FLUSH: usize = 256;
 
+/// How [`LaneSum::add`] walks `n` elements that start at tensor index `offset`: `(head, blocks)`,
+/// the elements to add one by one ([`LaneSum::one`]) before the first multiple of 8, then the
+/// whole blocks of 8 ([`LaneSum::block`]); the rest are added one by one again. A kernel that
+/// feeds several sums (and bit streams) in one loop walks the same way, so that its sums are
+/// the ones `add` gives, bit for bit.
+#[inline(always)]
+pub fn spans(offset: usize, n: usize) -> (usize, usize) {
+    let head = ((8 - offset % 8) % 8).min(n);
+    (head, (n - head) / 8)
+}
+
+/// `K` sums fed aligned blocks of 8 at once, by a kernel that fills several sums in one loop:
+/// the same sums as [`LaneSum::block`] block by block, bit for bit, with the partial sums held
+/// in registers between flushes (through `&mut LaneSum`s they would be stored and reloaded
+/// every block). Every method inlines, so it is a set of local variables in the kernel.
+pub struct Blocks<'a, const K: usize> {
+    sums: [&'a mut LaneSum; K],
+    parts: [[f32; 8]; K],
+    totals: [[f64; 8]; K],
+    end: usize,
+}
+
+impl<'a, const K: usize> Blocks<'a, K> {
+    /// Start feeding `sums` the block that ends at index `first_end` (a multiple of 8).
+    #[inline(always)]
+    pub fn new(sums: [&'a mut LaneSum; K], first_end: usize) -> Self {
+        let parts = std::array::from_fn(|s| sums[s].part);
+        let totals = std::array::from_fn(|s| sums[s].total);
+        Blocks {
+            sums,
+            parts,
+            totals,
+            end: first_end,
+        }
+    }
+
+    /// Add the next block's 8 values to each sum.
+    #[inline(always)]
+    pub fn add(&mut self, values: [[f32; 8]; K]) {
+        for (part, v) in self.parts.iter_mut().zip(&values) {
+            for (p, &v) in part.iter_mut().zip(v) {
+                *p += v;
+            }
+        }
+        if self.end.is_multiple_of(FLUSH) {
+            for s in 0..K {
+                for l in 0..8 {
+                    self.totals[s][l] += self.parts[s][l] as f64;
+                    self.parts[s][l] = 0.0;
+                }
+            }
+        }
+        self.end += 8;
+    }
+
+    /// Store the sums back.
+    #[inline(always)]
+    pub fn finish(self) {
+        for (s, sum) in self.sums.into_iter().enumerate() {
+            (sum.part, sum.total) = (self.parts[s], self.totals[s]);
+        }
+    }
+}
+
 impl LaneSum {
     /// Add `values`, elements `offset..` of the tensor.
     #[inline(always)]
     pub fn add(&mut self, offset: usize, values: &[f32]) {
-        let head = ((8 - offset % 8) % 8).min(values.len());
+        let (head, _) = spans(offset, values.len());
         for (j, &v) in values[..head].iter().enumerate() {
             self.one(offset + j, v);
         }

@@ -4,10 +4,12 @@
 //! `⌊i/8⌋`, as `numpy.packbits(..., bitorder="little")` writes it. A `b`-bit code `i` occupies
 //! stream bits `i·b .. i·b + b`, least significant bit first; the last byte is padded with 0.
 
-/// A growing stream of bits, filled through a 64-bit accumulator.
+/// A growing stream of bits, filled through a 64-bit accumulator that is written out a whole
+/// word at a time.
 #[derive(Clone, Debug, Default)]
 pub struct BitWriter {
     bytes: Vec<u8>,
+    /// The bits not yet in `bytes`: the low `pending` (fewer than 64).
     acc: u64,
     pending: u32,
     len: usize,
@@ -17,7 +19,7 @@ impl BitWriter {
     /// A stream with room for `bits` bits.
     pub fn with_capacity(bits: usize) -> BitWriter {
         BitWriter {
-            bytes: Vec::with_capacity(bits.div_ceil(8)),
+            bytes: Vec::with_capacity(bits.div_ceil(8) + 8),
             ..Default::default()
         }
     }
@@ -25,25 +27,55 @@ impl BitWriter {
     /// Append one bit.
     #[inline]
     pub fn push(&mut self, bit: bool) {
-        self.push_code(bit as u32, 1);
+        self.push_wide(bit as u64, 1);
     }
 
     /// Append the low `width` (at most 32) bits of `code`, least significant first.
     #[inline]
     pub fn push_code(&mut self, code: u32, width: u32) {
-        let mask = if width == 32 {
-            u32::MAX
+        self.push_wide(code as u64, width.min(32));
+    }
+
+    /// Append the low `width` (at most 64) bits of `code`, least significant first.
+    #[inline(always)]
+    pub fn push_wide(&mut self, code: u64, width: u32) {
+        let code = if width >= 64 {
+            code
         } else {
-            (1u32 << width) - 1
+            code & ((1u64 << width) - 1)
         };
-        self.acc |= ((code & mask) as u64) << self.pending;
-        self.pending += width;
+        let width = width.min(64);
         self.len += width as usize;
-        while self.pending >= 8 {
-            self.bytes.push(self.acc as u8);
-            self.acc >>= 8;
-            self.pending -= 8;
+        if width == 0 {
+            return;
         }
+        self.acc |= code << self.pending;
+        let total = self.pending + width;
+        if total >= 64 {
+            self.bytes.extend_from_slice(&self.acc.to_le_bytes());
+            // The bits of `code` that did not fit.
+            self.acc = if self.pending == 0 {
+                0
+            } else {
+                code >> (64 - self.pending)
+            };
+            self.pending = total - 64;
+        } else {
+            self.pending = total;
+        }
+    }
+
+    /// Write out the accumulator's whole bytes; whether the stream is then byte-aligned
+    /// (nothing left pending).
+    #[inline(always)]
+    fn settle(&mut self) -> bool {
+        if self.pending > 0 && self.pending.is_multiple_of(8) {
+            let n = (self.pending / 8) as usize;
+            self.bytes.extend_from_slice(&self.acc.to_le_bytes()[..n]);
+            self.acc = 0;
+            self.pending = 0;
+        }
+        self.pending == 0
     }
 
     /// Append one bit per element of `values`: whether it is non-zero (8 at a time).
@@ -56,23 +88,21 @@ impl BitWriter {
     #[inline(always)]
     pub fn push_bits(&mut self, values: &[f32], pred: impl Fn(f32) -> bool) {
         let mut blocks = values.chunks_exact(8);
-        if self.pending == 0 {
-            self.bytes.reserve(values.len() / 8);
-            for block in &mut blocks {
-                let mut byte = 0u8;
-                for (l, &v) in block.iter().enumerate() {
-                    byte |= (pred(v) as u8) << l;
-                }
-                self.bytes.push(byte);
+        let byte_of = |block: &[f32]| {
+            let mut byte = 0u8;
+            for (l, &v) in block.iter().enumerate() {
+                byte |= (pred(v) as u8) << l;
             }
-            self.len += values.len() / 8 * 8;
+            byte
+        };
+        if self.settle() {
+            let out = self.extend_bytes(values.len() / 8);
+            for (o, block) in out.iter_mut().zip(&mut blocks) {
+                *o = byte_of(block);
+            }
         } else {
             for block in &mut blocks {
-                let mut byte = 0u8;
-                for (l, &v) in block.iter().enumerate() {
-                    byte |= (pred(v) as u8) << l;
-                }
-                self.push_code(byte as u32, 8);
+                self.push_wide(byte_of(block) as u64, 8);
             }
         }
         for &v in blocks.remainder() {
@@ -80,28 +110,78 @@ impl BitWriter {
         }
     }
 
-    /// Append `width`-bit codes (width at most 8), whole bytes at a time when the stream is
-    /// byte-aligned and `width` divides 8.
+    /// Append 8 bits.
+    #[inline(always)]
+    pub fn push_byte(&mut self, byte: u8) {
+        self.push_wide(byte as u64, 8);
+    }
+
+    /// Append `n` whole bytes to a byte-aligned stream and hand them over to be filled (zero
+    /// until then).
+    ///
+    /// # Panics
+    /// When the stream is not byte-aligned.
+    #[inline(always)]
+    pub fn extend_bytes(&mut self, n: usize) -> &mut [u8] {
+        assert!(
+            self.settle(),
+            "extend_bytes on a stream that is not byte-aligned"
+        );
+        let start = self.bytes.len();
+        self.bytes.resize(start + n, 0);
+        self.len += 8 * n;
+        &mut self.bytes[start..]
+    }
+
+    /// Append the first `n` bits of the packed stream `bytes`.
+    pub fn push_stream(&mut self, bytes: &[u8], n: usize) {
+        let whole = n / 64;
+        for w in bytes[..whole * 8].chunks_exact(8) {
+            self.push_wide(u64::from_le_bytes(w.try_into().expect("8")), 64);
+        }
+        for i in whole * 64..n {
+            self.push(bit(bytes, i));
+        }
+    }
+
+    /// Append, for each of the first `n` elements whose bit in `mask` is set, its bit in
+    /// `values` (both packed streams): the values of the selected elements, in order.
+    pub fn push_selected(&mut self, values: &[u8], mask: &[u8], n: usize) {
+        let whole = n / 64;
+        let word =
+            |b: &[u8], k: usize| u64::from_le_bytes(b[8 * k..8 * k + 8].try_into().expect("8"));
+        for k in 0..whole {
+            let m = word(mask, k);
+            self.push_wide(pext(word(values, k), m), m.count_ones());
+        }
+        for i in whole * 64..n {
+            if bit(mask, i) {
+                self.push(bit(values, i));
+            }
+        }
+    }
+
+    /// Append `width`-bit codes (width at most 8, each code below `2^width`), 8 codes at a time
+    /// (their bytes gathered with [`pext`]).
     pub fn push_codes(&mut self, codes: &[u8], width: u32) {
-        if self.pending == 0 && 8 % width == 0 {
-            let per = (8 / width) as usize;
-            let mut blocks = codes.chunks_exact(per);
-            self.bytes.reserve(codes.len() / per);
-            for block in &mut blocks {
-                let mut byte = 0u8;
-                for (j, &c) in block.iter().enumerate() {
-                    byte |= c << (j as u32 * width);
-                }
-                self.bytes.push(byte);
+        if width == 8 {
+            if self.settle() {
+                self.extend_bytes(codes.len()).copy_from_slice(codes);
+            } else {
+                codes.iter().for_each(|&c| self.push_byte(c));
             }
-            self.len += codes.len() / per * 8;
-            for &c in blocks.remainder() {
-                self.push_code(c as u32, width);
-            }
-        } else {
-            for &c in codes {
-                self.push_code(c as u32, width);
-            }
+            return;
+        }
+        // The low `width` bits of every byte.
+        let low = 0x0101_0101_0101_0101u64 * ((1u64 << width) - 1);
+        let mut blocks = codes.chunks_exact(8);
+        self.bytes.reserve(codes.len() * width as usize / 8 + 8);
+        for block in &mut blocks {
+            let w = u64::from_le_bytes(block.try_into().expect("8"));
+            self.push_wide(pext(w, low), 8 * width);
+        }
+        for &c in blocks.remainder() {
+            self.push_code(c as u32, width);
         }
     }
 
@@ -117,9 +197,8 @@ impl BitWriter {
 
     /// The packed bytes (the last one padded with 0).
     pub fn into_bytes(mut self) -> Vec<u8> {
-        if self.pending > 0 {
-            self.bytes.push(self.acc as u8);
-        }
+        let n = self.pending.div_ceil(8) as usize;
+        self.bytes.extend_from_slice(&self.acc.to_le_bytes()[..n]);
         self.bytes
     }
 }
@@ -138,6 +217,31 @@ pub fn code(bytes: &[u8], i: usize, width: u32) -> u32 {
     let lo = bytes.get(byte).copied().unwrap_or(0) as u32;
     let hi = bytes.get(byte + 1).copied().unwrap_or(0) as u32;
     ((lo | (hi << 8)) >> shift) & ((1u32 << width) - 1)
+}
+
+/// The bits of `x` where `mask` is set, gathered into the low bits in order (BMI2's `pext`; a
+/// loop over the mask's set bits on processors without it).
+#[inline(always)]
+pub fn pext(x: u64, mask: u64) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "bmi2")]
+        fn hw(x: u64, mask: u64) -> u64 {
+            std::arch::x86_64::_pext_u64(x, mask)
+        }
+        if crate::simd::v3() {
+            // SAFETY: `v3()` checked that the CPU has BMI2.
+            return unsafe { hw(x, mask) };
+        }
+    }
+    let (mut out, mut m, mut k) = (0u64, mask, 0);
+    while m != 0 {
+        let low = m.trailing_zeros();
+        out |= ((x >> low) & 1) << k;
+        k += 1;
+        m &= m - 1;
+    }
+    out
 }
 
 /// Where elements `start..start + n` of a packed stream begin a whole byte: the count of leading
@@ -310,6 +414,62 @@ mod tests {
                     want.to_bits(),
                     "start {start} element {j}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn pext_gathers_masked_bits_in_order() {
+        let cases = [
+            (0xdead_beef_u64, 0xff00_ff00u64),
+            (u64::MAX, 0x8000_0000_0000_0001),
+            (0x1234, 0),
+        ];
+        for (x, m) in cases {
+            let mut want = 0u64;
+            let mut k = 0;
+            for i in 0..64 {
+                if (m >> i) & 1 == 1 {
+                    want |= ((x >> i) & 1) << k;
+                    k += 1;
+                }
+            }
+            assert_eq!(pext(x, m), want, "{x:#x} {m:#x}");
+        }
+    }
+
+    #[test]
+    fn streams_and_selections_append_at_any_alignment() {
+        let values: Vec<u8> = (0..40u32).map(|i| (i * 73 + 5) as u8).collect();
+        let mask: Vec<u8> = (0..40u32).map(|i| (i * 151 + 29) as u8).collect();
+        for lead in [0usize, 3, 8] {
+            for n in [0usize, 7, 64, 200, 317] {
+                let mut w = BitWriter::default();
+                (0..lead).for_each(|_| w.push(true));
+                w.push_stream(&values, n);
+                let mut s = BitWriter::default();
+                (0..lead).for_each(|_| s.push(false));
+                s.push_selected(&values, &mask, n);
+                let (wb, sl) = (w.len(), s.len());
+                let (wb_bytes, s_bytes) = (w.into_bytes(), s.into_bytes());
+                assert_eq!(wb, lead + n);
+                let mut k = lead;
+                for i in 0..n {
+                    assert_eq!(
+                        bit(&wb_bytes, lead + i),
+                        bit(&values, i),
+                        "lead {lead} n {n} bit {i}"
+                    );
+                    if bit(&mask, i) {
+                        assert_eq!(
+                            bit(&s_bytes, k),
+                            bit(&values, i),
+                            "lead {lead} n {n} selected {i}"
+                        );
+                        k += 1;
+                    }
+                }
+                assert_eq!(sl, k);
             }
         }
     }

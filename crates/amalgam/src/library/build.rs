@@ -530,16 +530,14 @@ struct Reader<'s, 'a> {
     merged: Option<(&'static dyn Method, &'s PlannedTensor)>,
 }
 
-impl TensorInputs for Reader<'_, '_> {
-    fn plan_passes(&mut self, passes: usize) {
-        if passes > 1 {
-            self.source.hold(self.meta.numel(), self.hold);
-        }
-    }
-
-    fn pass(
+impl Reader<'_, '_> {
+    /// One streamed pass, the chunks as bf16 bits when `bf16` (the source must be
+    /// [`all_bf16`](Source::all_bf16)). The first pass also finds the tasks whose tensor is the
+    /// base's, bit for bit.
+    fn pass_as(
         &mut self,
         granule: usize,
+        bf16: bool,
         f: &mut dyn FnMut(&MergeJob, usize) -> Result<()>,
     ) -> Result<()> {
         let granule = granule.max(1);
@@ -552,11 +550,19 @@ impl TensorInputs for Reader<'_, '_> {
         for range in chunks(self.meta.numel(), step) {
             crate::cancel::check()?;
             self.source
-                .chunk(self.meta, range.clone(), false, bufs, |chunk| {
+                .chunk(self.meta, range.clone(), bf16, bufs, |chunk| {
                     if first {
-                        let b = chunk.inputs[base];
-                        for (s, x) in same.iter_mut().zip(&chunk.inputs) {
-                            *s = *s && x.iter().zip(b).all(|(x, b)| x.to_bits() == b.to_bits());
+                        for (i, s) in same.iter_mut().enumerate() {
+                            // The base is itself; a task that differs stops being compared.
+                            if i == base || !*s {
+                                continue;
+                            }
+                            *s = if bf16 {
+                                chunk.bf16[i] == chunk.bf16[base]
+                            } else {
+                                let (x, b) = (chunk.inputs[i], chunk.inputs[base]);
+                                x.iter().zip(b).all(|(x, b)| x.to_bits() == b.to_bits())
+                            };
                         }
                     }
                     f(chunk, range.start)
@@ -565,6 +571,31 @@ impl TensorInputs for Reader<'_, '_> {
         self.source.end_pass();
         self.passed = true;
         Ok(())
+    }
+}
+
+impl TensorInputs for Reader<'_, '_> {
+    fn plan_passes(&mut self, passes: usize) {
+        if passes > 1 {
+            self.source.hold(self.meta.numel(), self.hold);
+        }
+    }
+
+    fn pass(
+        &mut self,
+        granule: usize,
+        f: &mut dyn FnMut(&MergeJob, usize) -> Result<()>,
+    ) -> Result<()> {
+        self.pass_as(granule, false, f)
+    }
+
+    fn pass_bf16(
+        &mut self,
+        granule: usize,
+        f: &mut dyn FnMut(&MergeJob, usize) -> Result<()>,
+    ) -> Result<()> {
+        let bf16 = self.source.all_bf16();
+        self.pass_as(granule, bf16, f)
     }
 
     fn whole(&mut self, k: usize, buf: &mut Vec<f32>) -> Result<()> {

@@ -38,6 +38,40 @@ impl Default for Emr {
     }
 }
 
+crate::simd::vectorized! {
+    /// The unified vector of a chunk: the elected sign of `Σ τ_t` (a zero sum elects −1), times
+    /// the largest magnitude among the tasks that agree with it. (`sign` is scratch.)
+    fn elect(taus: &[Vec<f32>], sign: &mut Vec<f32>, uni: &mut Vec<f32>) {
+        let len = taus.first().map_or(0, Vec::len);
+        sign.clear();
+        sign.resize(len, 0.0f32);
+        for tau in taus {
+            sign.iter_mut().zip(tau).for_each(|(s, &t)| *s += t);
+        }
+        sign.iter_mut().for_each(|s| *s = if *s > 0.0 { 1.0 } else { -1.0 });
+        uni.clear();
+        uni.resize(len, 0.0f32);
+        for tau in taus {
+            for ((u, &t), &g) in uni.iter_mut().zip(tau).zip(sign.iter()) {
+                // A select, not `f32::max` (no NaN here; its NaN rule keeps the loop scalar).
+                let agree = if t * g > 0.0 { t.abs() } else { 0.0 };
+                *u = if agree > *u { agree } else { *u };
+            }
+        }
+        uni.iter_mut().zip(sign.iter()).for_each(|(u, &g)| *u *= g);
+    }
+}
+
+crate::simd::vectorized! {
+    /// `M ⊙ τ_uni` of one task into `kept`, non-zero exactly where the mask is set
+    /// (`τ·τ_uni > 0` needs `τ_uni ≠ 0`), and the mask bits to `mask`.
+    fn keep_agreeing(tau: &[f32], uni: &[f32], kept: &mut Vec<f32>, mask: &mut BitWriter) {
+        kept.clear();
+        kept.extend(tau.iter().zip(uni).map(|(&t, &u)| if t * u > 0.0 { u } else { 0.0 }));
+        mask.push_nonzero(kept);
+    }
+}
+
 impl Method for Emr {
     fn spec(&self) -> &MethodSpec {
         &self.spec
@@ -68,36 +102,12 @@ impl Scheme for Emr {
         inputs.plan_passes(1);
         inputs.pass(1, &mut |chunk, offset| {
             let base = chunk.base_tensor();
-            let len = base.len();
             for (tau, &i) in taus.iter_mut().zip(&tasks) {
                 scheme::delta_into(chunk.inputs[i], base, tau);
             }
-            // The elected sign (a zero sum elects −1), then the largest agreeing magnitude.
-            sign.clear();
-            sign.resize(len, 0.0f32);
-            for tau in &taus {
-                sign.iter_mut().zip(tau).for_each(|(s, &t)| *s += t);
-            }
-            sign.iter_mut()
-                .for_each(|s| *s = if *s > 0.0 { 1.0 } else { -1.0 });
-            uni.clear();
-            uni.resize(len, 0.0f32);
-            for tau in &taus {
-                for ((u, &t), &g) in uni.iter_mut().zip(tau).zip(&sign) {
-                    let agree = if t * g > 0.0 { t.abs() } else { 0.0 };
-                    *u = u.max(agree);
-                }
-            }
-            uni.iter_mut().zip(&sign).for_each(|(u, &g)| *u *= g);
+            elect(&taus, &mut sign, &mut uni);
             for ((tau, mask), s) in taus.iter().zip(&mut masks).zip(&mut stats) {
-                // M ⊙ τ_uni: non-zero exactly where the mask is set (τ·τ_uni > 0 needs τ_uni ≠ 0).
-                kept.clear();
-                kept.extend(
-                    tau.iter()
-                        .zip(&uni)
-                        .map(|(&t, &u)| if t * u > 0.0 { u } else { 0.0 }),
-                );
-                mask.push_nonzero(&kept);
+                keep_agreeing(tau, &uni, &mut kept, mask);
                 s.observe(offset, &kept, tau);
                 s.extra(0, offset, tau.iter().map(|t| t.abs()));
                 s.extra(1, offset, kept.iter().map(|r| r.abs()));

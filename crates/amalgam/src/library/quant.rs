@@ -16,6 +16,8 @@ use crate::config::{Kind, Value};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::methods::{MergeJob, Method, MethodSpec, ParamSpec, Scope};
+use crate::simd::{Bf16, Elems};
+use crate::sums::LaneSum;
 
 /// The quantization scheme.
 pub struct Quant {
@@ -69,17 +71,15 @@ impl Range {
 
     fn observe(&mut self, offset: usize, x: &[f32]) {
         for (g, seg) in segments(offset, x, self.group) {
-            let (lo, hi) = seg.iter().fold((self.lo[g], self.hi[g]), |(lo, hi), &v| {
-                (lo.min(v), hi.max(v))
-            });
-            (self.lo[g], self.hi[g]) = (lo, hi);
+            (self.lo[g], self.hi[g]) = min_max(seg, self.lo[g], self.hi[g]);
         }
     }
 
-    /// `(lo, step)` per group for `bits`-bit codes.
-    fn grid(&self, bits: u32) -> (Vec<f32>, Vec<f32>) {
+    /// The grid of `bits`-bit codes over these ranges: per group `lo` and `step`.
+    fn grid(&self, bits: u32) -> Grid {
         let levels = ((1u32 << bits) - 1) as f32;
-        self.lo
+        let (lo, step) = self
+            .lo
             .iter()
             .zip(&self.hi)
             .map(|(&lo, &hi)| {
@@ -91,56 +91,225 @@ impl Range {
                     (0.0, 0.0)
                 }
             })
-            .unzip()
+            .unzip();
+        Grid {
+            lo,
+            step,
+            group: self.group,
+            bits,
+        }
     }
+}
+
+/// The parts of elements `offset..offset + len` in each group: `(group, range in the chunk)`.
+fn groups_in(
+    offset: usize,
+    len: usize,
+    group: usize,
+) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> {
+    let mut e = offset;
+    std::iter::from_fn(move || {
+        if e >= offset + len {
+            return None;
+        }
+        let (g, end) = match group {
+            0 => (0, offset + len),
+            _ => (e / group, ((e / group + 1) * group).min(offset + len)),
+        };
+        let at = e - offset..end - offset;
+        e = end;
+        Some((g, at))
+    })
 }
 
 /// The parts of elements `offset..offset + x.len()` in each group: `(group, values)`.
 fn segments(offset: usize, x: &[f32], group: usize) -> impl Iterator<Item = (usize, &[f32])> {
-    let mut e = offset;
-    std::iter::from_fn(move || {
-        if e >= offset + x.len() {
-            return None;
-        }
-        let (g, end) = match group {
-            0 => (0, offset + x.len()),
-            _ => (e / group, ((e / group + 1) * group).min(offset + x.len())),
-        };
-        let seg = &x[e - offset..end - offset];
-        e = end;
-        Some((g, seg))
-    })
+    groups_in(offset, x.len(), group).map(move |(g, at)| (g, &x[at]))
 }
 
-/// `x.round()` (half away from zero) for `0 ≤ x < 2²³`, without the library call that `round`
-/// is on baseline x86-64: the fractional part of such an `x` is exact. (Larger values are
-/// clamped by the caller anyway.)
+/// `2²³`: adding it to a float in `[0, 2²³)` rounds it to an integer, half to even (the
+/// default rounding of the addition), and leaves that integer in the low mantissa bits.
+const ROUNDER: f32 = 8_388_608.0;
+
+/// The code of `x` on the grid `lo + q·step`, `q ≤ max`: `round((x − lo)/step)`, half to even
+/// (as `torch.round`), clamped to `[0, max]` (clamped first, which gives the same code, so that
+/// the rounding is of a small non-negative value and vectorises); and the value it stands for.
 #[inline(always)]
-fn round_half_away(x: f32) -> f32 {
-    let t = x as i32 as f32;
-    if x - t >= 0.5 { t + 1.0 } else { t }
+fn code_of(x: f32, lo: f32, step: f32, max: f32) -> (u8, f32) {
+    let y = ((x - lo) / step).clamp(0.0, max) + ROUNDER;
+    ((y.to_bits() & 0xff) as u8, lo + (y - ROUNDER) * step)
 }
 
 crate::simd::vectorized! {
-    /// Append the codes of `seg` on the grid `lo + q·step`, `q ≤ max`, to `q`.
-    fn codes_of(seg: &[f32], lo: f32, step: f32, max: f32, q: &mut Vec<u8>) {
-        let start = q.len();
-        q.resize(start + seg.len(), 0);
-        for (o, &v) in q[start..].iter_mut().zip(seg) {
-            // Clamped first, so the conversion is exact (and vectorises through i32).
-            *o = round_half_away((v - lo) / step).clamp(0.0, max) as i32 as u8;
+    /// Append the codes of `seg` on the grid `lo + q·step` (`q ≤ max`, [`code_of`]) to `q`, and
+    /// the values they stand for to `values`.
+    fn quantize_span(seg: &[f32], lo: f32, step: f32, max: f32, q: &mut Vec<u8>, values: &mut Vec<f32>) {
+        let (qs, vs) = (q.len(), values.len());
+        q.resize(qs + seg.len(), 0);
+        values.resize(vs + seg.len(), 0.0);
+        for ((o, val), &v) in q[qs..].iter_mut().zip(values[vs..].iter_mut()).zip(seg) {
+            (*o, *val) = code_of(v, lo, step, max);
         }
     }
 }
 
-crate::simd::vectorized! {
-    /// Append the values `lo + q·step` of codes `q` to `values`.
-    fn values_of(q: &[u8], lo: f32, step: f32, values: &mut Vec<f32>) {
-        let start = values.len();
-        values.resize(start + q.len(), 0.0);
-        for (o, &c) in values[start..].iter_mut().zip(q) {
-            *o = lo + c as f32 * step;
+/// `(min, max)` of `lo`, `hi` and `τ = x − b` over a segment, in 8 lanes (selects, not
+/// `f32::min`/`max`, whose NaN rule keeps the loop scalar; the values are finite).
+#[inline(always)]
+fn delta_range<E: Elems>(x: E, b: E, lo: f32, hi: f32) -> (f32, f32) {
+    let n = x.len().min(b.len());
+    let (mut l, mut h) = ([lo; 8], [hi; 8]);
+    for k in 0..n / 8 {
+        let (xb, bb) = (x.eight(8 * k), b.eight(8 * k));
+        for i in 0..8 {
+            let t = xb[i] - bb[i];
+            l[i] = if t < l[i] { t } else { l[i] };
+            h[i] = if t > h[i] { t } else { h[i] };
         }
+    }
+    for j in n / 8 * 8..n {
+        let t = x.at(j) - b.at(j);
+        l[0] = if t < l[0] { t } else { l[0] };
+        h[0] = if t > h[0] { t } else { h[0] };
+    }
+    (
+        l.iter().fold(l[0], |m, &v| if v < m { v } else { m }),
+        h.iter().fold(h[0], |m, &v| if v > m { v } else { m }),
+    )
+}
+
+crate::simd::vectorized! {
+    /// [`delta_range`] of f32 inputs.
+    fn range_f32(x: &[f32], b: &[f32], lo: f32, hi: f32) -> (f32, f32) {
+        delta_range(x, b, lo, hi)
+    }
+}
+
+crate::simd::vectorized! {
+    /// [`delta_range`] of bf16 inputs.
+    fn range_bf16(x: &[u16], b: &[u16], lo: f32, hi: f32) -> (f32, f32) {
+        delta_range(Bf16(x), Bf16(b), lo, hi)
+    }
+}
+
+/// One grid segment's part of a chunk, elements `offset..`: the codes of `τ = x − b` (packed to
+/// `codes`, 8 at a time) and the sums of the values they stand for against `τ`, in one loop.
+#[inline(always)]
+fn encode_span<E: Elems>(
+    offset: usize,
+    x: E,
+    b: E,
+    grid: (f32, f32, u32),
+    codes: &mut BitWriter,
+    stats: [&mut LaneSum; 3],
+) {
+    let (lo, step, width) = grid;
+    // A flat segment: every code 0, every value `lo` (step 1 and max 0 give exactly that).
+    let (step, max) = if step == 0.0 {
+        (1.0, 0.0)
+    } else {
+        (step, ((1u32 << width) - 1) as f32)
+    };
+    let low = 0x0101_0101_0101_0101u64 * ((1u64 << width) - 1);
+    let n = x.len().min(b.len());
+    let (head, blocks) = crate::sums::spans(offset, n);
+    let [a, c2, t2] = stats;
+    #[inline(always)]
+    fn one(
+        e: usize,
+        t: f32,
+        grid: (f32, f32, f32, u32),
+        codes: &mut BitWriter,
+        sums: [&mut LaneSum; 3],
+    ) {
+        let (lo, step, max, width) = grid;
+        let (q, v) = code_of(t, lo, step, max);
+        codes.push_code(q as u32, width);
+        let [a, c2, t2] = sums;
+        a.one(e, v * v);
+        c2.one(e, v * t);
+        t2.one(e, t * t);
+    }
+    let g = (lo, step, max, width);
+    for j in 0..head {
+        one(
+            offset + j,
+            x.at(j) - b.at(j),
+            g,
+            codes,
+            [&mut *a, &mut *c2, &mut *t2],
+        );
+    }
+    {
+        let mut sums = crate::sums::Blocks::new([&mut *a, &mut *c2, &mut *t2], offset + head + 8);
+        for k in 0..blocks {
+            let j = head + 8 * k;
+            let (xb, bb) = (x.eight(j), b.eight(j));
+            let (mut q, mut vv, mut vt, mut tt) = ([0u8; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
+            for l in 0..8 {
+                let t = xb[l] - bb[l];
+                let (c, v) = code_of(t, lo, step, max);
+                q[l] = c;
+                vv[l] = v * v;
+                vt[l] = v * t;
+                tt[l] = t * t;
+            }
+            let word = u64::from_le_bytes(q);
+            codes.push_wide(
+                if width == 8 {
+                    word
+                } else {
+                    bits::pext(word, low)
+                },
+                8 * width,
+            );
+            sums.add([vv, vt, tt]);
+        }
+        sums.finish();
+    }
+    for j in head + 8 * blocks..n {
+        one(
+            offset + j,
+            x.at(j) - b.at(j),
+            g,
+            codes,
+            [&mut *a, &mut *c2, &mut *t2],
+        );
+    }
+}
+
+crate::simd::vectorized! {
+    /// [`encode_span`] of f32 inputs.
+    fn encode_f32(offset: usize, x: &[f32], b: &[f32], grid: (f32, f32, u32), codes: &mut BitWriter, stats: [&mut LaneSum; 3]) {
+        encode_span(offset, x, b, grid, codes, stats)
+    }
+}
+
+crate::simd::vectorized! {
+    /// [`encode_span`] of bf16 inputs.
+    fn encode_bf16(offset: usize, x: &[u16], b: &[u16], grid: (f32, f32, u32), codes: &mut BitWriter, stats: [&mut LaneSum; 3]) {
+        encode_span(offset, Bf16(x), Bf16(b), grid, codes, stats)
+    }
+}
+
+crate::simd::vectorized! {
+    /// `(min, max)` of `lo`, `hi` and the values of `seg`, in 8 lanes.
+    fn min_max(seg: &[f32], lo: f32, hi: f32) -> (f32, f32) {
+        let (mut l, mut h) = ([lo; 8], [hi; 8]);
+        let mut blocks = seg.chunks_exact(8);
+        for block in &mut blocks {
+            for k in 0..8 {
+                // Selects, not `f32::min`/`max` (whose NaN rule keeps the loop scalar); the
+                // values are finite.
+                l[k] = if block[k] < l[k] { block[k] } else { l[k] };
+                h[k] = if block[k] > h[k] { block[k] } else { h[k] };
+            }
+        }
+        for &v in blocks.remainder() {
+            l[0] = l[0].min(v);
+            h[0] = h[0].max(v);
+        }
+        (l.iter().fold(lo, |a, &b| a.min(b)), h.iter().fold(hi, |a, &b| a.max(b)))
     }
 }
 
@@ -175,13 +344,13 @@ impl Grid {
             q.clear();
             if step == 0.0 {
                 q.resize(seg.len(), 0);
+                values.resize(values.len() + seg.len(), lo + 0.0);
             } else {
-                codes_of(seg, lo, step, max, &mut q);
+                quantize_span(seg, lo, step, max, &mut q, values);
             }
             if let Some(c) = codes.as_deref_mut() {
                 c.push_codes(&q, self.bits);
             }
-            values_of(&q, lo, step, values);
         }
     }
 
@@ -227,6 +396,160 @@ fn parts_of(grid: &Grid, codes: BitWriter) -> [scheme::TaskPart; 4] {
             bytemuck::cast_slice(&meta).to_vec(),
         ),
     ]
+}
+
+/// Every task's `τ` quantized on its own grid (no shared mean): two passes that read the inputs
+/// as stored (bf16 widened in registers), the first for each group's range, the second for the
+/// codes and the error sums.
+fn encode_plain(
+    job: &MergeJob,
+    inputs: &mut dyn TensorInputs,
+    out: &mut dyn Encoded,
+    (n, group, bits): (usize, usize, u32),
+) -> Result<()> {
+    let tasks = job.non_base();
+    inputs.plan_passes(2);
+    let mut ranges: Vec<Range> = vec![Range::new(n, group); tasks.len()];
+    inputs.pass_bf16(1, &mut |chunk, offset| {
+        for (r, &i) in ranges.iter_mut().zip(&tasks) {
+            for (g, at) in groups_in(offset, chunk_len(chunk), group) {
+                let (lo, hi) = (r.lo[g], r.hi[g]);
+                (r.lo[g], r.hi[g]) = match chunk.base_bf16() {
+                    Some(b) => range_bf16(&chunk.bf16[i][at.clone()], &b[at], lo, hi),
+                    None => range_f32(
+                        &chunk.inputs[i][at.clone()],
+                        &chunk.base_tensor()[at],
+                        lo,
+                        hi,
+                    ),
+                };
+            }
+        }
+        Ok(())
+    })?;
+    let grids: Vec<Grid> = ranges.iter().map(|r| r.grid(bits)).collect();
+    let mut codes = code_streams(tasks.len(), n, bits);
+    let mut stats = vec![ChunkStats::new(0); tasks.len()];
+    inputs.pass_bf16(1, &mut |chunk, offset| {
+        for (t, &i) in tasks.iter().enumerate() {
+            for (g, at) in groups_in(offset, chunk_len(chunk), group) {
+                let grid = (grids[t].lo[g], grids[t].step[g], bits);
+                let e = offset + at.start;
+                let (w, s) = (&mut codes[t], stats[t].lanes());
+                match chunk.base_bf16() {
+                    Some(b) => encode_bf16(e, &chunk.bf16[i][at.clone()], &b[at], grid, w, s),
+                    None => encode_f32(
+                        e,
+                        &chunk.inputs[i][at.clone()],
+                        &chunk.base_tensor()[at],
+                        grid,
+                        w,
+                        s,
+                    ),
+                }
+            }
+        }
+        Ok(())
+    })?;
+    store_tasks(out, &grids, codes, &stats)
+}
+
+/// RTVQ: the mean `μ` of the tasks' `τ` quantized once at `base_bits` (shared), each task's
+/// `τ_t − μ̂` at `bits`; three passes over f32 chunks (the mean's range, the offsets' ranges,
+/// the codes).
+fn encode_residual(
+    job: &MergeJob,
+    inputs: &mut dyn TensorInputs,
+    out: &mut dyn Encoded,
+    (n, group, bits): (usize, usize, u32),
+) -> Result<()> {
+    let tasks = job.non_base();
+    let t_count = tasks.len() as f32;
+    // Per chunk: each task's τ, and their mean.
+    let (mut taus, mut mean) = (vec![Vec::new(); tasks.len()], Vec::new());
+    let fill = |chunk: &MergeJob, taus: &mut Vec<Vec<f32>>, mean: &mut Vec<f32>| {
+        let base = chunk.base_tensor();
+        for (tau, &i) in taus.iter_mut().zip(&tasks) {
+            scheme::delta_into(chunk.inputs[i], base, tau);
+        }
+        mean.clear();
+        mean.resize(base.len(), 0.0);
+        for tau in taus.iter() {
+            mean.iter_mut().zip(tau).for_each(|(m, &t)| *m += t);
+        }
+        mean.iter_mut().for_each(|m| *m /= t_count);
+    };
+    inputs.plan_passes(3);
+    let mut r = Range::new(n, group);
+    inputs.pass(1, &mut |chunk, offset| {
+        fill(chunk, &mut taus, &mut mean);
+        r.observe(offset, &mean);
+        Ok(())
+    })?;
+    let shared_grid = r.grid(job.shared.i("base_bits") as u32);
+    let (mut centre, mut x, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ranges: Vec<Range> = vec![Range::new(n, group); tasks.len()];
+    inputs.pass(1, &mut |chunk, offset| {
+        fill(chunk, &mut taus, &mut mean);
+        shared_grid.quantize(offset, &mean, None, &mut centre);
+        for (r, tau) in ranges.iter_mut().zip(&taus) {
+            x.clear();
+            x.extend(tau.iter().zip(&centre).map(|(t, c)| t - c));
+            r.observe(offset, &x);
+        }
+        Ok(())
+    })?;
+    let grids: Vec<Grid> = ranges.iter().map(|r| r.grid(bits)).collect();
+    let mut codes = code_streams(tasks.len(), n, bits);
+    let mut shared_codes = BitWriter::default();
+    let mut stats = vec![ChunkStats::new(0); tasks.len()];
+    inputs.pass(1, &mut |chunk, offset| {
+        fill(chunk, &mut taus, &mut mean);
+        shared_grid.quantize(offset, &mean, Some(&mut shared_codes), &mut centre);
+        for (t, tau) in taus.iter().enumerate() {
+            x.clear();
+            x.extend(tau.iter().zip(&centre).map(|(t, c)| t - c));
+            grids[t].quantize(offset, &x, Some(&mut codes[t]), &mut values);
+            values.iter_mut().zip(&centre).for_each(|(v, c)| *v += c);
+            stats[t].observe(offset, &values, tau);
+        }
+        Ok(())
+    })?;
+    for (k, (_, _, _, bytes)) in parts_of(&shared_grid, shared_codes).into_iter().enumerate() {
+        out.shared_bytes(k, 0, &bytes)?;
+    }
+    store_tasks(out, &grids, codes, &stats)
+}
+
+/// One code stream per task, with room for `n` codes of `bits`.
+fn code_streams(tasks: usize, n: usize, bits: u32) -> Vec<BitWriter> {
+    (0..tasks)
+        .map(|_| BitWriter::with_capacity(n * bits as usize))
+        .collect()
+}
+
+/// Store each task's grid, codes and sums.
+fn store_tasks(
+    out: &mut dyn Encoded,
+    grids: &[Grid],
+    codes: Vec<BitWriter>,
+    stats: &[ChunkStats],
+) -> Result<()> {
+    for (t, (grid, codes)) in grids.iter().zip(codes).enumerate() {
+        *out.stats(t) = stats[t].totals();
+        for (suffix, dtype, shape, bytes) in parts_of(grid, codes) {
+            out.task(t, suffix, dtype, shape, bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Elements in a chunk.
+fn chunk_len(chunk: &MergeJob) -> usize {
+    chunk
+        .bf16
+        .first()
+        .map_or_else(|| chunk.inputs[0].len(), |b| b.len())
 }
 
 impl Method for Quant {
@@ -286,117 +609,17 @@ impl Scheme for Quant {
         inputs: &mut dyn TensorInputs,
         out: &mut dyn Encoded,
     ) -> Result<()> {
-        let tasks = job.non_base();
         if scheme::raw_unless_matrix(job, inputs, out)? {
             return Ok(());
         }
         let n = job.numel();
         let group = job.shared.i("group_size") as usize;
         let bits = job.shared.i("bits") as u32;
-        let residual = job.shared.b("residual");
-        let t_count = tasks.len() as f32;
-        // Per chunk: each task's τ, and their mean.
-        let (mut taus, mut mean) = (vec![Vec::new(); tasks.len()], Vec::new());
-        let fill = |chunk: &MergeJob, taus: &mut Vec<Vec<f32>>, mean: &mut Vec<f32>| {
-            let base = chunk.base_tensor();
-            for (tau, &i) in taus.iter_mut().zip(&tasks) {
-                scheme::delta_into(chunk.inputs[i], base, tau);
-            }
-            if residual {
-                mean.clear();
-                mean.resize(base.len(), 0.0);
-                for tau in taus.iter() {
-                    mean.iter_mut().zip(tau).for_each(|(m, &t)| *m += t);
-                }
-                mean.iter_mut().for_each(|m| *m /= t_count);
-            }
-        };
-        inputs.plan_passes(if residual { 3 } else { 2 });
-        // The shared mean's grid first (residual only).
-        let shared_grid = if residual {
-            let mut r = Range::new(n, group);
-            inputs.pass(1, &mut |chunk, offset| {
-                fill(chunk, &mut taus, &mut mean);
-                r.observe(offset, &mean);
-                Ok(())
-            })?;
-            let base_bits = job.shared.i("base_bits") as u32;
-            let (lo, step) = r.grid(base_bits);
-            Some(Grid {
-                lo,
-                step,
-                group,
-                bits: base_bits,
-            })
+        if job.shared.b("residual") {
+            encode_residual(job, inputs, out, (n, group, bits))
         } else {
-            None
-        };
-        let (mut centre, mut x, mut values) = (Vec::new(), Vec::new(), Vec::new());
-        let mut ranges: Vec<Range> = vec![Range::new(n, group); tasks.len()];
-        inputs.pass(1, &mut |chunk, offset| {
-            fill(chunk, &mut taus, &mut mean);
-            if let Some(g) = &shared_grid {
-                g.quantize(offset, &mean, None, &mut centre);
-            }
-            for (r, tau) in ranges.iter_mut().zip(&taus) {
-                x.clear();
-                match &shared_grid {
-                    Some(_) => x.extend(tau.iter().zip(&centre).map(|(t, c)| t - c)),
-                    None => x.extend_from_slice(tau),
-                }
-                r.observe(offset, &x);
-            }
-            Ok(())
-        })?;
-        let grids: Vec<Grid> = ranges
-            .iter()
-            .map(|r| {
-                let (lo, step) = r.grid(bits);
-                Grid {
-                    lo,
-                    step,
-                    group,
-                    bits,
-                }
-            })
-            .collect();
-        let mut codes: Vec<BitWriter> = tasks
-            .iter()
-            .map(|_| BitWriter::with_capacity(n * bits as usize))
-            .collect();
-        let mut shared_codes = BitWriter::default();
-        let mut stats = vec![ChunkStats::new(0); tasks.len()];
-        inputs.pass(1, &mut |chunk, offset| {
-            fill(chunk, &mut taus, &mut mean);
-            if let Some(g) = &shared_grid {
-                g.quantize(offset, &mean, Some(&mut shared_codes), &mut centre);
-            }
-            for (t, tau) in taus.iter().enumerate() {
-                x.clear();
-                match &shared_grid {
-                    Some(_) => x.extend(tau.iter().zip(&centre).map(|(t, c)| t - c)),
-                    None => x.extend_from_slice(tau),
-                }
-                grids[t].quantize(offset, &x, Some(&mut codes[t]), &mut values);
-                if shared_grid.is_some() {
-                    values.iter_mut().zip(&centre).for_each(|(v, c)| *v += c);
-                }
-                stats[t].observe(offset, &values, tau);
-            }
-            Ok(())
-        })?;
-        if let Some(g) = &shared_grid {
-            for (k, (_, _, _, bytes)) in parts_of(g, shared_codes).into_iter().enumerate() {
-                out.shared_bytes(k, 0, &bytes)?;
-            }
+            encode_plain(job, inputs, out, (n, group, bits))
         }
-        for (t, (grid, codes)) in grids.iter().zip(codes).enumerate() {
-            *out.stats(t) = stats[t].totals();
-            for (suffix, dtype, shape, bytes) in parts_of(grid, codes) {
-                out.task(t, suffix, dtype, shape, bytes)?;
-            }
-        }
-        Ok(())
     }
 
     fn decoder<'a>(&self, shape: &[usize], parts: &'a dyn Parts) -> Result<Box<dyn Decoder + 'a>> {

@@ -102,9 +102,14 @@ impl ChunkStats {
             offset,
             rebuilt,
             truth,
-            &mut self.tmp,
             [&mut self.a, &mut self.b, &mut self.c],
         );
+    }
+
+    /// The lane sums of `Σ τ̂²`, `Σ τ̂·τ`, `Σ τ²`, for a kernel that adds to them itself (in
+    /// index order, as [`observe`](Self::observe) does).
+    pub(crate) fn lanes(&mut self) -> [&mut LaneSum; 3] {
+        [&mut self.a, &mut self.b, &mut self.c]
     }
 
     /// Add elements `offset..` of `values` to extra sum `k`.
@@ -126,18 +131,35 @@ impl ChunkStats {
 }
 
 crate::simd::vectorized! {
-    /// `Σ r²`, `Σ r·t`, `Σ t²` of a chunk into their lane sums.
-    fn quad(offset: usize, r: &[f32], t: &[f32], tmp: &mut Vec<f32>, sums: [&mut LaneSum; 3]) {
+    /// `Σ r²`, `Σ r·t`, `Σ t²` of a chunk into their lane sums, in one loop (the sums
+    /// [`LaneSum::add`] gives).
+    fn quad(offset: usize, r: &[f32], t: &[f32], sums: [&mut LaneSum; 3]) {
         let [a, b, c] = sums;
-        tmp.clear();
-        tmp.extend(r.iter().map(|&r| r * r));
-        a.add(offset, tmp);
-        tmp.clear();
-        tmp.extend(r.iter().zip(t).map(|(&r, &t)| r * t));
-        b.add(offset, tmp);
-        tmp.clear();
-        tmp.extend(t.iter().map(|&t| t * t));
-        c.add(offset, tmp);
+        let n = r.len().min(t.len());
+        let (head, blocks) = crate::sums::spans(offset, n);
+        let one = |j: usize, a: &mut LaneSum, b: &mut LaneSum, c: &mut LaneSum| {
+            a.one(offset + j, r[j] * r[j]);
+            b.one(offset + j, r[j] * t[j]);
+            c.one(offset + j, t[j] * t[j]);
+        };
+        for j in 0..head {
+            one(j, a, b, c);
+        }
+        let mut sums = crate::sums::Blocks::new([&mut *a, &mut *b, &mut *c], offset + head + 8);
+        for k in 0..blocks {
+            let j = head + 8 * k;
+            let (rb, tb): (&[f32; 8], &[f32; 8]) =
+                (r[j..j + 8].try_into().expect("8"), t[j..j + 8].try_into().expect("8"));
+            sums.add([
+                std::array::from_fn(|l| rb[l] * rb[l]),
+                std::array::from_fn(|l| rb[l] * tb[l]),
+                std::array::from_fn(|l| tb[l] * tb[l]),
+            ]);
+        }
+        sums.finish();
+        for j in head + 8 * blocks..n {
+            one(j, a, b, c);
+        }
     }
 }
 
@@ -172,6 +194,14 @@ pub trait TensorInputs {
     /// chunk of every input (`base` marks the base; the tasks are the others, in task order),
     /// each chunk a whole number of `granule` elements.
     fn pass(
+        &mut self,
+        granule: usize,
+        f: &mut dyn FnMut(&MergeJob, usize) -> Result<()>,
+    ) -> Result<()>;
+    /// [`pass`](Self::pass) with each chunk as bf16 bits ([`MergeJob::bf16`], `inputs` empty)
+    /// when every input is stored as bf16 and read as is, for kernels that widen the values in
+    /// registers ([`crate::simd::Elems`]); decoded to f32 otherwise, as `pass` does.
+    fn pass_bf16(
         &mut self,
         granule: usize,
         f: &mut dyn FnMut(&MergeJob, usize) -> Result<()>,

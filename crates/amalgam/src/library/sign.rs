@@ -11,6 +11,7 @@ use super::bits::{self, BitWriter};
 use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
 use crate::error::Result;
 use crate::methods::{MergeJob, Method, MethodSpec};
+use crate::simd::{Bf16, Elems};
 use crate::sums::LaneSum;
 
 /// The sign scheme.
@@ -66,28 +67,32 @@ impl Scheme for Sign {
                 sq: vec![LaneSum::default(); groups],
             })
             .collect();
-        let (mut tau, mut tmp) = (Vec::new(), Vec::new());
         inputs.plan_passes(1);
-        inputs.pass(1, &mut |chunk, offset| {
-            let base = chunk.base_tensor();
+        inputs.pass_bf16(1, &mut |chunk, offset| {
+            let len = chunk
+                .bf16
+                .first()
+                .map_or_else(|| chunk.inputs[0].len(), |b| b.len());
             for (acc, &i) in accs.iter_mut().zip(&tasks) {
-                scheme::delta_into(chunk.inputs[i], base, &mut tau);
-                acc.bits.push_bits(&tau, |t| t >= 0.0);
                 // Each scale group's part of the chunk (rows when per row).
                 let mut e = offset;
-                while e < offset + tau.len() {
+                while e < offset + len {
                     let (g, end) = if per_row {
-                        (e / cols, ((e / cols + 1) * cols).min(offset + tau.len()))
+                        (e / cols, ((e / cols + 1) * cols).min(offset + len))
                     } else {
-                        (0, offset + tau.len())
+                        (0, offset + len)
                     };
-                    let part = &tau[e - offset..end - offset];
-                    tmp.clear();
-                    tmp.extend(part.iter().map(|t| t.abs()));
-                    acc.abs[g].add(e, &tmp);
-                    tmp.clear();
-                    tmp.extend(part.iter().map(|t| t * t));
-                    acc.sq[g].add(e, &tmp);
+                    let at = e - offset..end - offset;
+                    let (bits, abs, sq) = (&mut acc.bits, &mut acc.abs[g], &mut acc.sq[g]);
+                    match chunk.base_bf16() {
+                        Some(b) => {
+                            encode_bf16(e, &chunk.bf16[i][at.clone()], &b[at], bits, abs, sq)
+                        }
+                        None => {
+                            let (x, b) = (chunk.inputs[i], chunk.base_tensor());
+                            encode_f32(e, &x[at.clone()], &b[at], bits, abs, sq)
+                        }
+                    }
                     e = end;
                 }
             }
@@ -133,6 +138,64 @@ impl Scheme for Sign {
             )));
         }
         Ok(Box::new(SignDecoder { sign, scales, cols }))
+    }
+}
+
+/// Elements `offset..` of one scale group: the sign bits of `τ = x − b` (`τ ≥ 0` is 1) to
+/// `bits`, `|τ|` to `abs` and `τ²` to `sq`, in one loop.
+#[inline(always)]
+fn encode_span<E: Elems>(
+    offset: usize,
+    x: E,
+    b: E,
+    bits: &mut BitWriter,
+    abs: &mut LaneSum,
+    sq: &mut LaneSum,
+) {
+    #[inline(always)]
+    fn one(e: usize, t: f32, bits: &mut BitWriter, abs: &mut LaneSum, sq: &mut LaneSum) {
+        bits.push(t >= 0.0);
+        abs.one(e, t.abs());
+        sq.one(e, t * t);
+    }
+    let n = x.len().min(b.len());
+    let (head, blocks) = crate::sums::spans(offset, n);
+    for j in 0..head {
+        one(offset + j, x.at(j) - b.at(j), bits, abs, sq);
+    }
+    if blocks > 0 {
+        let bytes = bits.extend_bytes(blocks);
+        let mut sums = crate::sums::Blocks::new([&mut *abs, &mut *sq], offset + head + 8);
+        for (k, byte) in bytes.iter_mut().enumerate() {
+            let (xb, bb) = (x.eight(head + 8 * k), b.eight(head + 8 * k));
+            let (mut a, mut q, mut signs) = ([0f32; 8], [0f32; 8], 0u8);
+            for l in 0..8 {
+                let t = xb[l] - bb[l];
+                signs |= ((t >= 0.0) as u8) << l;
+                a[l] = t.abs();
+                q[l] = t * t;
+            }
+            *byte = signs;
+            sums.add([a, q]);
+        }
+        sums.finish();
+    }
+    for j in head + 8 * blocks..n {
+        one(offset + j, x.at(j) - b.at(j), bits, abs, sq);
+    }
+}
+
+crate::simd::vectorized! {
+    /// [`encode_span`] of f32 inputs.
+    fn encode_f32(offset: usize, x: &[f32], b: &[f32], bits: &mut BitWriter, abs: &mut LaneSum, sq: &mut LaneSum) {
+        encode_span(offset, x, b, bits, abs, sq)
+    }
+}
+
+crate::simd::vectorized! {
+    /// [`encode_span`] of bf16 inputs, widened in registers.
+    fn encode_bf16(offset: usize, x: &[u16], b: &[u16], bits: &mut BitWriter, abs: &mut LaneSum, sq: &mut LaneSum) {
+        encode_span(offset, Bf16(x), Bf16(b), bits, abs, sq)
     }
 }
 

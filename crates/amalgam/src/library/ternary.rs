@@ -13,8 +13,10 @@ use super::bits::{self, BitWriter};
 use super::scheme::{self, Decoder, Encoded, Parts, Scheme, TaskStats, TensorInputs};
 use crate::config::{Kind, Value};
 use crate::error::Result;
-use crate::methods::select::{self, Selection, Selector, Want};
+use crate::methods::select::{self, Selection, Selector, Want, Window};
 use crate::methods::{MergeJob, Method, MethodSpec, ParamSpec, Scope};
+use crate::simd::{Bf16, Elems, keep_if};
+use crate::sums::LaneSum;
 
 /// The ternary scheme.
 pub struct Ternary {
@@ -52,15 +54,201 @@ impl Pick {
     }
 }
 
-/// The sort key of `τ` for a selection over one sign (`Some(true)`: positives, `Some(false)`:
-/// negatives, `None`: all); entries of the other sign get key 0 and are never among the top
-/// `density` of their own sign's count.
-#[inline]
-fn key(tau: f32, side: Option<bool>) -> u32 {
+/// Which entries a selection ranks: all (`ALL`), or those of one sign; the others get key 0 and
+/// are never among the top `density` of their own sign's count.
+const ALL: u8 = 0;
+const POSITIVE: u8 = 1;
+const NEGATIVE: u8 = 2;
+
+/// The sort key of `τ` for a selection over a side, given as `(flip, on)` ([`side_bits`]):
+/// `|τ|` as bits when the sign bit of `τ` xor `flip` is 0 or `on` is 0, else 0 (branch-free).
+#[inline(always)]
+fn key(tau: f32, (flip, on): (u32, u32)) -> u32 {
+    let negative = tau.to_bits() >> 31;
+    select::key(tau) & ((negative ^ flip) & on).wrapping_sub(1)
+}
+
+/// `(flip, on)` of a side for [`key`]. (A zero `τ` has key 0 whatever its sign bit.)
+fn side_bits(side: u8) -> (u32, u32) {
     match side {
-        Some(true) if tau <= 0.0 => 0,
-        Some(false) if tau >= 0.0 => 0,
-        _ => select::key(tau),
+        POSITIVE => (0, 1),
+        NEGATIVE => (1, 1),
+        _ => (0, 0),
+    }
+}
+
+/// The keys of `τ = x − b` for `side` into `keys`; how many are not 0.
+#[inline(always)]
+fn keys_of<E: Elems>(x: E, b: E, side: u8, keys: &mut Vec<u32>) -> usize {
+    let n = x.len().min(b.len());
+    let side = side_bits(side);
+    keys.clear();
+    keys.resize(n, 0);
+    let mut counts = [0u32; 8];
+    let mut nonzero = 0usize;
+    for (k, out) in keys.chunks_exact_mut(8).enumerate() {
+        let (xb, bb) = (x.eight(8 * k), b.eight(8 * k));
+        for l in 0..8 {
+            out[l] = key(xb[l] - bb[l], side);
+            counts[l] += (out[l] != 0) as u32;
+        }
+        // Lane counts stay far below overflow between flushes.
+        if k % 65536 == 65535 {
+            nonzero += counts.iter().map(|&c| c as usize).sum::<usize>();
+            counts = [0; 8];
+        }
+    }
+    nonzero += counts.iter().map(|&c| c as usize).sum::<usize>();
+    for (j, k) in keys.iter_mut().enumerate().skip(n / 8 * 8) {
+        *k = key(x.at(j) - b.at(j), side);
+        nonzero += (*k != 0) as usize;
+    }
+    nonzero
+}
+
+crate::simd::vectorized! {
+    /// [`keys_of`] of f32 inputs.
+    fn keys_f32(x: &[f32], b: &[f32], side: u8, keys: &mut Vec<u32>) -> usize {
+        keys_of(x, b, side, keys)
+    }
+}
+
+crate::simd::vectorized! {
+    /// [`keys_of`] of bf16 inputs.
+    fn keys_bf16(x: &[u16], b: &[u16], side: u8, keys: &mut Vec<u32>) -> usize {
+        keys_of(Bf16(x), Bf16(b), side, keys)
+    }
+}
+
+/// The keys of task input `i` of a chunk for `side`; how many are not 0.
+fn chunk_keys(chunk: &MergeJob, i: usize, side: u8, keys: &mut Vec<u32>) -> usize {
+    match chunk.base_bf16() {
+        Some(b) => keys_bf16(chunk.bf16[i], b, side, keys),
+        None => keys_f32(chunk.inputs[i], chunk.base_tensor(), side, keys),
+    }
+}
+
+crate::simd::vectorized! {
+    /// How many keys equal `a`, and how many equal `b`.
+    fn count_equal(keys: &[u32], a: u32, b: u32) -> (u64, u64) {
+        keys.chunks(1 << 20).fold((0, 0), |(na, nb), c| {
+            let (ca, cb) = c.iter().fold((0u32, 0u32), |(ca, cb), &k| {
+                (ca + (k == a) as u32, cb + (k == b) as u32)
+            });
+            (na + ca as u64, nb + cb as u64)
+        })
+    }
+}
+
+crate::simd::vectorized! {
+    /// Set `kept[j]` where `window` keeps non-zero key `keys[j]`.
+    fn window_keeps(keys: &[u32], window: Window, kept: &mut [u8]) {
+        for (f, &k) in kept.iter_mut().zip(keys) {
+            *f |= (window.keeps(k) & (k != 0)) as u8;
+        }
+    }
+}
+
+/// Set `kept[j]` where `selection` keeps the next element, of key `keys[j]` (not 0): the
+/// branch-free rule when the chunk's ties at the edges are all kept or all dropped, else element
+/// by element (the chunk where an edge's quota runs out).
+fn mark_kept(selection: &mut Selection, keys: &[u32], kept: &mut [u8]) {
+    let (lo, hi) = selection.edges();
+    let (n_lo, n_hi) = count_equal(keys, lo, hi);
+    match selection.window(n_lo, n_hi) {
+        Some(w) => {
+            selection.advance(n_lo, n_hi);
+            window_keeps(keys, w, kept);
+        }
+        None => {
+            for (f, &k) in kept.iter_mut().zip(keys) {
+                *f |= (selection.keep(k) && k != 0) as u8;
+            }
+        }
+    }
+}
+
+/// Per task: the mask and sign streams and the sums `Σ τ_kept²`, `Σ |τ_kept|`, `Σ τ²`.
+struct Acc {
+    mask: BitWriter,
+    sign: BitWriter,
+    sums: [LaneSum; 3],
+}
+
+/// Elements `offset..` of one task: the bit of `kept` to `mask`, the sign bit (`τ > 0`) of every
+/// element to `sign` (the caller keeps those of the kept ones), and the sums.
+#[inline(always)]
+fn encode_span<E: Elems>(
+    offset: usize,
+    x: E,
+    b: E,
+    kept: &[u8],
+    mask: &mut BitWriter,
+    sign: &mut BitWriter,
+    sums: &mut [LaneSum; 3],
+) {
+    #[inline(always)]
+    fn one(
+        e: usize,
+        t: f32,
+        k: bool,
+        mask: &mut BitWriter,
+        sign: &mut BitWriter,
+        sums: &mut [LaneSum; 3],
+    ) {
+        mask.push(k);
+        sign.push(t > 0.0);
+        let v = keep_if(t, k);
+        let [a, b, c] = sums;
+        a.one(e, v * v);
+        b.one(e, v.abs());
+        c.one(e, t * t);
+    }
+    let n = x.len().min(b.len()).min(kept.len());
+    let (head, blocks) = crate::sums::spans(offset, n);
+    for (j, &f) in kept.iter().enumerate().take(head) {
+        one(offset + j, x.at(j) - b.at(j), f != 0, mask, sign, sums);
+    }
+    {
+        let [s0, s1, s2] = sums;
+        let mut acc = crate::sums::Blocks::new([s0, s1, s2], offset + head + 8);
+        for k in 0..blocks {
+            let j = head + 8 * k;
+            let (xb, bb) = (x.eight(j), b.eight(j));
+            let f: &[u8; 8] = kept[j..j + 8].try_into().expect("8");
+            let (mut sq, mut ab, mut all, mut m, mut s) =
+                ([0f32; 8], [0f32; 8], [0f32; 8], 0u8, 0u8);
+            for l in 0..8 {
+                let t = xb[l] - bb[l];
+                let v = keep_if(t, f[l] != 0);
+                m |= (f[l] != 0) as u8 * (1 << l);
+                s |= ((t > 0.0) as u8) << l;
+                sq[l] = v * v;
+                ab[l] = v.abs();
+                all[l] = t * t;
+            }
+            mask.push_byte(m);
+            sign.push_byte(s);
+            acc.add([sq, ab, all]);
+        }
+        acc.finish();
+    }
+    for (j, &f) in kept.iter().enumerate().take(n).skip(head + 8 * blocks) {
+        one(offset + j, x.at(j) - b.at(j), f != 0, mask, sign, sums);
+    }
+}
+
+crate::simd::vectorized! {
+    /// [`encode_span`] of f32 inputs.
+    fn encode_f32(offset: usize, x: &[f32], b: &[f32], kept: &[u8], mask: &mut BitWriter, sign: &mut BitWriter, sums: &mut [LaneSum; 3]) {
+        encode_span(offset, x, b, kept, mask, sign, sums)
+    }
+}
+
+crate::simd::vectorized! {
+    /// [`encode_span`] of bf16 inputs.
+    fn encode_bf16(offset: usize, x: &[u16], b: &[u16], kept: &[u8], mask: &mut BitWriter, sign: &mut BitWriter, sums: &mut [LaneSum; 3]) {
+        encode_span(offset, Bf16(x), Bf16(b), kept, mask, sign, sums)
     }
 }
 
@@ -89,10 +277,10 @@ impl Scheme for Ternary {
             return Ok(());
         }
         let n = job.numel();
-        let sides: Vec<Option<bool>> = if job.shared.choice("select") == "joint" {
-            vec![None]
+        let sides: &[u8] = if job.shared.choice("select") == "joint" {
+            &[ALL]
         } else {
-            vec![Some(true), Some(false)]
+            &[POSITIVE, NEGATIVE]
         };
         let density: Vec<f64> = tasks
             .iter()
@@ -105,9 +293,9 @@ impl Scheme for Ternary {
             .map(|&d| {
                 sides
                     .iter()
-                    .map(|side| match side {
-                        None => Pick::new(n, Want::TopK((d * n as f64).round() as usize)),
-                        Some(_) => Pick::new(n, Want::TopK(n.max(1) - 1)),
+                    .map(|&side| match side {
+                        ALL => Pick::new(n, Want::TopK((d * n as f64).round() as usize)),
+                        _ => Pick::new(n, Want::TopK(n.max(1) - 1)),
                     })
                     .collect()
             })
@@ -116,24 +304,15 @@ impl Scheme for Ternary {
         let mut keys: Vec<u32> = Vec::new();
         inputs.plan_passes(3);
         for pass in 0..2 {
-            inputs.pass(1, &mut |chunk, _| {
-                let base = chunk.base_tensor();
+            inputs.pass_bf16(1, &mut |chunk, _| {
                 for (t, &i) in tasks.iter().enumerate() {
-                    for (s, side) in sides.iter().enumerate() {
+                    for (s, &side) in sides.iter().enumerate() {
                         let Pick::Counting(sel) = &mut picks[t][s] else {
                             continue;
                         };
-                        keys.clear();
-                        keys.extend(
-                            chunk.inputs[i]
-                                .iter()
-                                .zip(base)
-                                .map(|(&x, &b)| key(x - b, *side)),
-                        );
+                        let nonzero = chunk_keys(chunk, i, side, &mut keys);
                         if pass == 0 {
-                            if side.is_some() {
-                                counts[t][s] += keys.iter().filter(|&&k| k != 0).count();
-                            }
+                            counts[t][s] += nonzero;
                             sel.count_high(&keys);
                         } else {
                             sel.count_low(&keys);
@@ -146,7 +325,7 @@ impl Scheme for Ternary {
                 for (s, pick) in row.iter_mut().enumerate() {
                     let Pick::Counting(sel) = pick else { continue };
                     if pass == 0 {
-                        if sides[s].is_some() {
+                        if sides[s] != ALL {
                             let k = (density[t] * counts[t][s] as f64).round() as usize;
                             if let Some(done) = sel.retarget(Want::TopK(k)) {
                                 *pick = Pick::Done(done);
@@ -176,51 +355,70 @@ impl Scheme for Ternary {
                     .collect()
             })
             .collect();
-        let mut masks: Vec<BitWriter> = tasks.iter().map(|_| BitWriter::with_capacity(n)).collect();
-        let mut signs: Vec<BitWriter> = tasks.iter().map(|_| BitWriter::default()).collect();
-        // Per task: Σ τ_kept², Σ |τ_kept|, Σ τ², running in index order (the same whatever the
-        // chunking; this loop is bound by the selections' per-element tie counting anyway).
-        let mut sums = vec![[0.0f64; 3]; tasks.len()];
-        inputs.pass(1, &mut |chunk, _| {
-            let base = chunk.base_tensor();
+        let mut accs: Vec<Acc> = tasks
+            .iter()
+            .map(|_| Acc {
+                mask: BitWriter::with_capacity(n),
+                sign: BitWriter::default(),
+                sums: [LaneSum::default(); 3],
+            })
+            .collect();
+        let mut kept: Vec<u8> = Vec::new();
+        inputs.pass_bf16(1, &mut |chunk, offset| {
             for (t, &i) in tasks.iter().enumerate() {
-                for (&x, &b) in chunk.inputs[i].iter().zip(base) {
-                    let tau = x - b;
-                    let mut kept = false;
-                    for (s, side) in sides.iter().enumerate() {
-                        // Every selection sees every element, in order (its tie count).
-                        let k = key(tau, *side);
-                        kept |= selections[t][s].keep(k) && k != 0;
-                    }
-                    masks[t].push(kept);
-                    let v = tau as f64;
-                    if kept {
-                        signs[t].push(tau > 0.0);
-                        sums[t][0] += v * v;
-                        sums[t][1] += v.abs();
-                    }
-                    sums[t][2] += v * v;
+                let len = chunk
+                    .bf16
+                    .first()
+                    .map_or_else(|| chunk.inputs[0].len(), |b| b.len());
+                kept.clear();
+                kept.resize(len, 0);
+                for (s, &side) in sides.iter().enumerate() {
+                    // Every selection sees every element, in order (its tie count).
+                    chunk_keys(chunk, i, side, &mut keys);
+                    mark_kept(&mut selections[t][s], &keys, &mut kept);
                 }
+                // This chunk's mask and signs, then the signs of its kept entries.
+                let (mut mask, mut sign) =
+                    (BitWriter::with_capacity(len), BitWriter::with_capacity(len));
+                let acc = &mut accs[t];
+                match chunk.base_bf16() {
+                    Some(b) => encode_bf16(
+                        offset,
+                        chunk.bf16[i],
+                        b,
+                        &kept,
+                        &mut mask,
+                        &mut sign,
+                        &mut acc.sums,
+                    ),
+                    None => {
+                        let (x, b) = (chunk.inputs[i], chunk.base_tensor());
+                        encode_f32(offset, x, b, &kept, &mut mask, &mut sign, &mut acc.sums)
+                    }
+                }
+                let (mask, sign) = (mask.into_bytes(), sign.into_bytes());
+                acc.mask.push_stream(&mask, len);
+                acc.sign.push_selected(&sign, &mask, len);
             }
             Ok(())
         })?;
-        for (t, (mask, sign)) in masks.into_iter().zip(signs).enumerate() {
-            let totals = sums[t];
-            let count = sign.len() as f64;
+        for (t, acc) in accs.into_iter().enumerate() {
+            let [kept2, kept_abs, all2] = acc.sums.map(|s| s.total());
+            let count = acc.sign.len() as f64;
             let alpha = if count > 0.0 {
-                (totals[0].sqrt() / count.sqrt()) as f32
+                (kept2.sqrt() / count.sqrt()) as f32
             } else {
                 0.0
             };
             let a = alpha as f64;
             *out.stats(t) = TaskStats {
                 a: a * a * count,
-                b: a * totals[1],
-                c: totals[2],
+                b: a * kept_abs,
+                c: all2,
                 sums: Vec::new(),
             };
-            scheme::put_bits(out, t, "mask", mask)?;
-            scheme::put_bits(out, t, "sign", sign)?;
+            scheme::put_bits(out, t, "mask", acc.mask)?;
+            scheme::put_bits(out, t, "sign", acc.sign)?;
             scheme::put_f32(out, t, "scale", &[alpha])?;
         }
         Ok(())

@@ -15,8 +15,7 @@ use super::MergeJob;
 use super::gta::{GtaState, Mask, PerModel};
 use super::rng::{Stream32, run_length};
 use super::select::{Window, key};
-use crate::dtype::f32_of_bf16;
-use crate::simd::{keep_if, rewrite};
+use crate::simd::{Bf16, Elems, keep_if, rewrite};
 use crate::sums::{FLUSH, LaneSum};
 
 /// `$m!(K)` with the literal `K` equal to `$k`, for 1 to 8 models (the loops that keep every
@@ -38,62 +37,6 @@ macro_rules! by_count {
 
 /// Elements per tile: a few KiB per buffer, so a tile's buffers fit in L1 together.
 const TILE: usize = 512;
-
-/// One input of a chunk as the fused loops read it: f32 values, or bf16 bits widened as they
-/// are read ([`MergeJob::bf16`]), which saves writing and reading back an f32 copy.
-trait Elems: Copy {
-    /// How many elements.
-    fn len(self) -> usize;
-    /// The first `n` elements.
-    fn prefix(self, n: usize) -> Self;
-    /// Element `i` as f32.
-    fn at(self, i: usize) -> f32;
-    /// Elements `i..i + 8` as f32 (one bounds check for the eight).
-    fn eight(self, i: usize) -> [f32; 8];
-}
-
-impl Elems for &[f32] {
-    #[inline(always)]
-    fn len(self) -> usize {
-        <[f32]>::len(self)
-    }
-    #[inline(always)]
-    fn prefix(self, n: usize) -> Self {
-        &self[..n]
-    }
-    #[inline(always)]
-    fn at(self, i: usize) -> f32 {
-        self[i]
-    }
-    #[inline(always)]
-    fn eight(self, i: usize) -> [f32; 8] {
-        self[i..i + 8].try_into().expect("8")
-    }
-}
-
-/// bf16 bits.
-#[derive(Clone, Copy)]
-struct Bf16<'a>(&'a [u16]);
-
-impl Elems for Bf16<'_> {
-    #[inline(always)]
-    fn len(self) -> usize {
-        self.0.len()
-    }
-    #[inline(always)]
-    fn prefix(self, n: usize) -> Self {
-        Bf16(&self.0[..n])
-    }
-    #[inline(always)]
-    fn at(self, i: usize) -> f32 {
-        f32_of_bf16(self.0[i])
-    }
-    #[inline(always)]
-    fn eight(self, i: usize) -> [f32; 8] {
-        let b: &[u16; 8] = self.0[i..i + 8].try_into().expect("8");
-        b.map(f32_of_bf16)
-    }
-}
 
 /// How a model's kept entries are scaled before weighting.
 #[derive(Clone, Copy)]
