@@ -651,3 +651,46 @@ fn ternary_keeps_ties_by_lower_index() {
         );
     }
 }
+
+/// The ternary scheme's general three-pass selection (which a tensor whose values crowd one
+/// histogram bin falls back to; `AMALGAM_TERNARY_CANDIDATES=0` forces it) selects what the
+/// binned two-pass one does: the same rebuilt tensors, per sign and jointly, f32 and bf16.
+#[test]
+fn ternary_general_selection_agrees_with_the_binned_one() {
+    for case in ["ternary_sign", "ternary_joint", "ternary_sign_bf16"] {
+        let d = tempfile::tempdir().unwrap();
+        let binned = build(case, d.path(), &[]);
+        let general = d.path().join("general");
+        let config = fixtures().join(format!("configs/{case}.yml"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
+            .current_dir(root())
+            .env("AMALGAM_TERNARY_CANDIDATES", "0")
+            .args(["library", "build", s(&config), s(&general), "-q"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for task in ["task0", "task1", "task2"] {
+            let rebuilt = |lib: &Path, name: &str| {
+                let out = d.path().join(format!("{task}-{name}"));
+                run_ok(&[
+                    "library",
+                    "rebuild",
+                    s(lib),
+                    task,
+                    s(&out),
+                    "-q",
+                    "--dtype",
+                    "f32",
+                ]);
+                out
+            };
+            let (a, b) = (rebuilt(&binned, "binned"), rebuilt(&general, "general"));
+            let w = worst(&a, &b);
+            assert!(w <= 1e-6, "{case}/{task}: binned vs general {w:e}");
+        }
+    }
+}

@@ -127,6 +127,8 @@ pub(crate) trait Elems: Copy {
     fn len(self) -> usize;
     /// The first `n` elements.
     fn prefix(self, n: usize) -> Self;
+    /// Elements `start..end`.
+    fn range(self, start: usize, end: usize) -> Self;
     /// Element `i` as f32.
     fn at(self, i: usize) -> f32;
     /// Elements `i..i + 8` as f32 (one bounds check for the eight).
@@ -141,6 +143,10 @@ impl Elems for &[f32] {
     #[inline(always)]
     fn prefix(self, n: usize) -> Self {
         &self[..n]
+    }
+    #[inline(always)]
+    fn range(self, start: usize, end: usize) -> Self {
+        &self[start..end]
     }
     #[inline(always)]
     fn at(self, i: usize) -> f32 {
@@ -164,6 +170,10 @@ impl Elems for Bf16<'_> {
     #[inline(always)]
     fn prefix(self, n: usize) -> Self {
         Bf16(&self.0[..n])
+    }
+    #[inline(always)]
+    fn range(self, start: usize, end: usize) -> Self {
+        Bf16(&self.0[start..end])
     }
     #[inline(always)]
     fn at(self, i: usize) -> f32 {

@@ -21,6 +21,7 @@ pub mod scheme;
 pub mod sign;
 pub mod tall;
 pub mod ternary;
+mod ternary_binned;
 pub mod tsv_c;
 pub mod twin;
 

@@ -153,28 +153,42 @@ crate::simd::vectorized! {
     }
 }
 
-/// `(min, max)` of `lo`, `hi` and `τ = x − b` over a segment, in 8 lanes (selects, not
-/// `f32::min`/`max`, whose NaN rule keeps the loop scalar; the values are finite).
+/// The bits of a float as an unsigned integer that orders like the float (negatives flipped,
+/// positives above them), so that a minimum is one integer instruction without a dependency on
+/// a compare-and-blend; exact for every non-NaN value (−0 orders just below +0).
+#[inline(always)]
+fn ordered(f: f32) -> u32 {
+    let b = f.to_bits();
+    b ^ (((b as i32) >> 31) as u32 | 0x8000_0000)
+}
+
+/// The inverse of [`ordered`].
+#[inline(always)]
+fn unordered(k: u32) -> f32 {
+    f32::from_bits(if k >> 31 == 1 { k & 0x7fff_ffff } else { !k })
+}
+
+/// `(min, max)` of `lo`, `hi` and `τ = x − b` over a segment, in 8 lanes of [`ordered`] bits.
 #[inline(always)]
 fn delta_range<E: Elems>(x: E, b: E, lo: f32, hi: f32) -> (f32, f32) {
     let n = x.len().min(b.len());
-    let (mut l, mut h) = ([lo; 8], [hi; 8]);
+    let (mut l, mut h) = ([ordered(lo); 8], [ordered(hi); 8]);
     for k in 0..n / 8 {
         let (xb, bb) = (x.eight(8 * k), b.eight(8 * k));
         for i in 0..8 {
-            let t = xb[i] - bb[i];
-            l[i] = if t < l[i] { t } else { l[i] };
-            h[i] = if t > h[i] { t } else { h[i] };
+            let t = ordered(xb[i] - bb[i]);
+            l[i] = l[i].min(t);
+            h[i] = h[i].max(t);
         }
     }
     for j in n / 8 * 8..n {
-        let t = x.at(j) - b.at(j);
-        l[0] = if t < l[0] { t } else { l[0] };
-        h[0] = if t > h[0] { t } else { h[0] };
+        let t = ordered(x.at(j) - b.at(j));
+        l[0] = l[0].min(t);
+        h[0] = h[0].max(t);
     }
     (
-        l.iter().fold(l[0], |m, &v| if v < m { v } else { m }),
-        h.iter().fold(h[0], |m, &v| if v > m { v } else { m }),
+        unordered(l.into_iter().fold(u32::MAX, u32::min)),
+        unordered(h.into_iter().fold(0, u32::max)),
     )
 }
 
@@ -241,29 +255,41 @@ fn encode_span<E: Elems>(
         );
     }
     {
+        // Tile by tile: the codes, values and sums of a tile in one plain loop (which
+        // vectorises, codes narrowed to bytes in vector registers), then its codes packed 8 at
+        // a time and its sums added block by block.
+        const TILE: usize = 256;
         let mut sums = crate::sums::Blocks::new([&mut *a, &mut *c2, &mut *t2], offset + head + 8);
-        for k in 0..blocks {
-            let j = head + 8 * k;
-            let (xb, bb) = (x.eight(j), b.eight(j));
-            let (mut q, mut vv, mut vt, mut tt) = ([0u8; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
-            for l in 0..8 {
-                let t = xb[l] - bb[l];
+        let (mut q, mut vv, mut vt, mut tt) =
+            ([0u8; TILE], [0f32; TILE], [0f32; TILE], [0f32; TILE]);
+        let end = head + 8 * blocks;
+        let mut j = head;
+        while j < end {
+            let m = TILE.min(end - j);
+            let (xt, bt) = (x.range(j, j + m), b.range(j, j + m));
+            for l in 0..m {
+                let t = xt.at(l) - bt.at(l);
                 let (c, v) = code_of(t, lo, step, max);
                 q[l] = c;
                 vv[l] = v * v;
                 vt[l] = v * t;
                 tt[l] = t * t;
             }
-            let word = u64::from_le_bytes(q);
-            codes.push_wide(
-                if width == 8 {
-                    word
-                } else {
-                    bits::pext(word, low)
-                },
-                8 * width,
-            );
-            sums.add([vv, vt, tt]);
+            for k in 0..m / 8 {
+                let at = 8 * k..8 * k + 8;
+                let word = u64::from_le_bytes(q[at.clone()].try_into().expect("8"));
+                codes.push_wide(
+                    if width == 8 {
+                        word
+                    } else {
+                        bits::pext(word, low)
+                    },
+                    8 * width,
+                );
+                let eight = |a: &[f32; TILE]| -> [f32; 8] { a[at.clone()].try_into().expect("8") };
+                sums.add([eight(&vv), eight(&vt), eight(&tt)]);
+            }
+            j += m;
         }
         sums.finish();
     }

@@ -252,6 +252,33 @@ crate::simd::vectorized! {
     }
 }
 
+/// Store task `t`'s mask, the signs of its kept entries and its norm-preserving scale, from
+/// `[Σ τ_kept², Σ |τ_kept|, Σ τ²]`.
+fn store(
+    out: &mut dyn Encoded,
+    t: usize,
+    mask: BitWriter,
+    sign: BitWriter,
+    [kept2, kept_abs, all2]: [f64; 3],
+) -> Result<()> {
+    let count = sign.len() as f64;
+    let alpha = if count > 0.0 {
+        (kept2.sqrt() / count.sqrt()) as f32
+    } else {
+        0.0
+    };
+    let a = alpha as f64;
+    *out.stats(t) = TaskStats {
+        a: a * a * count,
+        b: a * kept_abs,
+        c: all2,
+        sums: Vec::new(),
+    };
+    scheme::put_bits(out, t, "mask", mask)?;
+    scheme::put_bits(out, t, "sign", sign)?;
+    scheme::put_f32(out, t, "scale", &[alpha])
+}
+
 impl Method for Ternary {
     fn spec(&self) -> &MethodSpec {
         &self.spec
@@ -300,9 +327,18 @@ impl Scheme for Ternary {
                     .collect()
             })
             .collect();
+        inputs.plan_passes(3);
+        if let Some(selected) =
+            super::ternary_binned::select(job, inputs, sides.len() == 1, &density)?
+        {
+            for (t, (mask, sign, sums)) in selected.into_iter().enumerate() {
+                store(out, t, mask, sign, sums)?;
+            }
+            return Ok(());
+        }
+        // The general selection (three passes), for tensors whose values crowd one bin.
         let mut counts = vec![vec![0usize; sides.len()]; tasks.len()];
         let mut keys: Vec<u32> = Vec::new();
-        inputs.plan_passes(3);
         for pass in 0..2 {
             inputs.pass_bf16(1, &mut |chunk, _| {
                 for (t, &i) in tasks.iter().enumerate() {
@@ -403,23 +439,7 @@ impl Scheme for Ternary {
             Ok(())
         })?;
         for (t, acc) in accs.into_iter().enumerate() {
-            let [kept2, kept_abs, all2] = acc.sums.map(|s| s.total());
-            let count = acc.sign.len() as f64;
-            let alpha = if count > 0.0 {
-                (kept2.sqrt() / count.sqrt()) as f32
-            } else {
-                0.0
-            };
-            let a = alpha as f64;
-            *out.stats(t) = TaskStats {
-                a: a * a * count,
-                b: a * kept_abs,
-                c: all2,
-                sums: Vec::new(),
-            };
-            scheme::put_bits(out, t, "mask", acc.mask)?;
-            scheme::put_bits(out, t, "sign", acc.sign)?;
-            scheme::put_f32(out, t, "scale", &[alpha])?;
+            store(out, t, acc.mask, acc.sign, acc.sums.map(|s| s.total()))?;
         }
         Ok(())
     }
