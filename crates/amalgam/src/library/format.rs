@@ -291,50 +291,64 @@ impl TaskFiles {
     /// spill files; `metadata[t]` goes into task `t`'s header. Returns each file's size and
     /// BLAKE3 hash.
     pub fn finish(self, metadata: &[BTreeMap<String, String>]) -> Result<Vec<(u64, String)>> {
-        let mut out = Vec::with_capacity(self.names.len());
-        for ((name, spill), meta) in self.names.iter().zip(self.spills).zip(metadata) {
-            let mut entries = spill.entries.into_inner().expect("no panics holding it");
-            entries.sort_by_key(|e| e.order);
-            let mut start = 0usize;
-            let mut layout = Vec::with_capacity(entries.len());
-            for e in &entries {
-                layout.push((
-                    e.name.as_str(),
-                    e.dtype,
-                    &e.shape[..],
-                    start,
-                    start + e.len as usize,
-                ));
-                start += e.len as usize;
-            }
-            let prefix = header::serialize(layout, meta);
-            let path = self.dir.join(format!("{name}.safetensors"));
-            let mut file = File::create(&path).at(&path)?;
-            let mut hasher = blake3::Hasher::new();
-            file.write_all(&prefix).at(&path)?;
-            hasher.update(&prefix);
-            let mut buf = vec![0u8; 1 << 20];
-            for e in &entries {
-                let mut done = 0u64;
-                while done < e.len {
-                    let n = (e.len - done).min(buf.len() as u64) as usize;
-                    spill
-                        .file
-                        .read_exact_at(&mut buf[..n], e.offset + done)
-                        .at(&spill.path)?;
-                    file.write_all(&buf[..n]).at(&path)?;
-                    hasher.update(&buf[..n]);
-                    done += n as u64;
-                }
-            }
-            file.sync_all().at(&path)?;
-            drop(spill.file);
-            std::fs::remove_file(&spill.path).at(&spill.path)?;
-            out.push((
-                prefix.len() as u64 + start as u64,
-                hasher.finalize().to_hex().to_string(),
-            ));
-        }
-        Ok(out)
+        use rayon::prelude::*;
+        // The tasks' files one per worker thread (each is a copy and a hash).
+        let dir = &self.dir;
+        self.names
+            .into_par_iter()
+            .zip(self.spills)
+            .zip(metadata)
+            .map(|((name, spill), meta)| finish_one(dir, &name, spill, meta))
+            .collect()
     }
+}
+
+/// Write one task's file from its spill file (see [`TaskFiles::finish`]).
+fn finish_one(
+    dir: &Path,
+    name: &str,
+    spill: Spill,
+    meta: &BTreeMap<String, String>,
+) -> Result<(u64, String)> {
+    let mut entries = spill.entries.into_inner().expect("no panics holding it");
+    entries.sort_by_key(|e| e.order);
+    let mut start = 0usize;
+    let mut layout = Vec::with_capacity(entries.len());
+    for e in &entries {
+        layout.push((
+            e.name.as_str(),
+            e.dtype,
+            &e.shape[..],
+            start,
+            start + e.len as usize,
+        ));
+        start += e.len as usize;
+    }
+    let prefix = header::serialize(layout, meta);
+    let path = dir.join(format!("{name}.safetensors"));
+    let mut file = File::create(&path).at(&path)?;
+    let mut hasher = blake3::Hasher::new();
+    file.write_all(&prefix).at(&path)?;
+    hasher.update(&prefix);
+    let mut buf = vec![0u8; 1 << 20];
+    for e in &entries {
+        let mut done = 0u64;
+        while done < e.len {
+            let n = (e.len - done).min(buf.len() as u64) as usize;
+            spill
+                .file
+                .read_exact_at(&mut buf[..n], e.offset + done)
+                .at(&spill.path)?;
+            file.write_all(&buf[..n]).at(&path)?;
+            hasher.update(&buf[..n]);
+            done += n as u64;
+        }
+    }
+    file.sync_all().at(&path)?;
+    drop(spill.file);
+    std::fs::remove_file(&spill.path).at(&spill.path)?;
+    Ok((
+        prefix.len() as u64 + start as u64,
+        hasher.finalize().to_hex().to_string(),
+    ))
 }
