@@ -106,6 +106,19 @@ enum Command {
     /// Task libraries: one base plus a compact module per task, any task rebuilt on demand.
     #[command(subcommand)]
     Library(library::LibraryCommand),
+    /// Remove the staging directories that killed runs left under DIR (hidden
+    /// `.amalgam-tmp-*` directories whose owner process is gone); a live run's, or one with no
+    /// owner record, is listed and left alone.
+    Clean {
+        /// The directory tree to clean.
+        dir: PathBuf,
+        /// List what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare two models tensor by tensor; exit code 1 if they differ beyond --rtol.
     Diff {
         /// First model.
@@ -473,6 +486,20 @@ fn run() -> Result<ExitCode> {
             eval::run(args, cli.quiet)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Clean { dir, dry_run, json } => {
+            let found = amalgam::io::staging::clean(&dir, dry_run)?;
+            let freed: u64 = found.iter().filter(|f| f.stale).map(|f| f.bytes).sum();
+            if json {
+                print_json(&serde_json::json!({
+                    "dry_run": dry_run,
+                    "freed_bytes": freed,
+                    "found": found,
+                }))?;
+            } else {
+                print_clean(&found, dry_run, freed)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Diff {
             a,
             b,
@@ -501,6 +528,37 @@ fn existing(overwrite: bool) -> Existing {
     } else {
         Existing::Refuse
     }
+}
+
+fn print_clean(found: &[amalgam::io::staging::Found], dry_run: bool, freed: u64) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    for f in found {
+        let why = match (&f.owner, f.stale) {
+            (Some(o), true) => format!(
+                "{} (process {} ended before finishing {})",
+                if dry_run { "would remove" } else { "removed" },
+                o.pid,
+                o.target.display()
+            ),
+            (Some(o), false) => format!(
+                "kept: process {} on {} is writing {} (or is on another host, where it cannot be checked)",
+                o.pid,
+                o.host,
+                o.target.display()
+            ),
+            (None, _) => "kept: no owner record (an older amalgam's, or not amalgam's); remove it by hand if nothing is writing there".to_string(),
+        };
+        writeln!(out, "{}  {}  {why}", f.path.display(), human_bytes(f.bytes))?;
+    }
+    let verb = if dry_run { "would free" } else { "freed" };
+    writeln!(
+        out,
+        "{} staging director{} found; {verb} {}",
+        found.len(),
+        if found.len() == 1 { "y" } else { "ies" },
+        human_bytes(freed)
+    )?;
+    Ok(())
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<()> {

@@ -6,6 +6,7 @@ mod common;
 use amalgam::DType;
 use amalgam::io::Model;
 use common::*;
+use std::path::{Path, PathBuf};
 
 fn sample(dtype: DType) -> Vec<T> {
     vec![
@@ -461,39 +462,9 @@ fn tensors_larger_than_a_conversion_part_convert_exactly() {
 #[test]
 fn interrupted_run_leaves_no_output_and_keeps_the_old_one() {
     let d = tempfile::tempdir().unwrap();
-    let src = p(&d, "src");
-    // 64 tensors of 4 MiB: long enough to interrupt once the output has started.
-    let tensors: Vec<T> = (0..64)
-        .map(|i| float(&format!("t{i}"), DType::F32, &[1 << 20], i))
-        .collect();
-    write_model(&src, &tensors);
-    let out = p(&d, "out");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("old.txt"), "previous output").unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
-        .args([
-            "--threads",
-            "1",
-            "convert",
-            s(&src),
-            s(&out),
-            "--dtype",
-            "f64",
-            "--overwrite",
-            "-q",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until the temporary output directory exists, then interrupt.
-    let started = std::time::Instant::now();
-    while !listing(d.path())
-        .iter()
-        .any(|n| n.starts_with(".amalgam-tmp-"))
-    {
-        assert!(started.elapsed().as_secs() < 30, "output never started");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
+    let (src, out) = slow_case(&d);
+    // Interrupted once the temporary output directory exists.
+    let child = start_slow_convert(&d, &src, &out);
     let kill = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -536,4 +507,112 @@ fn a_file_cut_short_after_opening_is_a_read_error_naming_it() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("model.safetensors"), "{err}");
+}
+
+/// Start `amalgam convert SRC OUT --dtype f64 --overwrite` (slow enough to catch mid-run) and
+/// wait until its staging directory exists beside OUT.
+fn start_slow_convert(d: &tempfile::TempDir, src: &Path, out: &Path) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
+        .args([
+            "--threads",
+            "1",
+            "convert",
+            s(src),
+            s(out),
+            "--dtype",
+            "f64",
+            "--overwrite",
+            "-q",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !listing(d.path())
+        .iter()
+        .any(|n| n.starts_with(".amalgam-tmp-"))
+    {
+        assert!(started.elapsed().as_secs() < 30, "output never started");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child
+}
+
+/// A model of 64 tensors of 4 MiB, and an existing output directory beside it.
+fn slow_case(d: &tempfile::TempDir) -> (PathBuf, PathBuf) {
+    let src = p(d, "src");
+    let tensors: Vec<T> = (0..64)
+        .map(|i| float(&format!("t{i}"), DType::F32, &[1 << 20], i))
+        .collect();
+    write_model(&src, &tensors);
+    let out = p(d, "out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("old.txt"), "previous output").unwrap();
+    (src, out)
+}
+
+#[test]
+fn a_killed_run_leaves_a_staging_directory_the_next_run_removes() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, out) = slow_case(&d);
+    let mut child = start_slow_convert(&d, &src, &out);
+    child.kill().unwrap(); // SIGKILL: no cleanup runs
+    child.wait().unwrap();
+    let stale: Vec<String> = listing(d.path())
+        .into_iter()
+        .filter(|n| n.starts_with(".amalgam-tmp-"))
+        .collect();
+    assert_eq!(stale.len(), 1, "{:?}", listing(d.path()));
+    assert_eq!(listing(&out), ["old.txt"], "old output untouched");
+    assert_eq!(
+        std::fs::read_to_string(out.join("old.txt")).unwrap(),
+        "previous output"
+    );
+    // `clean --dry-run` finds it and removes nothing.
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(&["clean", s(d.path()), "--dry-run", "--json"])).unwrap();
+    assert_eq!(report["found"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(report["found"][0]["stale"], true, "{report}");
+    assert!(d.path().join(&stale[0]).exists());
+    // The next run into the same output removes it and says so.
+    let run = amalgam(&["convert", s(&src), s(&out), "--overwrite", "-q"]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("removed") && err.contains(&stale[0]), "{err}");
+    assert_eq!(
+        listing(d.path()),
+        ["out", "src"],
+        "nothing left beside the output"
+    );
+    ok(&["diff", s(&src), s(&out)]); // exit 0: the same tensors
+}
+
+#[test]
+fn a_second_run_into_an_output_being_written_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (src, out) = slow_case(&d);
+    let child = start_slow_convert(&d, &src, &out);
+    let err = fails(&["convert", s(&src), s(&out), "--overwrite", "-q"]);
+    assert!(
+        err.contains(&format!("amalgam process {}", child.id()))
+            && err.contains("is writing this output now"),
+        "{err}"
+    );
+    // `clean` leaves the live run's directory alone.
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(&["clean", s(d.path()), "--json"])).unwrap();
+    assert_eq!(report["freed_bytes"], 0, "{report}");
+    assert_eq!(report["found"][0]["stale"], false, "{report}");
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    child.wait_with_output().unwrap();
+    assert_eq!(
+        listing(d.path()),
+        ["out", "src"],
+        "lock and staging removed"
+    );
+    assert_eq!(listing(&out), ["old.txt"]);
 }

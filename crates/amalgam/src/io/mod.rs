@@ -5,6 +5,7 @@ pub mod header;
 pub mod index;
 pub mod model;
 pub mod modeldir;
+pub mod staging;
 pub mod writer;
 
 pub use model::{Model, RELEASE_BLOCK, TensorEntry, TensorView};

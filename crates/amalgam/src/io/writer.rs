@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dtype::DType;
 use crate::error::{Error, IoContext, Result};
-use crate::io::header;
+use crate::io::{header, staging};
 
 /// Name, dtype and shape of one output tensor.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,6 +134,8 @@ pub struct ModelWriter {
     target: PathBuf,
     existing: Existing,
     tmp: tempfile::TempDir,
+    /// Held until the output is in place (dropped after `tmp`, which a failed run removes).
+    lock: staging::TargetLock,
     shards: Vec<ShardFile>,
     specs: Vec<TensorSpec>,
     slots: Vec<Slot>,
@@ -219,10 +221,23 @@ impl ModelWriter {
         check_target(target, existing)?;
         let parent = parent_dir(target);
         std::fs::create_dir_all(&parent).at(&parent)?;
+        let lock = staging::TargetLock::acquire(target, &parent)?;
+        for f in staging::sweep(&parent, Some(target), false) {
+            if let (true, Some(o)) = (f.stale, &f.owner) {
+                eprintln!(
+                    "note: removed {} ({:.1} MB), the staging directory of an earlier run into {} (process {}) that ended before finishing",
+                    f.path.display(),
+                    f.bytes as f64 / 1e6,
+                    target.display(),
+                    o.pid
+                );
+            }
+        }
         let tmp = tempfile::Builder::new()
-            .prefix(".amalgam-tmp-")
+            .prefix(staging::STAGING_PREFIX)
             .tempdir_in(&parent)
             .at(&parent)?;
+        staging::mark(tmp.path(), &staging::Owner::me(target))?;
         let mut seen = std::collections::HashSet::new();
         let mut sizes = Vec::with_capacity(specs.len());
         for s in &specs {
@@ -285,6 +300,7 @@ impl ModelWriter {
             target: target.to_path_buf(),
             existing,
             tmp,
+            lock,
             shards,
             specs,
             slots: slots
@@ -379,17 +395,21 @@ impl ModelWriter {
         if self.shards.len() > 1 {
             self.write_index()?;
         }
+        let marker = self.tmp.path().join(staging::MARKER);
+        std::fs::remove_file(&marker).at(&marker)?;
         sync_dir(self.tmp.path())?;
         let ModelWriter {
             target,
             existing,
             tmp,
+            lock,
             ..
         } = self;
         let staged = tmp.keep();
         install(&staged, &target, existing).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&staged);
         })?;
+        drop(lock);
         Ok(target)
     }
 
