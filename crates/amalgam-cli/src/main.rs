@@ -300,10 +300,25 @@ fn main() -> ExitCode {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", message(&err));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes, `: `-separated, each cause left out when the text so far already
+/// ends with it (amalgam's file errors print their OS error themselves).
+fn message(err: &anyhow::Error) -> String {
+    let mut chain = err.chain();
+    let mut msg = chain.next().map(ToString::to_string).unwrap_or_default();
+    for cause in chain {
+        let text = cause.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+    }
+    msg
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {

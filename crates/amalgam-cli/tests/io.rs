@@ -616,3 +616,124 @@ fn a_second_run_into_an_output_being_written_is_refused() {
     );
     assert_eq!(listing(&out), ["old.txt"]);
 }
+
+/// A tmpfs mounted at a directory (unmounted when dropped), where this process may mount one.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, options: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs", s(dir)])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|st| st.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Convert `src` into `out` (as user `nobody` when `as_nobody`); the run must fail naming
+/// `out`'s directory with `why`, and leave that directory as it was.
+fn write_fails_cleanly(src: &Path, out: &Path, why: &str, as_nobody: bool) {
+    let dir = out.parent().unwrap();
+    let before = listing(dir);
+    let bin = env!("CARGO_BIN_EXE_amalgam");
+    let mut cmd = if as_nobody {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", bin]);
+        c
+    } else {
+        std::process::Command::new(bin)
+    };
+    let run = cmd
+        .args(["convert", s(src), s(out), "-q"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{why}: {err}");
+    assert!(err.contains(why) && err.contains(s(dir)), "{why}: {err}");
+    assert_eq!(listing(dir), before, "{why}: nothing left behind");
+}
+
+#[test]
+fn write_errors_leave_nothing_behind_and_name_the_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    // Readable by `nobody` too (the permission case runs as that user when we are root).
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let src = p(&d, "src");
+    write_model(&src, &[float("w", DType::F32, &[1 << 20], 1)]);
+    // The output path is a file.
+    std::fs::write(p(&d, "file"), "not a directory").unwrap();
+    write_fails_cleanly(&src, &p(&d, "file"), "is not a directory", false);
+    // Permission denied: a directory we may not write (as root, checked as `nobody`).
+    let locked = p(&d, "locked");
+    std::fs::create_dir(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let root = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    };
+    write_fails_cleanly(&src, &locked.join("out"), "Permission denied", root);
+    // Read-only file system and disk full: tmpfs mounts, where this process may mount (root,
+    // as in CI); otherwise reported as skipped.
+    let ro = p(&d, "ro");
+    match Tmpfs::mount(&ro, "size=8m") {
+        Some(_m) => {
+            let remount = std::process::Command::new("mount")
+                .args(["-o", "remount,ro", s(&ro)])
+                .status()
+                .unwrap();
+            assert!(remount.success());
+            write_fails_cleanly(&src, &ro.join("out"), "Read-only file system", false);
+        }
+        None => eprintln!("skipped: read-only file system case (cannot mount a tmpfs here)"),
+    }
+    let full = p(&d, "full");
+    match Tmpfs::mount(&full, "size=1m") {
+        Some(_m) => {
+            write_fails_cleanly(&src, &full.join("out"), "not enough free disk space", false)
+        }
+        None => eprintln!("skipped: disk full case (cannot mount a tmpfs here)"),
+    }
+}
+
+#[test]
+fn an_input_changed_during_a_run_is_an_error_and_nothing_is_written() {
+    for how in ["written to", "replaced by another file"] {
+        let d = tempfile::tempdir().unwrap();
+        let (src, out) = slow_case(&d);
+        let child = start_slow_convert(&d, &src, &out);
+        let file = src.join("model.safetensors");
+        if how == "written to" {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&file)
+                .unwrap();
+            std::io::Write::write_all(&mut f, b" ").unwrap();
+        } else {
+            let other = src.join("other.tmp");
+            std::fs::write(&other, b"new contents").unwrap();
+            std::fs::rename(&other, &file).unwrap();
+        }
+        let run = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{how}: {err}");
+        assert!(
+            err.contains(&format!("{how} while it was being read")) && err.contains(s(&file)),
+            "{how}: {err}"
+        );
+        assert_eq!(
+            listing(d.path()),
+            ["out", "src"],
+            "{how}: nothing left behind"
+        );
+        assert_eq!(listing(&out), ["old.txt"], "{how}: old output untouched");
+    }
+}

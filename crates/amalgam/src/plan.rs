@@ -31,6 +31,11 @@ pub struct ModelSet {
 }
 
 impl ModelSet {
+    /// [`Model::check_unchanged`] for every model.
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.models.iter().try_for_each(Model::check_unchanged)
+    }
+
     /// Where `input` is read from: its model's file, or its adapter's when the adapter carries
     /// the whole tensor (`modules_to_save`, saved base layers), with the tensor's name there.
     pub fn file_of<'s>(&'s self, input: &'s Input) -> (&'s Model, &'s str) {

@@ -23,8 +23,31 @@ pub struct Shard {
     map: Mmap,
     /// The open file, for positioned reads.
     file: File,
+    /// The file as it was opened, to notice it changing while it is read.
+    stamp: Option<Stamp>,
     /// The shard's validated header.
     pub header: Header,
+}
+
+/// What identifies a file's contents cheaply: its inode, length and modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
 }
 
 /// The granularity at which a sequential reader can safely release pages behind it: the largest
@@ -102,12 +125,14 @@ fn map_file(path: &Path) -> Result<(File, Mmap)> {
 impl Shard {
     fn open(path: PathBuf, file_name: String) -> Result<Shard> {
         let (file, map) = map_file(&path)?;
+        let stamp = file.metadata().ok().map(|m| Stamp::of(&m));
         let header = header::parse(&path, &map)?;
         Ok(Shard {
             path,
             file_name,
             map,
             file,
+            stamp,
             header,
         })
     }
@@ -153,6 +178,32 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 impl Model {
+    /// Check that no shard file changed since it was opened: written in place (its length or
+    /// modification time moved) or replaced (another file now at its path). Called before an
+    /// output is put in place, so that an input overwritten during a run is an error rather than
+    /// a silently mixed output.
+    pub fn check_unchanged(&self) -> Result<()> {
+        for shard in &self.shards {
+            let Some(then) = shard.stamp else { continue };
+            let now = shard.file.metadata().ok().map(|m| Stamp::of(&m));
+            let at_path = std::fs::metadata(&shard.path).ok().map(|m| Stamp::of(&m));
+            let how = if now != Some(then) {
+                "was written to while it was being read"
+            } else if at_path != Some(then) {
+                "was replaced by another file while it was being read"
+            } else {
+                continue;
+            };
+            return Err(Error::NotAModel {
+                path: shard.path.clone(),
+                reason: format!(
+                    "{how}; the output was not written. Run again once the input is complete"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Open a model: a `.safetensors` file, or a directory holding `model.safetensors`, a shard
     /// index, or `.safetensors` files. Validates every header (and the index against its shards)
     /// before returning.

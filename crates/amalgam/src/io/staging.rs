@@ -216,7 +216,13 @@ impl TargetLock {
                 .create(true)
                 .truncate(false)
                 .open(&path)
-                .at(&path)?;
+                .map_err(|e| Error::Output {
+                    path: target.to_path_buf(),
+                    reason: format!(
+                        "cannot write in {} ({e}); write the output where you may create files",
+                        parent.display()
+                    ),
+                })?;
             // SAFETY: flock on a descriptor this function owns.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                 let err = std::io::Error::last_os_error();

@@ -156,6 +156,7 @@ pub fn build(
             .join(format!("{}.safetensors", format::SHARED));
         std::fs::remove_file(&empty).map_err(|e| Error::io(&empty, e))?;
     }
+    set.check_unchanged()?;
     writer.finish()?;
     Ok(manifest)
 }

@@ -284,6 +284,7 @@ pub fn rebuild(
             "config_sentence_transformers.json",
         ],
     )?;
+    base.check_unchanged()?;
     writer.finish()
 }
 

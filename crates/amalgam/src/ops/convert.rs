@@ -73,5 +73,6 @@ pub fn convert(
         Ok(())
     })?;
     modeldir::copy_side_files(&model.dir, writer.staging_dir(), opts.dtype)?;
+    model.check_unchanged()?;
     writer.finish()
 }

@@ -103,6 +103,7 @@ pub fn execute(
         produce(&ctx, &plan.tensors[i], scratch, &writer, i)
     })?;
     write_side_files(config, set, plan, writer.staging_dir())?;
+    set.check_unchanged()?;
     writer.finish()
 }
 

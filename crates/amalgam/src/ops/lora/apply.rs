@@ -134,5 +134,6 @@ pub fn apply(
     if untie.is_some() {
         modeldir::set_config_field(writer.staging_dir(), "tie_word_embeddings", false.into())?;
     }
+    model.check_unchanged()?;
     writer.finish()
 }
