@@ -130,7 +130,13 @@ impl Manifest {
                 Error::io(&path, e)
             }
         })?;
-        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| Error::Config {
+        Manifest::parse(&path, &text)
+    }
+
+    /// Parse and check a manifest's bytes (`path` names it in errors).
+    pub fn parse(path: &Path, text: &[u8]) -> Result<Manifest> {
+        let path = path.to_path_buf();
+        let manifest: Manifest = serde_json::from_slice(text).map_err(|e| Error::Config {
             path: path.clone(),
             reason: format!("not a valid library manifest: {e}"),
         })?;

@@ -63,6 +63,28 @@ pub struct AdapterConfig {
     pub base_model_name_or_path: Option<String>,
 }
 
+impl AdapterConfig {
+    /// Parse and check the text of `dir`'s `adapter_config.json` (at `path`).
+    pub fn parse(dir: &Path, path: &Path, text: &str) -> Result<AdapterConfig> {
+        let config: AdapterConfig = serde_json::from_str(text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        if let Some(t) = &config.peft_type
+            && t != "LORA"
+        {
+            return Err(bad(
+                dir,
+                format!("peft_type {t} is not supported (only LORA)"),
+            ));
+        }
+        if config.use_dora {
+            return Err(bad(dir, "DoRA adapters (use_dora) are not supported yet"));
+        }
+        Ok(config)
+    }
+}
+
 fn default_rank() -> usize {
     8
 }
@@ -177,21 +199,7 @@ impl Adapter {
                 Error::io(&cfg_path, e)
             }
         })?;
-        let config: AdapterConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: cfg_path.clone(),
-            reason: e.to_string(),
-        })?;
-        if let Some(t) = &config.peft_type
-            && t != "LORA"
-        {
-            return Err(bad(
-                &dir,
-                format!("peft_type {t} is not supported (only LORA)"),
-            ));
-        }
-        if config.use_dora {
-            return Err(bad(&dir, "DoRA adapters (use_dora) are not supported yet"));
-        }
+        let config = AdapterConfig::parse(&dir, &cfg_path, &text)?;
         let weights = dir.join("adapter_model.safetensors");
         if !weights.is_file() {
             let hint = if dir.join("adapter_model.bin").exists() {
