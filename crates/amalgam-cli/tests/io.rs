@@ -512,18 +512,16 @@ fn a_file_cut_short_after_opening_is_a_read_error_naming_it() {
 /// Start `amalgam convert SRC OUT --dtype f64 --overwrite` (slow enough to catch mid-run) and
 /// wait until its staging directory exists beside OUT.
 fn start_slow_convert(d: &tempfile::TempDir, src: &Path, out: &Path) -> std::process::Child {
+    start_slow(d, &["convert", s(src), s(out), "--dtype", "f64"])
+}
+
+/// Start `amalgam --threads 1 ARGS --overwrite -q` and wait until a staging directory exists in
+/// `d`.
+fn start_slow(d: &tempfile::TempDir, args: &[&str]) -> std::process::Child {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
-        .args([
-            "--threads",
-            "1",
-            "convert",
-            s(src),
-            s(out),
-            "--dtype",
-            "f64",
-            "--overwrite",
-            "-q",
-        ])
+        .args(["--threads", "1"])
+        .args(args)
+        .args(["--overwrite", "-q"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -552,10 +550,19 @@ fn slow_case(d: &tempfile::TempDir) -> (PathBuf, PathBuf) {
 }
 
 #[test]
-fn a_killed_run_leaves_a_staging_directory_the_next_run_removes() {
+fn a_killed_merge_leaves_a_staging_directory_the_next_run_removes() {
     let d = tempfile::tempdir().unwrap();
     let (src, out) = slow_case(&d);
-    let mut child = start_slow_convert(&d, &src, &out);
+    let config = d.path().join("linear.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "merge_method: linear\nmodels:\n  - model: {0}\n    parameters: {{weight: 0.5}}\n  - model: {0}\n    parameters: {{weight: 0.5}}\ndtype: float64\n",
+            src.display()
+        ),
+    )
+    .unwrap();
+    let mut child = start_slow(&d, &["merge", s(&config), s(&out)]);
     child.kill().unwrap(); // SIGKILL: no cleanup runs
     child.wait().unwrap();
     let stale: Vec<String> = listing(d.path())
@@ -581,7 +588,7 @@ fn a_killed_run_leaves_a_staging_directory_the_next_run_removes() {
     assert!(err.contains("removed") && err.contains(&stale[0]), "{err}");
     assert_eq!(
         listing(d.path()),
-        ["out", "src"],
+        ["linear.yml", "out", "src"],
         "nothing left beside the output"
     );
     ok(&["diff", s(&src), s(&out)]); // exit 0: the same tensors
