@@ -26,10 +26,13 @@ pub fn export_lora(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).at(parent)?;
+    // The rebuilt model is a staging directory of the output's: if this run is killed, the next
+    // run into the output (or `amalgam clean`) removes it.
     let staging = tempfile::Builder::new()
-        .prefix(".amalgam-export-")
+        .prefix(crate::io::staging::STAGING_PREFIX)
         .tempdir_in(parent)
         .at(parent)?;
+    crate::io::staging::mark(staging.path(), &crate::io::staging::Owner::me(output))?;
     let rebuilt = staging.path().join("model");
     let library = super::Library::open(lib)?;
     let base = base
