@@ -1,6 +1,6 @@
 //! Fuzzing on the stable toolchain: every parser of user-supplied files — safetensors header,
 //! shard index, merge and library YAML configs, library manifest, PEFT adapter config — fed
-//! mutations of the committed corpus (`fuzz/corpus/<target>/`) for a bounded time. Any panic,
+//! mutations of the committed corpus (`fuzz/seeds/<target>/`) for a bounded time. Any panic,
 //! any input that takes longer than [`SLOW`], or any input during which the parser's live
 //! allocations pass [`MEMORY`] fails the test, and the input is saved under
 //! `target/fuzz-failures/` to replay. (An allocation too large to satisfy at all aborts the
@@ -246,7 +246,7 @@ fn repo() -> PathBuf {
 }
 
 fn corpus(name: &str) -> Vec<Vec<u8>> {
-    let dir = repo().join("fuzz/corpus").join(name);
+    let dir = repo().join("fuzz/seeds").join(name);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
