@@ -694,3 +694,60 @@ fn ternary_general_selection_agrees_with_the_binned_one() {
         }
     }
 }
+
+/// A base that ties its LM head to its embeddings, and a task that stores its own head (an
+/// untied fine-tune): the library stores the head, the rebuild reads the base's embeddings in
+/// its place (the plan's rule) and writes a config that no longer ties them.
+#[test]
+fn a_task_with_its_own_head_over_a_tied_base_rebuilds() {
+    use amalgam::io::Model;
+    use common::{raw, write_model};
+    let d = tempfile::tempdir().unwrap();
+    let models = root().join("tests/fixtures/merge/models");
+    let ft = Model::open(models.join("qwen2_ft1")).unwrap();
+    let mut tensors: Vec<_> = ft
+        .tensors()
+        .iter()
+        .map(|e| {
+            let mut bytes = vec![0u8; e.nbytes()];
+            ft.read_at(e.shard, e.range.start, &mut bytes).unwrap();
+            raw(&e.name, e.dtype, &e.shape, bytes)
+        })
+        .collect();
+    let embed = ft.entry("model.embed_tokens.weight").unwrap();
+    tensors.push(common::float(
+        "lm_head.weight",
+        embed.dtype,
+        &embed.shape,
+        7,
+    ));
+    let task = d.path().join("untied");
+    write_model(&task, &tensors);
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(models.join("qwen2_ft1/config.json")).unwrap())
+            .unwrap();
+    config["tie_word_embeddings"] = false.into();
+    std::fs::write(task.join("config.json"), config.to_string()).unwrap();
+    let yml = d.path().join("lib.yml");
+    std::fs::write(
+        &yml,
+        format!(
+            "base_model: {}\ntasks:\n  - {{name: a, model: {}}}\nscheme: dense\n",
+            models.join("qwen2_base").display(),
+            task.display()
+        ),
+    )
+    .unwrap();
+    let lib = d.path().join("lib");
+    run_ok(&["library", "build", s(&yml), s(&lib), "-q"]);
+    let out = d.path().join("out");
+    run_ok(&["library", "rebuild", s(&lib), "a", s(&out), "-q"]);
+    assert_eq!(
+        worst(&out, &task),
+        0.0,
+        "the task's tensors, its head included"
+    );
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(written["tie_word_embeddings"], false);
+}

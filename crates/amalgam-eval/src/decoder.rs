@@ -87,7 +87,7 @@ impl Decoder {
         let embed = w.get("embed_tokens.weight", &[cfg.vocab_size, h])?;
         // A tied head is the embedding matrix; some tied checkpoints still carry lm_head.weight,
         // which then equals it, so the stored tensor is used whenever there is one.
-        let lm_head = if w.model().contains("lm_head.weight") {
+        let lm_head = if w.contains_absolute("lm_head.weight") {
             Linear::new(
                 w.get_absolute("lm_head.weight", &[cfg.vocab_size, h])?,
                 None,

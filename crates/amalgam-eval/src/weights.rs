@@ -92,7 +92,16 @@ impl Weights {
 
     /// Whether `name` (under the prefix) exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.model.contains(&format!("{}{name}", self.prefix))
+        self.contains_absolute(&format!("{}{name}", self.prefix))
+    }
+
+    /// Whether tensor `name` (no prefix) exists: in the model, or for a library task in the
+    /// library (which may store a head its tied base does not have).
+    pub fn contains_absolute(&self, name: &str) -> bool {
+        match &self.library {
+            Some(lib) => lib.index.contains_key(name),
+            None => self.model.contains(name),
+        }
     }
 
     /// The tensor `name` (under the prefix) as f32, checked to have `shape`.
@@ -102,21 +111,38 @@ impl Weights {
 
     /// The tensor `name` (no prefix) as f32, checked to have `shape`.
     pub fn get_absolute(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let entry = self.model.entry(name)?;
-        if entry.shape != shape {
+        // A library task's tensors are the library's (its base may tie a head the task stores).
+        let (dtype, found) = match &self.library {
+            Some(lib) => {
+                let t = lib
+                    .index
+                    .get(name)
+                    .map(|&i| &lib.library.manifest.base.tensors[i])
+                    .ok_or_else(|| amalgam::Error::MissingTensor {
+                        path: self.model.path.clone(),
+                        name: name.to_string(),
+                    })?;
+                (t.dtype, t.shape.clone())
+            }
+            None => {
+                let entry = self.model.entry(name)?;
+                (entry.dtype, entry.shape.clone())
+            }
+        };
+        if found != shape {
             return Err(Error::Shape {
                 path: self.model.path.clone(),
                 name: name.to_string(),
                 expected: shape.to_vec(),
-                found: entry.shape.clone(),
+                found,
             });
         }
-        if !entry.dtype.is_float() {
+        if !dtype.is_float() {
             return Err(amalgam::Error::argument(
                 format!("{}: tensor {name}", self.model.path.display()),
                 format!(
                     "has dtype {:?}; evaluation needs floating-point weights",
-                    entry.dtype
+                    dtype
                 ),
             )
             .into());

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::format::{self, Manifest};
 use super::scheme::{self, Parts, Scheme};
+use crate::arch::{EMBED_TOKENS, LM_HEAD};
 use crate::dtype::{DType, decode_f32, encode_f32};
 use crate::error::{Error, Result};
 use crate::io::{Existing, Model, ModelWriter, TensorSpec, modeldir};
@@ -46,6 +47,22 @@ pub struct TaskModule {
     pub index: usize,
     model: Model,
     scale: f32,
+}
+
+/// The base's tensor `name`, or its embeddings for the LM head of a base that ties them (as the
+/// build's plan read them: the manifest's hash of that tensor is the embeddings', so the check
+/// of the content still holds).
+fn base_entry<'m>(base: &'m Model, name: &str) -> Result<&'m crate::io::TensorEntry> {
+    if name == LM_HEAD && !base.contains(LM_HEAD) && base.contains(EMBED_TOKENS) {
+        return base.entry(EMBED_TOKENS);
+    }
+    base.entry(name)
+}
+
+/// Whether a model rebuilt from `base` writes an LM head the base ties to its embeddings (its
+/// config must then say the head is not tied, or loaders would ignore it).
+fn unties_head(lib: &Library, base: &Model) -> bool {
+    !base.contains(LM_HEAD) && lib.manifest.base.tensors.iter().any(|t| t.name == LM_HEAD)
 }
 
 impl Library {
@@ -127,7 +144,7 @@ impl Library {
             .unwrap_or_else(|| PathBuf::from(&self.manifest.base.path));
         let model = Model::open(&path)?;
         for t in &self.manifest.base.tensors {
-            let e = model.entry(&t.name).map_err(|_| Error::MissingTensor {
+            let e = base_entry(&model, &t.name).map_err(|_| Error::MissingTensor {
                 path: path.clone(),
                 name: t.name.clone(),
             })?;
@@ -166,7 +183,7 @@ impl Library {
         emit_bytes: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
         let t = &self.manifest.base.tensors[index];
-        let entry = base.entry(&t.name)?;
+        let entry = base_entry(base, &t.name)?;
         let n: usize = t.shape.iter().product();
         let size = t.dtype.size();
         let mut hasher = blake3::Hasher::new();
@@ -284,6 +301,9 @@ pub fn rebuild(
             "config_sentence_transformers.json",
         ],
     )?;
+    if unties_head(&library, &base) {
+        modeldir::set_config_field(writer.staging_dir(), "tie_word_embeddings", false.into())?;
+    }
     base.check_unchanged()?;
     writer.finish()
 }
