@@ -1,15 +1,18 @@
 //! The ternary scheme's selection in two streamed passes: the exact top `density` by
 //! magnitude (per sign or jointly, ties by lower index), as [`super::ternary`] defines it.
 //!
-//! Pass 1 counts a histogram of the top 14 bits of each `τ`'s bits (sign, exponent and five
-//! mantissa bits: [`BINS`] bins, small enough to stay in cache), which places each selection's
-//! boundary in one bin. Pass 2 decides every entry outside that bin (kept when above it) and
-//! writes the mask, the signs and the sums; entries inside it (1–3 % of a tensor) are kept
-//! aside as candidates with their exact keys, and after the pass the largest of them (lower
-//! index first among equal keys) fill the selection's count. The general selection
-//! ([`crate::methods::select`]) needs three passes and walks ties element by element; this one
-//! is used unless the candidates would exceed a memory cap (a tensor whose values crowd one
-//! bin), and then the caller falls back to it.
+//! Pass 1 counts a histogram of the top 14 bits of `τ`'s bits (sign, exponent and five
+//! mantissa bits: [`BINS`] bins) over a sample, the elements whose index is a multiple of
+//! [`STRIDE`], and places each selection's boundary in a band of bins with a margin of four
+//! standard deviations of a sampled count. Pass 2 decides every entry above the band (kept) or
+//! below it (dropped), writes the mask, the signs and the sums, counts the non-zero entries
+//! exactly, and keeps the band's entries (a few in a hundred) as candidates with their exact
+//! keys. The exact counts then give each selection's size and how many candidates it keeps:
+//! the largest, lower index first among equal keys. If the band missed the boundary (the sample
+//! misled), the candidates would pass a memory cap (a tensor whose values crowd one bin), or the
+//! band reaches the bottom (a density near 1), the caller falls back to the general three-pass
+//! selection ([`crate::methods::select`]), which walks ties element by element; nothing has
+//! been stored then.
 
 use super::bits::BitWriter;
 use super::scheme::TensorInputs;
@@ -41,86 +44,73 @@ fn candidate_cap(n: usize) -> usize {
 }
 
 /// One selection's rule for pass 2, in bins of its keys (`|τ|`'s top bits): entries above bin
-/// `above` are kept, entries in bin `cand` are candidates (`-2`: none), and `quota` of the
-/// candidates are kept.
+/// `above` are kept, entries in bins `lo..=above` are candidates.
 #[derive(Clone, Copy, Debug)]
 struct Rule {
     above: i32,
-    cand: i32,
-    quota: usize,
+    lo: i32,
 }
+
+/// Elements sampled in pass 1: those whose index is a multiple of this.
+const STRIDE: usize = 8;
 
 impl Rule {
-    /// The rule that keeps the `k` largest non-zero keys of a histogram of `|τ|`'s bins
-    /// (`hist[0]` without the zeros, which are never kept).
-    fn top(hist: &[u64], k: u64) -> Rule {
-        let nonzero: u64 = hist.iter().sum();
-        if k == 0 {
-            return Rule {
-                above: i32::MAX,
-                cand: -2,
-                quota: 0,
-            };
-        }
-        if k >= nonzero {
-            return Rule {
-                above: -1,
-                cand: -2,
-                quota: 0,
-            };
-        }
-        let mut above = 0u64;
+    /// Keep nothing.
+    const NONE: Rule = Rule {
+        above: i32::MAX,
+        lo: i32::MAX,
+    };
+    /// Keep every non-zero entry.
+    const ALL: Rule = Rule { above: -1, lo: 0 };
+
+    /// The band that holds, with a wide margin, the boundary of the `r` largest of the sample
+    /// histogram `hist` (non-zero keys only): the bins above it hold at most `r − δ` of the
+    /// sample, the band and above at least `r + δ` (δ four standard deviations of a sampled
+    /// count, plus 16). `None` when the band would reach the bottom (too few non-zero entries
+    /// sampled to be sure; the caller's general selection is used then).
+    fn band(hist: &[u64], r: f64) -> Option<Rule> {
+        let delta = 4.0 * (r + 1.0).sqrt() + 16.0;
+        let (hi_target, lo_target) = (r - delta, r + delta);
+        let mut above = hist.len() as i32; // nothing decided
+        let mut count = 0u64; // the sample in the bins above `bin`
         for bin in (0..hist.len()).rev() {
-            let c = hist[bin];
-            if above + c >= k {
-                let quota = k - above;
-                return if quota == c {
-                    // The whole bin: no candidates.
-                    Rule {
-                        above: bin as i32 - 1,
-                        cand: -2,
-                        quota: 0,
-                    }
-                } else {
-                    Rule {
-                        above: bin as i32,
-                        cand: bin as i32,
-                        quota: quota as usize,
-                    }
-                };
+            if (count as f64) <= hi_target {
+                above = bin as i32;
             }
-            above += c;
+            count += hist[bin];
+            if count as f64 >= lo_target {
+                return Some(Rule {
+                    above,
+                    lo: bin as i32,
+                });
+            }
         }
-        unreachable!("k < the non-zero count")
+        None
     }
 }
 
-/// Pass 1 of one task's chunk: `τ = x − b`'s bins into `hist` (4 interleaved copies, so that
-/// neighbouring increments of one bin do not wait on each other), and its zeros by sign.
+/// Pass 1 of one task's chunk, elements `offset..`: the bins of `τ = x − b` at the sampled
+/// indices (multiples of [`STRIDE`]) into `hist` (2 interleaved copies), and the sampled zeros
+/// by sign.
 #[inline(always)]
-fn count<E: Elems>(x: E, b: E, hist: &mut [u32], zeros: &mut [u64; 2]) {
+fn count<E: Elems>(offset: usize, x: E, b: E, hist: &mut [u32], zeros: &mut [u64; 2]) {
     let n = x.len().min(b.len());
     let (h0, rest) = hist.split_at_mut(BINS);
-    let (h1, rest) = rest.split_at_mut(BINS);
-    let (h2, h3) = rest.split_at_mut(BINS);
-    let h3 = &mut h3[..BINS];
+    let h1 = &mut rest[..BINS];
+    let mut j = (STRIDE - offset % STRIDE) % STRIDE;
     let (mut z0, mut z1) = (0u64, 0u64);
-    for k in 0..n / 8 {
-        let (xb, bb) = (x.eight(8 * k), b.eight(8 * k));
-        let r: [u32; 8] = std::array::from_fn(|l| (xb[l] - bb[l]).to_bits());
-        for (l, &r) in r.iter().enumerate() {
-            z0 += (r == 0) as u64;
-            z1 += (r == 0x8000_0000) as u64;
-            let bin = (r >> SHIFT) as usize;
-            match l % 4 {
-                0 => h0[bin] += 1,
-                1 => h1[bin] += 1,
-                2 => h2[bin] += 1,
-                _ => h3[bin] += 1,
-            }
-        }
+    while j + STRIDE < n {
+        let (r0, r1) = (
+            (x.at(j) - b.at(j)).to_bits(),
+            (x.at(j + STRIDE) - b.at(j + STRIDE)).to_bits(),
+        );
+        z0 += (r0 == 0) as u64 + (r1 == 0) as u64;
+        z1 += (r0 == 0x8000_0000) as u64 + (r1 == 0x8000_0000) as u64;
+        h0[(r0 >> SHIFT) as usize] += 1;
+        h1[(r1 >> SHIFT) as usize] += 1;
+        j += 2 * STRIDE;
     }
-    for j in n / 8 * 8..n {
+    if j < n {
         let r = (x.at(j) - b.at(j)).to_bits();
         z0 += (r == 0) as u64;
         z1 += (r == 0x8000_0000) as u64;
@@ -132,15 +122,15 @@ fn count<E: Elems>(x: E, b: E, hist: &mut [u32], zeros: &mut [u64; 2]) {
 
 crate::simd::vectorized! {
     /// [`count`] of f32 inputs.
-    fn count_f32(x: &[f32], b: &[f32], hist: &mut [u32], zeros: &mut [u64; 2]) {
-        count(x, b, hist, zeros)
+    fn count_f32(offset: usize, x: &[f32], b: &[f32], hist: &mut [u32], zeros: &mut [u64; 2]) {
+        count(offset, x, b, hist, zeros)
     }
 }
 
 crate::simd::vectorized! {
     /// [`count`] of bf16 inputs.
-    fn count_bf16(x: &[u16], b: &[u16], hist: &mut [u32], zeros: &mut [u64; 2]) {
-        count(Bf16(x), Bf16(b), hist, zeros)
+    fn count_bf16(offset: usize, x: &[u16], b: &[u16], hist: &mut [u32], zeros: &mut [u64; 2]) {
+        count(offset, Bf16(x), Bf16(b), hist, zeros)
     }
 }
 
@@ -154,7 +144,7 @@ struct Task {
     /// The sign bit (`τ > 0`) of every element; the signs of the kept ones are taken at the end.
     sign: BitWriter,
     /// `Σ τ_kept²`, `Σ |τ_kept|`, `Σ τ²` over the entries decided in pass 2.
-    sums: [LaneSum; 3],
+    sums: [LaneSum; 4],
     /// Per side: the candidates ([`candidate`]).
     cands: Vec<Vec<u64>>,
 }
@@ -177,12 +167,12 @@ fn decide<E: Elems>(
     b: E,
     (rules, joint): ([Rule; 2], bool),
     [mask, sign]: [&mut BitWriter; 2],
-    sums: &mut [LaneSum; 3],
+    sums: &mut [LaneSum; 4],
     cands: &mut [Vec<u64>],
 ) {
     /// `(kept, candidate, positive)`.
     #[inline(always)]
-    fn classify(t: f32, rules: [Rule; 2]) -> (bool, bool, bool) {
+    fn classify(t: f32, rules: [Rule; 2]) -> (bool, bool, bool, bool) {
         let r = t.to_bits();
         let key = r & 0x7fff_ffff;
         // The negative side's rule where the sign bit is set: selected with masks, not by
@@ -190,13 +180,14 @@ fn decide<E: Elems>(
         let negative = (r >> 31) as i32;
         let pick = |p: i32, n: i32| p ^ ((p ^ n) & negative.wrapping_neg());
         let above = pick(rules[0].above, rules[1].above);
-        let cand = pick(rules[0].cand, rules[1].cand);
+        let lo = pick(rules[0].lo, rules[1].lo);
         let bin = (key >> SHIFT) as i32;
         let nonzero = key != 0;
         (
             (bin > above) & nonzero,
-            (bin == cand) & nonzero,
+            (bin >= lo) & (bin <= above) & nonzero,
             (negative == 0) & nonzero,
+            nonzero,
         )
     }
     let side = |t: f32| {
@@ -212,16 +203,17 @@ fn decide<E: Elems>(
                t: f32,
                mask: &mut BitWriter,
                sign: &mut BitWriter,
-               sums: &mut [LaneSum; 3],
+               sums: &mut [LaneSum; 4],
                cands: &mut [Vec<u64>]| {
-        let (kept, c, positive) = classify(t, rules);
+        let (kept, c, positive, nonzero) = classify(t, rules);
         mask.push(kept);
         sign.push(positive);
         if c {
             cands[side(t)].push(candidate(t, e));
         }
         let v = keep_if(t, kept);
-        let [a, b, s] = sums;
+        let [a, b, s, z] = sums;
+        z.one(e, nonzero as u32 as f32);
         a.one(e, v * v);
         b.one(e, v.abs());
         s.one(e, t * t);
@@ -233,16 +225,17 @@ fn decide<E: Elems>(
     // its vector form).
     let mut found = BitWriter::with_capacity(8 * blocks);
     {
-        let [s0, s1, s2] = &mut *sums;
-        let mut acc = crate::sums::Blocks::new([s0, s1, s2], offset + head + 8);
+        let [s0, s1, s2, s3] = &mut *sums;
+        let mut acc = crate::sums::Blocks::new([s0, s1, s2, s3], offset + head + 8);
         for k in 0..blocks {
             let j = head + 8 * k;
             let (xb, bb) = (x.eight(j), b.eight(j));
-            let (mut sq, mut ab, mut all) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+            let (mut sq, mut ab, mut all, mut nz) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
             let (mut m, mut s, mut c) = (0u8, 0u8, 0u8);
             for l in 0..8 {
                 let t = xb[l] - bb[l];
-                let (kept, is_cand, positive) = classify(t, rules);
+                let (kept, is_cand, positive, nonzero) = classify(t, rules);
+                nz[l] = nonzero as u32 as f32;
                 m |= (kept as u8) << l;
                 s |= (positive as u8) << l;
                 c |= (is_cand as u8) << l;
@@ -254,7 +247,7 @@ fn decide<E: Elems>(
             mask.push_byte(m);
             sign.push_byte(s);
             found.push_byte(c);
-            acc.add([sq, ab, all]);
+            acc.add([sq, ab, all, nz]);
         }
         acc.finish();
     }
@@ -279,14 +272,14 @@ fn decide<E: Elems>(
 
 crate::simd::vectorized! {
     /// [`decide`] of f32 inputs.
-    fn decide_f32(offset: usize, x: &[f32], b: &[f32], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: &mut [LaneSum; 3], cands: &mut [Vec<u64>]) {
+    fn decide_f32(offset: usize, x: &[f32], b: &[f32], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: &mut [LaneSum; 4], cands: &mut [Vec<u64>]) {
         decide(offset, x, b, rules, bits, sums, cands)
     }
 }
 
 crate::simd::vectorized! {
     /// [`decide`] of bf16 inputs.
-    fn decide_bf16(offset: usize, x: &[u16], b: &[u16], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: &mut [LaneSum; 3], cands: &mut [Vec<u64>]) {
+    fn decide_bf16(offset: usize, x: &[u16], b: &[u16], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: &mut [LaneSum; 4], cands: &mut [Vec<u64>]) {
         decide(offset, Bf16(x), Bf16(b), rules, bits, sums, cands)
     }
 }
@@ -318,15 +311,16 @@ pub(super) fn select(
             rules: Vec::new(),
             mask: BitWriter::with_capacity(n),
             sign: BitWriter::with_capacity(n),
-            sums: [LaneSum::default(); 3],
+            sums: [LaneSum::default(); 4],
             cands: vec![Vec::new(); sides],
         })
         .collect();
-    inputs.pass_bf16(1, &mut |chunk, _| {
+    inputs.pass_bf16(1, &mut |chunk, offset| {
         for (st, &i) in state.iter_mut().zip(&tasks) {
             match chunk.base_bf16() {
-                Some(b) => count_bf16(chunk.bf16[i], b, &mut st.hist, &mut st.zeros),
+                Some(b) => count_bf16(offset, chunk.bf16[i], b, &mut st.hist, &mut st.zeros),
                 None => count_f32(
+                    offset,
                     chunk.inputs[i],
                     chunk.base_tensor(),
                     &mut st.hist,
@@ -336,27 +330,35 @@ pub(super) fn select(
         }
         Ok(())
     })?;
+    // The sampled elements of the tensor.
+    let sampled = n.div_ceil(STRIDE) as f64;
     for (st, &d) in state.iter_mut().zip(density) {
         let mut hist = vec![0u64; BINS];
         for part in st.hist.chunks_exact(BINS) {
             hist.iter_mut().zip(part).for_each(|(h, &c)| *h += c as u64);
         }
         st.hist = Vec::new();
-        // The bins of |τ| for each sign (zeros are never kept: out of bin 0).
+        // The sample's bins of |τ| for each sign (zeros are never kept: out of bin 0).
         let (mut pos, mut neg) = (hist[..HALF].to_vec(), hist[HALF..].to_vec());
         pos[0] -= st.zeros[0];
         neg[0] -= st.zeros[1];
-        let round = |x: f64| x.round() as u64;
-        st.rules = if joint {
+        let rule = if d <= 0.0 {
+            Some(vec![Rule::NONE])
+        } else if d >= 1.0 {
+            Some(vec![Rule::ALL])
+        } else if joint {
             let both: Vec<u64> = pos.iter().zip(&neg).map(|(a, b)| a + b).collect();
-            vec![Rule::top(&both, round(d * n as f64))]
+            Rule::band(&both, d * sampled).map(|r| vec![r])
         } else {
             let (p, q): (u64, u64) = (pos.iter().sum(), neg.iter().sum());
-            vec![
-                Rule::top(&pos, round(d * p as f64)),
-                Rule::top(&neg, round(d * q as f64)),
-            ]
+            Rule::band(&pos, d * p as f64)
+                .zip(Rule::band(&neg, d * q as f64))
+                .map(|(a, b)| vec![a, b])
         };
+        match rule {
+            Some(r) => st.rules = r,
+            None => return Ok(None),
+        }
     }
     let cap = candidate_cap(n);
     let mut held = 0usize;
@@ -388,14 +390,49 @@ pub(super) fn select(
         return Ok(None);
     }
     let mut out = Vec::with_capacity(tasks.len());
-    for st in state {
+    for (st, &d) in state.into_iter().zip(density) {
         let mut mask = st.mask.into_bytes();
+        let sign_bytes = st.sign.into_bytes();
+        // The exact counts: non-zero entries and those decided, per sign, give each selection's
+        // count and how many of its candidates it keeps; a band that missed the boundary (the
+        // sample misled) leaves the general selection to do it.
+        let ones = |b: &[u8]| b.iter().map(|b| b.count_ones() as u64).sum::<u64>();
+        let decided = ones(&mask);
+        let positive = ones(&sign_bytes);
+        let decided_pos: u64 = mask
+            .iter()
+            .zip(&sign_bytes)
+            .map(|(m, s)| (m & s).count_ones() as u64)
+            .sum();
+        let nonzero = st.sums[3].total() as u64;
+        let round = |x: f64| x.round() as u64;
+        let wanted: Vec<(u64, u64)> = if joint {
+            vec![(round(d * n as f64).min(nonzero), decided)]
+        } else {
+            vec![
+                (round(d * positive as f64), decided_pos),
+                (
+                    round(d * (nonzero - positive) as f64),
+                    decided - decided_pos,
+                ),
+            ]
+        };
+        let mut quotas = Vec::with_capacity(wanted.len());
+        for ((k, a), c) in wanted.iter().zip(&st.cands) {
+            if *a > *k || *k > *a + c.len() as u64 {
+                return Ok(None);
+            }
+            quotas.push((k - a) as usize);
+        }
         // The quota of each side's candidates, largest key first, lower index among equals;
         // their sums in index order.
         let (mut kept2, mut kept_abs) = (0f64, 0f64);
-        for (rule, mut cands) in st.rules.iter().zip(st.cands) {
-            cands.sort_unstable();
-            let mut chosen: Vec<u64> = cands[..rule.quota.min(cands.len())]
+        for (&quota, mut cands) in quotas.iter().zip(st.cands) {
+            // The `quota` smallest (largest keys), in no order: the values are distinct.
+            if quota < cands.len() {
+                cands.select_nth_unstable(quota);
+            }
+            let mut chosen: Vec<u64> = cands[..quota]
                 .iter()
                 .map(|&c| (c << 32 >> 32) | ((0x7fff_ffff - (c >> 32)) << 32))
                 .collect();
@@ -408,8 +445,7 @@ pub(super) fn select(
                 kept_abs += v;
             }
         }
-        let [a, b, c] = st.sums.map(|s| s.total());
-        let sign_bytes = st.sign.into_bytes();
+        let [a, b, c, _] = st.sums.map(|s| s.total());
         let mut sign = BitWriter::with_capacity(n);
         sign.push_selected(&sign_bytes, &mask, n);
         let mut m = BitWriter::with_capacity(n);
@@ -424,18 +460,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rules_split_the_count_at_the_right_bin() {
-        // 5 keys in bin 3, 4 in bin 2, 2 in bin 0.
-        let hist = [2u64, 0, 4, 5];
-        let r = Rule::top(&hist, 7);
-        assert_eq!((r.above, r.cand, r.quota), (2, 2, 2));
-        let r = Rule::top(&hist, 5);
-        assert_eq!((r.above, r.cand, r.quota), (2, -2, 0));
-        let r = Rule::top(&hist, 11);
-        assert_eq!((r.above, r.cand, r.quota), (-1, -2, 0));
-        let r = Rule::top(&hist, 0);
-        assert_eq!(r.above, i32::MAX);
-        let r = Rule::top(&hist, 10);
-        assert_eq!((r.above, r.cand, r.quota), (0, 0, 1));
+    fn bands_hold_the_sampled_boundary_with_a_margin() {
+        // 1000 sampled keys in each of bins 0..8.
+        let hist = vec![1000u64; 8];
+        // The 3500 largest: the boundary is in bin 4; δ = 4·√3501 + 16 ≈ 253.
+        let r = Rule::band(&hist, 3500.0).unwrap();
+        assert_eq!((r.above, r.lo), (4, 4));
+        // Near a bin edge the band takes both bins.
+        let r = Rule::band(&hist, 4000.0).unwrap();
+        assert_eq!((r.above, r.lo), (4, 3));
+        // Near the bottom it is inconclusive.
+        assert!(Rule::band(&hist, 7900.0).is_none());
+        // The top bin is the boundary's: nothing above it to decide.
+        let r = Rule::band(&hist, 100.0).unwrap();
+        assert_eq!((r.above, r.lo), (7, 7));
+        // So few wanted that even the top bin may hold more: above every bin.
+        let r = Rule::band(&hist, 10.0).unwrap();
+        assert_eq!((r.above, r.lo), (8, 7));
     }
 }
