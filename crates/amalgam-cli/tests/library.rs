@@ -21,15 +21,26 @@ fn fixtures() -> PathBuf {
 /// Run amalgam with the crate directory as working directory (the configs' paths are relative
 /// to it).
 fn run(args: &[&str]) -> std::process::Output {
+    run_env(&[], args)
+}
+
+/// [`run`] with environment variables set.
+fn run_env(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
         .current_dir(root())
+        .envs(env.iter().copied())
         .args(args)
         .output()
         .unwrap()
 }
 
 fn run_ok(args: &[&str]) -> String {
-    let out = run(args);
+    run_ok_env(&[], args)
+}
+
+/// [`run_ok`] with environment variables set.
+fn run_ok_env(env: &[(&str, &str)], args: &[&str]) -> String {
+    let out = run_env(env, args);
     assert!(
         out.status.success(),
         "amalgam {args:?} failed: {}",
@@ -662,16 +673,9 @@ fn ternary_general_selection_agrees_with_the_binned_one() {
         let binned = build(case, d.path(), &[]);
         let general = d.path().join("general");
         let config = fixtures().join(format!("configs/{case}.yml"));
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
-            .current_dir(root())
-            .env("AMALGAM_TERNARY_CANDIDATES", "0")
-            .args(["library", "build", s(&config), s(&general), "-q"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok_env(
+            &[("AMALGAM_TERNARY_CANDIDATES", "0")],
+            &["library", "build", s(&config), s(&general), "-q"],
         );
         for task in ["task0", "task1", "task2"] {
             let rebuilt = |lib: &Path, name: &str| {

@@ -13,6 +13,8 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod exec;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod io;
 pub mod library;
 pub mod linalg;

@@ -53,72 +53,31 @@ struct Target {
     run: fn(&[u8]),
 }
 
-fn text(data: &[u8]) -> String {
-    String::from_utf8_lossy(data).into_owned()
-}
-
+/// Every parser, with the checks in `amalgam::fuzz` (which the libFuzzer targets run too).
 const TARGETS: &[Target] = &[
     Target {
         name: "header",
-        run: |data| {
-            if let Ok(h) = amalgam::io::header::parse(Path::new("fuzz"), data) {
-                for t in &h.tensors {
-                    assert!(h.data_start + t.end <= data.len());
-                    assert_eq!(t.end - t.start, t.numel() * t.dtype.size());
-                }
-            }
-        },
+        run: amalgam::fuzz::header,
     },
     Target {
         name: "index",
-        run: |data| {
-            if let Ok(i) = amalgam::io::index::parse(Path::new("fuzz"), data) {
-                let mut names: Vec<_> = i.weight_map.iter().map(|(n, _)| n).collect();
-                let before = names.len();
-                names.sort();
-                names.dedup();
-                assert_eq!(names.len(), before);
-                assert!(i.files.iter().all(|f| !f.contains('/')));
-            }
-        },
+        run: amalgam::fuzz::index,
     },
     Target {
         name: "merge_config",
-        run: |data| {
-            let _ = amalgam::config::MergeConfig::parse(Path::new("fuzz.yml"), &text(data));
-        },
+        run: amalgam::fuzz::merge_config,
     },
     Target {
         name: "library_config",
-        run: |data| {
-            let _ =
-                amalgam::library::config::LibraryConfig::parse(Path::new("fuzz.yml"), &text(data));
-        },
+        run: amalgam::fuzz::library_config,
     },
     Target {
         name: "manifest",
-        run: |data| {
-            if let Ok(m) = amalgam::library::format::Manifest::parse(Path::new("fuzz"), data) {
-                for t in &m.tasks {
-                    assert!(
-                        !t.file.contains('/') || t.file.starts_with("tasks/"),
-                        "{}",
-                        t.file
-                    );
-                    assert!(!t.file.contains(".."), "{}", t.file);
-                }
-            }
-        },
+        run: amalgam::fuzz::manifest,
     },
     Target {
         name: "adapter_config",
-        run: |data| {
-            let _ = amalgam::lora::AdapterConfig::parse(
-                Path::new("fuzz"),
-                Path::new("fuzz/adapter_config.json"),
-                &text(data),
-            );
-        },
+        run: amalgam::fuzz::adapter_config,
     },
 ];
 

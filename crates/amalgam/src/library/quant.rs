@@ -170,7 +170,7 @@ fn unordered(k: u32) -> f32 {
 
 /// `(min, max)` of `lo`, `hi` and `τ = x − b` over a segment, in 8 lanes of [`ordered`] bits.
 #[inline(always)]
-fn delta_range<E: Elems>(x: E, b: E, lo: f32, hi: f32) -> (f32, f32) {
+fn delta_range<X: Elems, B: Elems>(x: X, b: B, lo: f32, hi: f32) -> (f32, f32) {
     let n = x.len().min(b.len());
     let (mut l, mut h) = ([ordered(lo); 8], [ordered(hi); 8]);
     for k in 0..n / 8 {
@@ -319,23 +319,36 @@ crate::simd::vectorized! {
 }
 
 crate::simd::vectorized! {
-    /// `(min, max)` of `lo`, `hi` and the values of `seg`, in 8 lanes.
+    /// `(min, max)` of `lo`, `hi` and the values of `seg` ([`delta_range`] against zeros).
     fn min_max(seg: &[f32], lo: f32, hi: f32) -> (f32, f32) {
-        let (mut l, mut h) = ([lo; 8], [hi; 8]);
-        let mut blocks = seg.chunks_exact(8);
-        for block in &mut blocks {
-            for k in 0..8 {
-                // Selects, not `f32::min`/`max` (whose NaN rule keeps the loop scalar); the
-                // values are finite.
-                l[k] = if block[k] < l[k] { block[k] } else { l[k] };
-                h[k] = if block[k] > h[k] { block[k] } else { h[k] };
-            }
-        }
-        for &v in blocks.remainder() {
-            l[0] = l[0].min(v);
-            h[0] = h[0].max(v);
-        }
-        (l.iter().fold(lo, |a, &b| a.min(b)), h.iter().fold(hi, |a, &b| a.max(b)))
+        delta_range(seg, Zeros(seg.len()), lo, hi)
+    }
+}
+
+/// `n` zeros, as inputs a kernel subtracts (`x − 0` is `x`, bit for bit).
+#[derive(Clone, Copy)]
+struct Zeros(usize);
+
+impl Elems for Zeros {
+    #[inline(always)]
+    fn len(self) -> usize {
+        self.0
+    }
+    #[inline(always)]
+    fn prefix(self, n: usize) -> Self {
+        Zeros(n.min(self.0))
+    }
+    #[inline(always)]
+    fn range(self, start: usize, end: usize) -> Self {
+        Zeros(end - start)
+    }
+    #[inline(always)]
+    fn at(self, _: usize) -> f32 {
+        0.0
+    }
+    #[inline(always)]
+    fn eight(self, _: usize) -> [f32; 8] {
+        [0.0; 8]
     }
 }
 
@@ -438,7 +451,7 @@ fn encode_plain(
     let mut ranges: Vec<Range> = vec![Range::new(n, group); tasks.len()];
     inputs.pass_bf16(1, &mut |chunk, offset| {
         for (r, &i) in ranges.iter_mut().zip(&tasks) {
-            for (g, at) in groups_in(offset, chunk_len(chunk), group) {
+            for (g, at) in groups_in(offset, chunk.chunk_len(), group) {
                 let (lo, hi) = (r.lo[g], r.hi[g]);
                 (r.lo[g], r.hi[g]) = match chunk.base_bf16() {
                     Some(b) => range_bf16(&chunk.bf16[i][at.clone()], &b[at], lo, hi),
@@ -458,7 +471,7 @@ fn encode_plain(
     let mut stats = vec![ChunkStats::new(0); tasks.len()];
     inputs.pass_bf16(1, &mut |chunk, offset| {
         for (t, &i) in tasks.iter().enumerate() {
-            for (g, at) in groups_in(offset, chunk_len(chunk), group) {
+            for (g, at) in groups_in(offset, chunk.chunk_len(), group) {
                 let grid = (grids[t].lo[g], grids[t].step[g], bits);
                 let e = offset + at.start;
                 let (w, s) = (&mut codes[t], stats[t].lanes());
@@ -568,14 +581,6 @@ fn store_tasks(
         }
     }
     Ok(())
-}
-
-/// Elements in a chunk.
-fn chunk_len(chunk: &MergeJob) -> usize {
-    chunk
-        .bf16
-        .first()
-        .map_or_else(|| chunk.inputs[0].len(), |b| b.len())
 }
 
 impl Method for Quant {

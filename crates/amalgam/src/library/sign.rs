@@ -69,10 +69,7 @@ impl Scheme for Sign {
             .collect();
         inputs.plan_passes(1);
         inputs.pass_bf16(1, &mut |chunk, offset| {
-            let len = chunk
-                .bf16
-                .first()
-                .map_or_else(|| chunk.inputs[0].len(), |b| b.len());
+            let len = chunk.chunk_len();
             for (acc, &i) in accs.iter_mut().zip(&tasks) {
                 // Each scale group's part of the chunk (rows when per row).
                 let mut e = offset;

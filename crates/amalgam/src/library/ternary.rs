@@ -402,10 +402,7 @@ impl Scheme for Ternary {
         let mut kept: Vec<u8> = Vec::new();
         inputs.pass_bf16(1, &mut |chunk, offset| {
             for (t, &i) in tasks.iter().enumerate() {
-                let len = chunk
-                    .bf16
-                    .first()
-                    .map_or_else(|| chunk.inputs[0].len(), |b| b.len());
+                let len = chunk.chunk_len();
                 kept.clear();
                 kept.resize(len, 0);
                 for (s, &side) in sides.iter().enumerate() {

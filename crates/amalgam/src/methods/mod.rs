@@ -256,6 +256,13 @@ impl<'a> MergeJob<'a> {
         self.inputs[self.base.expect("contract guarantees a base")]
     }
 
+    /// Elements in each input of this chunk (as f32 values or as bf16 bits).
+    pub fn chunk_len(&self) -> usize {
+        self.bf16
+            .first()
+            .map_or_else(|| self.inputs.first().map_or(0, |x| x.len()), |b| b.len())
+    }
+
     /// The base's bf16 bits, when the chunk came as bf16 ([`bf16`](Self::bf16)).
     pub fn base_bf16(&self) -> Option<&'a [u16]> {
         self.base
