@@ -2,7 +2,7 @@
 //!
 //! The crate is compiled for the baseline x86-64 target (SSE2), so one binary runs anywhere.
 //! [`vectorized!`] compiles a loop twice, once more with the x86-64-v3 features (AVX2, FMA,
-//! F16C, BMI2), and picks at run time. Both copies perform the same IEEE operations in the same
+//! F16C, BMI2, POPCNT), and picks at run time. Both copies perform the same IEEE operations in the same
 //! order (Rust never fuses a multiply and an add on its own), so the choice never changes a
 //! result; setting `AMALGAM_SIMD=baseline` forces the baseline copies, which the tests use to
 //! check exactly that.
@@ -42,6 +42,7 @@ fn detect() -> u8 {
             && std::arch::is_x86_feature_detected!("bmi1")
             && std::arch::is_x86_feature_detected!("bmi2")
             && std::arch::is_x86_feature_detected!("lzcnt")
+            && std::arch::is_x86_feature_detected!("popcnt")
         {
             return V3;
         }
@@ -52,29 +53,59 @@ fn detect() -> u8 {
 /// Define a function whose body is compiled for the baseline target and for x86-64-v3, the
 /// copy chosen at run time by [`v3`]. The body should be the whole loop (a call per chunk, not
 /// per element) and call only code that inlines into it (iterators, closures, `#[inline]`
-/// helpers), or other `vectorized!` functions.
+/// helpers), or other `vectorized!` functions. In the body, the constant `V3: bool` tells which
+/// copy it is, for helpers that use an instruction the compiler would not choose on its own
+/// ([`top_bits`]).
 macro_rules! vectorized {
     ($(#[$attr:meta])* $vis:vis fn $name:ident $(<$($lt:lifetime),+>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$attr])*
         $vis fn $name $(<$($lt),+>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body $(<$($lt),+>)? ($($arg: $ty),*) $(-> $ret)? $body
+            #[allow(non_snake_case)]
+            fn body<$($($lt,)+)? const V3: bool>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx2,fma,f16c,bmi1,bmi2,lzcnt")]
+                #[target_feature(enable = "avx2,fma,f16c,bmi1,bmi2,lzcnt,popcnt")]
                 fn v3 $(<$($lt),+>)? ($($arg: $ty),*) $(-> $ret)? {
-                    body($($arg),*)
+                    body::<true>($($arg),*)
                 }
                 if $crate::simd::v3() {
                     // SAFETY: `v3()` checked that the CPU has every feature `v3` uses.
                     return unsafe { v3($($arg),*) };
                 }
             }
-            body($($arg),*)
+            body::<false>($($arg),*)
         }
     };
 }
 pub(crate) use vectorized;
+
+/// The top bit of each of 8 lanes, lane `l`'s at bit `l`: one `vmovmskps` in the x86-64-v3
+/// copies of a [`vectorized!`] body (`V3` true there), a fold elsewhere (which the compiler
+/// builds from shifts and ORs: several instructions a lane).
+///
+/// # Safety
+/// `V3` may be true only where the CPU has AVX: pass a `vectorized!` body's own `V3`.
+#[inline(always)]
+pub unsafe fn top_bits<const V3: bool>(lanes: [u32; 8]) -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    if V3 {
+        #[target_feature(enable = "avx")]
+        #[inline]
+        fn movemask(lanes: [u32; 8]) -> u8 {
+            use std::arch::x86_64::{_mm256_castsi256_ps, _mm256_loadu_si256, _mm256_movemask_ps};
+            // SAFETY: an unaligned load of the 32 bytes of `lanes`.
+            let v = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+            _mm256_movemask_ps(_mm256_castsi256_ps(v)) as u8
+        }
+        // SAFETY: the caller's promise.
+        return unsafe { movemask(lanes) };
+    }
+    lanes
+        .iter()
+        .enumerate()
+        .fold(0u8, |m, (l, &v)| m | (((v >> 31) as u8) << l))
+}
 
 /// `v` when `keep`, else `+0.0`.
 #[inline(always)]

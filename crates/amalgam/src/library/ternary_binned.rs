@@ -19,7 +19,7 @@ use super::scheme::TensorInputs;
 use crate::error::Result;
 use crate::methods::MergeJob;
 use crate::methods::select;
-use crate::simd::{Bf16, Elems, keep_if};
+use crate::simd::{Bf16, Elems, keep_if, top_bits};
 use crate::sums::LaneSum;
 
 /// Histogram bins: the top 14 bits of an f32 (sign, exponent, 5 mantissa bits: 1/32 of an
@@ -91,10 +91,38 @@ impl Rule {
 
 /// Pass 1 of one task's chunk, elements `offset..`: the bins of `τ = x − b` at the sampled
 /// indices (multiples of [`STRIDE`]) into `hist` (2 interleaved copies), and the sampled zeros
-/// by sign.
+/// by sign; and `Σ τ²` over every element into `all` (here, where few registers are in use,
+/// rather than in pass 2's loop, which has too few left).
 #[inline(always)]
-fn count<E: Elems>(offset: usize, x: E, b: E, hist: &mut [u32], zeros: &mut [u64; 2]) {
+fn count<E: Elems>(
+    offset: usize,
+    x: E,
+    b: E,
+    hist: &mut [u32],
+    zeros: &mut [u64; 2],
+    all: &mut LaneSum,
+) {
     let n = x.len().min(b.len());
+    let (head, blocks) = crate::sums::spans(offset, n);
+    let square = |j: usize| {
+        let t = x.at(j) - b.at(j);
+        t * t
+    };
+    for j in 0..head {
+        all.one(offset + j, square(j));
+    }
+    let mut acc = crate::sums::Blocks::new([&mut *all], offset + head + 8);
+    for k in 0..blocks {
+        let (xb, bb) = (x.eight(head + 8 * k), b.eight(head + 8 * k));
+        acc.add([std::array::from_fn(|l| {
+            let t = xb[l] - bb[l];
+            t * t
+        })]);
+    }
+    acc.finish();
+    for j in head + 8 * blocks..n {
+        all.one(offset + j, square(j));
+    }
     let (h0, rest) = hist.split_at_mut(BINS);
     let h1 = &mut rest[..BINS];
     let mut j = (STRIDE - offset % STRIDE) % STRIDE;
@@ -122,15 +150,15 @@ fn count<E: Elems>(offset: usize, x: E, b: E, hist: &mut [u32], zeros: &mut [u64
 
 crate::simd::vectorized! {
     /// [`count`] of f32 inputs.
-    fn count_f32(offset: usize, x: &[f32], b: &[f32], hist: &mut [u32], zeros: &mut [u64; 2]) {
-        count(offset, x, b, hist, zeros)
+    fn count_f32(offset: usize, x: &[f32], b: &[f32], hist: &mut [u32], zeros: &mut [u64; 2], all: &mut LaneSum) {
+        count(offset, x, b, hist, zeros, all)
     }
 }
 
 crate::simd::vectorized! {
     /// [`count`] of bf16 inputs.
-    fn count_bf16(offset: usize, x: &[u16], b: &[u16], hist: &mut [u32], zeros: &mut [u64; 2]) {
-        count(offset, Bf16(x), Bf16(b), hist, zeros)
+    fn count_bf16(offset: usize, x: &[u16], b: &[u16], hist: &mut [u32], zeros: &mut [u64; 2], all: &mut LaneSum) {
+        count(offset, Bf16(x), Bf16(b), hist, zeros, all)
     }
 }
 
@@ -143,8 +171,12 @@ struct Task {
     mask: BitWriter,
     /// The sign bit (`τ > 0`) of every element; the signs of the kept ones are taken at the end.
     sign: BitWriter,
-    /// `Σ τ_kept²`, `Σ |τ_kept|`, `Σ τ²` over the entries decided in pass 2.
-    sums: [LaneSum; 4],
+    /// `Σ τ_kept²`, `Σ |τ_kept|` over the entries decided in pass 2.
+    sums: [LaneSum; 2],
+    /// `Σ τ²`, from pass 1.
+    all: LaneSum,
+    /// The non-zero entries.
+    nonzero: u64,
     /// Per side: the candidates ([`candidate`]).
     cands: Vec<Vec<u64>>,
 }
@@ -161,13 +193,13 @@ fn candidate(t: f32, index: usize) -> u64 {
 /// 0 only when `joint`). `rules` is `([positive, negative], joint)` (the same rule twice for a
 /// joint selection).
 #[inline(always)]
-fn decide<E: Elems>(
+fn decide<E: Elems, const V3: bool>(
     offset: usize,
     x: E,
     b: E,
     (rules, joint): ([Rule; 2], bool),
     [mask, sign]: [&mut BitWriter; 2],
-    sums: &mut [LaneSum; 4],
+    (sums, nonzero): (&mut [LaneSum; 2], &mut u64),
     cands: &mut [Vec<u64>],
 ) {
     /// `(kept, candidate, positive)`.
@@ -203,7 +235,8 @@ fn decide<E: Elems>(
                t: f32,
                mask: &mut BitWriter,
                sign: &mut BitWriter,
-               sums: &mut [LaneSum; 4],
+               sums: &mut [LaneSum; 2],
+               nonzeros: &mut u64,
                cands: &mut [Vec<u64>]| {
         let (kept, c, positive, nonzero) = classify(t, rules);
         mask.push(kept);
@@ -212,52 +245,75 @@ fn decide<E: Elems>(
             cands[side(t)].push(candidate(t, e));
         }
         let v = keep_if(t, kept);
-        let [a, b, s, z] = sums;
-        z.one(e, nonzero as u32 as f32);
+        let [a, b] = sums;
+        *nonzeros += nonzero as u64;
         a.one(e, v * v);
         b.one(e, v.abs());
-        s.one(e, t * t);
     };
     for j in 0..head {
-        one(offset + j, x.at(j) - b.at(j), mask, sign, sums, cands);
+        one(
+            offset + j,
+            x.at(j) - b.at(j),
+            mask,
+            sign,
+            sums,
+            nonzero,
+            cands,
+        );
     }
-    // The blocks' candidate bits, walked after the loop (a branch inside it would cost the loop
-    // its vector form).
-    let mut found = BitWriter::with_capacity(8 * blocks);
+    // The blocks, 64 elements at a time: each stream's bits of 8 lanes gathered from the lanes'
+    // top bits ([`top_bits`]), a word of 64 pushed at once; the candidates' words are walked
+    // after the loop (a branch inside it would cost the loop its vector form).
+    let mut found: Vec<u64> = Vec::with_capacity(blocks.div_ceil(8));
     {
-        let [s0, s1, s2, s3] = &mut *sums;
-        let mut acc = crate::sums::Blocks::new([s0, s1, s2, s3], offset + head + 8);
-        for k in 0..blocks {
-            let j = head + 8 * k;
-            let (xb, bb) = (x.eight(j), b.eight(j));
-            let (mut sq, mut ab, mut all, mut nz) = ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
-            let (mut m, mut s, mut c) = (0u8, 0u8, 0u8);
-            for l in 0..8 {
-                let t = xb[l] - bb[l];
-                let (kept, is_cand, positive, nonzero) = classify(t, rules);
-                nz[l] = nonzero as u32 as f32;
-                m |= (kept as u8) << l;
-                s |= (positive as u8) << l;
-                c |= (is_cand as u8) << l;
-                let v = keep_if(t, kept);
-                sq[l] = v * v;
-                ab[l] = v.abs();
-                all[l] = t * t;
+        let [s0, s1] = &mut *sums;
+        let mut acc = crate::sums::Blocks::new([s0, s1], offset + head + 8);
+        let mut nz = 0u64;
+        let mut k = 0;
+        while k < blocks {
+            let run = (blocks - k).min(8);
+            let (mut mw, mut sw, mut cw) = (0u64, 0u64, 0u64);
+            for r in 0..run {
+                let j = head + 8 * (k + r);
+                let (xb, bb) = (x.eight(j), b.eight(j));
+                let (mut sq, mut ab) = ([0f32; 8], [0f32; 8]);
+                let (mut km, mut pm, mut cm, mut zm) = ([0u32; 8], [0u32; 8], [0u32; 8], [0u32; 8]);
+                for l in 0..8 {
+                    let t = xb[l] - bb[l];
+                    let (kept, is_cand, positive, nonzero) = classify(t, rules);
+                    zm[l] = (nonzero as u32).wrapping_neg();
+                    km[l] = (kept as u32).wrapping_neg();
+                    pm[l] = (positive as u32).wrapping_neg();
+                    cm[l] = (is_cand as u32).wrapping_neg();
+                    let v = keep_if(t, kept);
+                    sq[l] = v * v;
+                    ab[l] = v.abs();
+                }
+                // SAFETY: `V3` is the enclosing `vectorized!` body's.
+                let (m, s, c, z) = unsafe {
+                    (
+                        top_bits::<V3>(km),
+                        top_bits::<V3>(pm),
+                        top_bits::<V3>(cm),
+                        top_bits::<V3>(zm),
+                    )
+                };
+                nz += u64::from(z.count_ones());
+                mw |= u64::from(m) << (8 * r);
+                sw |= u64::from(s) << (8 * r);
+                cw |= u64::from(c) << (8 * r);
+                acc.add([sq, ab]);
             }
-            mask.push_byte(m);
-            sign.push_byte(s);
-            found.push_byte(c);
-            acc.add([sq, ab, all, nz]);
+            mask.push_wide(mw, 8 * run as u32);
+            sign.push_wide(sw, 8 * run as u32);
+            found.push(cw);
+            k += run;
         }
         acc.finish();
+        *nonzero += nz;
     }
-    let found = found.into_bytes();
-    let found = found
-        .iter()
-        .enumerate()
-        .filter(|&(_, &c)| c != 0)
-        .map(|(k, &c)| (head + 8 * k, c));
-    for (j, mut c) in found {
+    for (w, &word) in found.iter().enumerate() {
+        let (j, mut c) = (head + 64 * w, word);
         while c != 0 {
             let l = c.trailing_zeros() as usize;
             c &= c - 1;
@@ -266,21 +322,29 @@ fn decide<E: Elems>(
         }
     }
     for j in head + 8 * blocks..n {
-        one(offset + j, x.at(j) - b.at(j), mask, sign, sums, cands);
+        one(
+            offset + j,
+            x.at(j) - b.at(j),
+            mask,
+            sign,
+            sums,
+            nonzero,
+            cands,
+        );
     }
 }
 
 crate::simd::vectorized! {
     /// [`decide`] of f32 inputs.
-    fn decide_f32(offset: usize, x: &[f32], b: &[f32], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: &mut [LaneSum; 4], cands: &mut [Vec<u64>]) {
-        decide(offset, x, b, rules, bits, sums, cands)
+    fn decide_f32(offset: usize, x: &[f32], b: &[f32], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: (&mut [LaneSum; 2], &mut u64), cands: &mut [Vec<u64>]) {
+        decide::<_, V3>(offset, x, b, rules, bits, sums, cands)
     }
 }
 
 crate::simd::vectorized! {
     /// [`decide`] of bf16 inputs.
-    fn decide_bf16(offset: usize, x: &[u16], b: &[u16], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: &mut [LaneSum; 4], cands: &mut [Vec<u64>]) {
-        decide(offset, Bf16(x), Bf16(b), rules, bits, sums, cands)
+    fn decide_bf16(offset: usize, x: &[u16], b: &[u16], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: (&mut [LaneSum; 2], &mut u64), cands: &mut [Vec<u64>]) {
+        decide::<_, V3>(offset, Bf16(x), Bf16(b), rules, bits, sums, cands)
     }
 }
 
@@ -311,20 +375,30 @@ pub(super) fn select(
             rules: Vec::new(),
             mask: BitWriter::with_capacity(n),
             sign: BitWriter::with_capacity(n),
-            sums: [LaneSum::default(); 4],
+            sums: [LaneSum::default(); 2],
+            all: LaneSum::default(),
+            nonzero: 0,
             cands: vec![Vec::new(); sides],
         })
         .collect();
     inputs.pass_bf16(1, &mut |chunk, offset| {
         for (st, &i) in state.iter_mut().zip(&tasks) {
             match chunk.base_bf16() {
-                Some(b) => count_bf16(offset, chunk.bf16[i], b, &mut st.hist, &mut st.zeros),
+                Some(b) => count_bf16(
+                    offset,
+                    chunk.bf16[i],
+                    b,
+                    &mut st.hist,
+                    &mut st.zeros,
+                    &mut st.all,
+                ),
                 None => count_f32(
                     offset,
                     chunk.inputs[i],
                     chunk.base_tensor(),
                     &mut st.hist,
                     &mut st.zeros,
+                    &mut st.all,
                 ),
             }
         }
@@ -370,7 +444,11 @@ pub(super) fn select(
         for (st, &i) in state.iter_mut().zip(&tasks) {
             let rules = [st.rules[0], *st.rules.last().expect("a rule")];
             let before: usize = st.cands.iter().map(Vec::len).sum();
-            let (bits, sums, cands) = ([&mut st.mask, &mut st.sign], &mut st.sums, &mut st.cands);
+            let (bits, sums, cands) = (
+                [&mut st.mask, &mut st.sign],
+                (&mut st.sums, &mut st.nonzero),
+                &mut st.cands,
+            );
             match chunk.base_bf16() {
                 Some(b) => decide_bf16(offset, chunk.bf16[i], b, (rules, joint), bits, sums, cands),
                 None => {
@@ -396,15 +474,9 @@ pub(super) fn select(
         // The exact counts: non-zero entries and those decided, per sign, give each selection's
         // count and how many of its candidates it keeps; a band that missed the boundary (the
         // sample misled) leaves the general selection to do it.
-        let ones = |b: &[u8]| b.iter().map(|b| b.count_ones() as u64).sum::<u64>();
-        let decided = ones(&mask);
-        let positive = ones(&sign_bytes);
-        let decided_pos: u64 = mask
-            .iter()
-            .zip(&sign_bytes)
-            .map(|(m, s)| (m & s).count_ones() as u64)
-            .sum();
-        let nonzero = st.sums[3].total() as u64;
+        let [decided, positive, decided_pos] =
+            super::bits::count_pair(&mask, &sign_bytes).map(|c| c as u64);
+        let nonzero = st.nonzero;
         let round = |x: f64| x.round() as u64;
         let wanted: Vec<(u64, u64)> = if joint {
             vec![(round(d * n as f64).min(nonzero), decided)]
@@ -445,7 +517,7 @@ pub(super) fn select(
                 kept_abs += v;
             }
         }
-        let [a, b, c, _] = st.sums.map(|s| s.total());
+        let ([a, b], c) = (st.sums.map(|s| s.total()), st.all.total());
         let mut sign = BitWriter::with_capacity(n);
         sign.push_selected(&sign_bytes, &mask, n);
         let mut m = BitWriter::with_capacity(n);
