@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use amalgam_eval::{Evaluator, Head, Kind, Metrics, Task, TaskResult};
+use amalgam_eval::{Evaluator, Head, Kind, Metrics, Task, TaskResult, Weighting};
 use anyhow::{Context, Result, bail};
 
 /// Arguments of `amalgam eval`.
@@ -41,9 +41,22 @@ pub struct EvalArgs {
     #[arg(long, requires = "library_task")]
     base: Option<PathBuf>,
     /// Print one JSON object on stdout: {"tasks": [{"name", "examples", "accuracy"} or
-    /// {"name", "examples", "loss", "perplexity"}]}.
+    /// {"name", "examples", "loss", "perplexity"}, with "router_accuracy" when routed]} and,
+    /// when routed, "routing": the router, experts, their parameters and the memory multiple.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    route: crate::route::RouteArgs,
+}
+
+/// One task's line of the report.
+#[derive(serde::Serialize)]
+struct Row {
+    #[serde(flatten)]
+    result: TaskResult,
+    /// Routed: the fraction of rows whose top expert is the task's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    router_accuracy: Option<f64>,
 }
 
 /// Run `amalgam eval`.
@@ -81,6 +94,23 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
         start.elapsed().as_secs_f64(),
         ev.max_len
     ));
+    let routing = if args.route.enabled() {
+        let t0 = Instant::now();
+        let shared = ev.parameters();
+        let r = args.route.attach(&mut ev, &tasks, shared, quiet)?;
+        say(format!(
+            "eval: {} experts on {} layers ({} parameters, {:.2}× the shared model's memory) \
+             in {:.1} s",
+            r.experts.len(),
+            r.report.layers,
+            r.report.expert_parameters,
+            r.report.memory_multiple,
+            t0.elapsed().as_secs_f64()
+        ));
+        Some(r)
+    } else {
+        None
+    };
     let mut results = Vec::with_capacity(tasks.len());
     for (task, head) in tasks.iter().zip(&heads) {
         let t0 = Instant::now();
@@ -95,23 +125,49 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
                 b.inc(n as u64);
             }
         };
-        let result = match head {
-            Some(h) => ev.classify(task, h, &tick)?,
-            None => ev.perplexity(task, &tick)?,
+        let (result, router_accuracy) = match &routing {
+            Some(r) => {
+                let rows = r.weights(&ev, task)?;
+                let w = match &rows {
+                    None => Weighting::Token,
+                    Some(rows) => Weighting::PerRow(rows),
+                };
+                let routed = match head {
+                    Some(h) => ev.classify_routed(task, h, Some(w), &tick)?,
+                    None => ev.perplexity_routed(task, Some(w), &tick)?,
+                };
+                let acc = r.expert_of(task).map(|e| {
+                    routed.top.iter().filter(|&&t| t == e).count() as f64
+                        / routed.top.len().max(1) as f64
+                });
+                (routed.result, acc)
+            }
+            None => match head {
+                Some(h) => (ev.classify(task, h, &tick)?, None),
+                None => (ev.perplexity(task, &tick)?, None),
+            },
         };
         if let Some(b) = bar {
             b.finish_and_clear();
         }
         say(format!(
-            "eval: {}: {} in {:.1} s",
+            "eval: {}: {}{} in {:.1} s",
             task.name,
             describe(&result.metrics),
+            router_accuracy.map_or(String::new(), |a| format!(", router accuracy {a:.4}")),
             t0.elapsed().as_secs_f64()
         ));
-        results.push(result);
+        results.push(Row {
+            result,
+            router_accuracy,
+        });
     }
     if args.json {
-        crate::print_json(&serde_json::json!({ "tasks": results }))
+        let mut out = serde_json::json!({ "tasks": results });
+        if let Some(r) = &routing {
+            out["routing"] = serde_json::to_value(&r.report)?;
+        }
+        crate::print_json(&out)
     } else {
         print_table(&results)
     }
@@ -193,28 +249,43 @@ fn describe(m: &Metrics) -> String {
     }
 }
 
-fn print_table(results: &[TaskResult]) -> Result<()> {
+fn print_table(rows: &[Row]) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    let width = results
+    let routed = rows.iter().any(|r| r.router_accuracy.is_some());
+    let width = rows
         .iter()
-        .map(|r| r.name.len())
+        .map(|r| r.result.name.len())
         .max()
         .unwrap_or(4)
         .max(4);
+    let router = |r: &Row| match (routed, r.router_accuracy) {
+        (false, _) => String::new(),
+        (true, Some(a)) => format!("  {a:>6.4}"),
+        (true, None) => format!("  {:>6}", "-"),
+    };
     writeln!(
         out,
-        "{:<width$}  {:>8}  {:>9}  {:>9}  {:>10}",
-        "task", "examples", "accuracy", "loss", "perplexity"
+        "{:<width$}  {:>8}  {:>9}  {:>9}  {:>10}{}",
+        "task",
+        "examples",
+        "accuracy",
+        "loss",
+        "perplexity",
+        if routed { "  router" } else { "" }
     )?;
     let mut accs = Vec::new();
-    for r in results {
+    for row in rows {
+        let r = &row.result;
         match &r.metrics {
             Metrics::Accuracy { examples, accuracy } => {
                 accs.push(*accuracy);
                 writeln!(
                     out,
-                    "{:<width$}  {examples:>8}  {accuracy:>9.4}  {:>9}  {:>10}",
-                    r.name, "", ""
+                    "{:<width$}  {examples:>8}  {accuracy:>9.4}  {:>9}  {:>10}{}",
+                    r.name,
+                    "",
+                    "",
+                    router(row)
                 )?;
             }
             Metrics::Perplexity {
@@ -223,8 +294,10 @@ fn print_table(results: &[TaskResult]) -> Result<()> {
                 perplexity,
             } => writeln!(
                 out,
-                "{:<width$}  {examples:>8}  {:>9}  {loss:>9.4}  {perplexity:>10.3}",
-                r.name, ""
+                "{:<width$}  {examples:>8}  {:>9}  {loss:>9.4}  {perplexity:>10.3}{}",
+                r.name,
+                "",
+                router(row)
             )?,
         }
     }

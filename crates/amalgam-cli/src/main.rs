@@ -5,6 +5,7 @@
 mod eval;
 mod library;
 mod progress;
+mod route;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -6,10 +6,13 @@ use candle_core::{DType, Tensor};
 use crate::config::BertConfig;
 use crate::error::Result;
 use crate::nn::{LayerNorm, Linear, activate, mean_pool, softmax};
+use crate::route::side::Ctx;
 use crate::weights::Weights;
 
 /// Prefixes under which task wrappers (`BertForSequenceClassification`, ...) save the encoder.
-const PREFIXES: &[&str] = &["", "bert.", "model."];
+pub const PREFIXES: &[&str] = &["", "bert.", "model."];
+/// The tensor whose prefix is the encoder's.
+pub const PROBE: &str = "embeddings.word_embeddings.weight";
 
 struct Layer {
     query: Linear,
@@ -35,7 +38,7 @@ pub struct Bert {
 impl Bert {
     /// Load from `w` for `cfg`; every tensor's shape is checked.
     pub fn load(w: &mut Weights, cfg: &BertConfig) -> Result<Bert> {
-        w.select_prefix(PREFIXES, "embeddings.word_embeddings.weight")?;
+        w.select_prefix(PREFIXES, PROBE)?;
         let h = cfg.hidden_size;
         let eps = cfg.layer_norm_eps;
         let layers = (0..cfg.num_hidden_layers)
@@ -94,6 +97,17 @@ impl Bert {
     /// Last hidden states `[batch, seq, hidden]` for token ids `[batch, seq]` (u32), token type
     /// ids of the same shape, and an attention mask `[batch, seq]` (f32, 1 = token, 0 = padding).
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.forward_routed(ids, type_ids, mask, &Ctx::none())
+    }
+
+    /// [`forward`](Self::forward) with the routed layers' experts weighted as `route` says.
+    pub fn forward_routed(
+        &self,
+        ids: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+        route: &Ctx,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let h = self.cfg.hidden_size;
         let heads = self.cfg.num_attention_heads;
@@ -121,22 +135,55 @@ impl Bert {
                 .contiguous()?)
         };
         for l in &self.layers {
-            let q = split(l.query.forward(&x)?)?;
-            let k = split(l.key.forward(&x)?)?;
-            let v = split(l.value.forward(&x)?)?;
+            let q = split(l.query.forward_routed(&x, route)?)?;
+            let k = split(l.key.forward_routed(&x, route)?)?;
+            let v = split(l.value.forward_routed(&x, route)?)?;
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let ctx = softmax(&scores)?.matmul(&v)?;
-            let ctx = ctx.transpose(1, 2)?.reshape((b, t, h))?;
-            let a = l.attn_norm.forward(&(l.attn_out.forward(&ctx)? + &x)?)?;
-            let inter = activate(&l.inter.forward(&a)?, self.cfg.hidden_act)?;
-            x = l.out_norm.forward(&(l.out.forward(&inter)? + a)?)?;
+            let attn = softmax(&scores)?.matmul(&v)?;
+            let attn = attn.transpose(1, 2)?.reshape((b, t, h))?;
+            let a = l
+                .attn_norm
+                .forward(&(l.attn_out.forward_routed(&attn, route)? + &x)?)?;
+            let inter = activate(&l.inter.forward_routed(&a, route)?, self.cfg.hidden_act)?;
+            x = l
+                .out_norm
+                .forward(&(l.out.forward_routed(&inter, route)? + a)?)?;
         }
         Ok(x)
     }
 
     /// Mean-pooled embeddings `[batch, hidden]`.
     pub fn embed(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let hidden = self.forward(ids, type_ids, mask)?;
+        self.embed_routed(ids, type_ids, mask, &Ctx::none())
+    }
+
+    /// [`embed`](Self::embed) with routing.
+    pub fn embed_routed(
+        &self,
+        ids: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+        route: &Ctx,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_routed(ids, type_ids, mask, route)?;
         mean_pool(&hidden, mask)
+    }
+
+    /// The routable linear layers (every layer's query, key, value, attention output,
+    /// intermediate and output), in model order.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.query,
+                    &mut l.key,
+                    &mut l.value,
+                    &mut l.attn_out,
+                    &mut l.inter,
+                    &mut l.out,
+                ]
+            })
+            .collect()
     }
 }

@@ -7,10 +7,13 @@ use candle_core::{D, Device, Tensor};
 use crate::config::{DecoderConfig, RopeScaling};
 use crate::error::Result;
 use crate::nn::{Linear, RmsNorm, activate, softmax};
+use crate::route::side::Ctx;
 use crate::weights::Weights;
 
 /// Prefixes under which the decoder stack is saved.
-const PREFIXES: &[&str] = &["model.", ""];
+pub const PREFIXES: &[&str] = &["model.", ""];
+/// The tensor whose prefix is the decoder's.
+pub const PROBE: &str = "embed_tokens.weight";
 
 struct Layer {
     input_norm: RmsNorm,
@@ -39,7 +42,7 @@ pub struct Decoder {
 impl Decoder {
     /// Load from `w` for `cfg`; every tensor's shape is checked.
     pub fn load(w: &mut Weights, cfg: &DecoderConfig) -> Result<Decoder> {
-        w.select_prefix(PREFIXES, "embed_tokens.weight")?;
+        w.select_prefix(PREFIXES, PROBE)?;
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
         let q_width = cfg.num_attention_heads * hd;
@@ -111,6 +114,25 @@ impl Decoder {
         })
     }
 
+    /// The routable linear layers (every layer's q, k, v, o, gate, up and down projections;
+    /// not the LM head), in model order.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.q,
+                    &mut l.k,
+                    &mut l.v,
+                    &mut l.o,
+                    &mut l.gate,
+                    &mut l.up,
+                    &mut l.down,
+                ]
+            })
+            .collect()
+    }
+
     /// The vocabulary size.
     pub fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
@@ -120,6 +142,11 @@ impl Decoder {
     /// needs no mask: with right padding, the causal mask already keeps every real position
     /// from seeing a pad; the logits at padded positions are meaningless and must be ignored.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_routed(ids, &Ctx::none())
+    }
+
+    /// [`forward`](Self::forward) with the routed layers' experts weighted as `route` says.
+    pub fn forward_routed(&self, ids: &Tensor, route: &Ctx) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let c = &self.cfg;
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -136,7 +163,7 @@ impl Decoder {
         for l in &self.layers {
             let y = l.input_norm.forward(&x)?;
             let heads_of = |lin: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-                let z = lin.forward(&y)?.reshape((b, t, n, hd))?;
+                let z = lin.forward_routed(&y, route)?.reshape((b, t, n, hd))?;
                 let z = match norm {
                     Some(nm) => nm.forward(&z)?,
                     None => z,
@@ -155,15 +182,16 @@ impl Decoder {
                 .reshape((b, kv_heads, group, t, t))?
                 .broadcast_add(&mask)?
                 .reshape((b, kv_heads, group * t, t))?;
-            let ctx = softmax(&scores)?.matmul(&v)?;
-            let ctx =
-                ctx.reshape((b, heads, t, hd))?
+            let attn = softmax(&scores)?.matmul(&v)?;
+            let attn =
+                attn.reshape((b, heads, t, hd))?
                     .transpose(1, 2)?
                     .reshape((b, t, heads * hd))?;
-            x = (l.o.forward(&ctx)? + x)?;
+            x = (l.o.forward_routed(&attn, route)? + x)?;
             let y = l.post_norm.forward(&x)?;
-            let gated = (activate(&l.gate.forward(&y)?, c.hidden_act)? * l.up.forward(&y)?)?;
-            x = (l.down.forward(&gated)? + x)?;
+            let gated = (activate(&l.gate.forward_routed(&y, route)?, c.hidden_act)?
+                * l.up.forward_routed(&y, route)?)?;
+            x = (l.down.forward_routed(&gated, route)? + x)?;
         }
         self.lm_head.forward(&self.norm.forward(&x)?)
     }

@@ -12,6 +12,9 @@ use crate::config::Arch;
 use crate::decoder::{Decoder, token_nll};
 use crate::error::{Error, Result};
 use crate::head::Head;
+use crate::route::experts::{Expert, Truncation};
+use crate::route::side::Ctx;
+use crate::route::{Attached, GateKind};
 use crate::task::{Kind, Task};
 use crate::tokenize::{Batch, Tok, pad};
 use crate::weights::Weights;
@@ -56,8 +59,8 @@ pub struct TaskResult {
 }
 
 enum Net {
-    Bert(Bert),
-    Decoder(Decoder),
+    Bert(Box<Bert>),
+    Decoder(Box<Decoder>),
 }
 
 /// A model ready to evaluate.
@@ -72,6 +75,32 @@ pub struct Evaluator {
     tok: Tok,
     vocab_size: usize,
     device: Device,
+    /// The name prefix of the model's tensors (`"bert."`, `"model."`, ...).
+    prefix: String,
+    /// Parameters in the model's float tensors.
+    parameters: usize,
+    /// The experts on the routed layers, if any.
+    routed: Option<Attached>,
+}
+
+/// How the experts of a routed model are weighted for an evaluation.
+#[derive(Clone, Copy, Debug)]
+pub enum Weighting<'a> {
+    /// The layers' own token gates (SMILE, Arrow).
+    Token,
+    /// The same weights for every input (`experts` long: uniform, or the oracle's one-hot).
+    Fixed(&'a [f32]),
+    /// One weight vector per input row (a calibrated router's), in task order.
+    PerRow(&'a [Vec<f32>]),
+}
+
+/// A routed evaluation's result: the task's metrics and each row's top expert.
+pub struct Routed {
+    /// The metrics.
+    pub result: TaskResult,
+    /// Per row (task order): the expert with the largest weight (token gates: summed over
+    /// tokens and routed layers).
+    pub top: Vec<usize>,
 }
 
 impl Evaluator {
@@ -115,9 +144,17 @@ impl Evaluator {
             (None, None) => DEFAULT_DECODER_MAX_LEN,
         };
         let net = match &arch {
-            Arch::Bert(c) => Net::Bert(Bert::load(&mut weights, c)?),
-            Arch::Decoder(c) => Net::Decoder(Decoder::load(&mut weights, c)?),
+            Arch::Bert(c) => Net::Bert(Box::new(Bert::load(&mut weights, c)?)),
+            Arch::Decoder(c) => Net::Decoder(Box::new(Decoder::load(&mut weights, c)?)),
         };
+        let prefix = weights.prefix().to_string();
+        let parameters = weights
+            .model()
+            .tensors()
+            .iter()
+            .filter(|t| t.dtype.is_float())
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
         Ok(Evaluator {
             path: path.to_path_buf(),
             max_len,
@@ -126,7 +163,86 @@ impl Evaluator {
             net,
             vocab_size: arch.vocab_size(),
             device: Device::Cpu,
+            prefix,
+            parameters,
+            routed: None,
         })
+    }
+
+    /// Parameters in the model's float tensors (a library task's: its base's).
+    pub fn parameters(&self) -> usize {
+        self.parameters
+    }
+
+    /// Put `experts` on the model's linear layers with gate `kind` (see [`crate::route`]);
+    /// `progress(done, total)` after each layer. Replaces any experts attached before.
+    pub fn attach(
+        &mut self,
+        experts: &[Expert],
+        kind: GateKind,
+        trunc: Truncation,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<&Attached> {
+        let (linears, arch) = match &mut self.net {
+            Net::Bert(b) => (b.linears_mut(), (crate::bert::PREFIXES, crate::bert::PROBE)),
+            Net::Decoder(d) => (
+                d.linears_mut(),
+                (crate::decoder::PREFIXES, crate::decoder::PROBE),
+            ),
+        };
+        let attached =
+            crate::route::attach(linears, &self.prefix, experts, kind, trunc, arch, progress)?;
+        Ok(self.routed.insert(attached))
+    }
+
+    /// The attached experts, if any.
+    pub fn routed(&self) -> Option<&Attached> {
+        self.routed.as_ref()
+    }
+
+    /// The routing context of one batch (`idx`: its rows' task indices).
+    fn ctx(&self, batch: &Batch, idx: &[usize], weighting: Weighting) -> Result<Ctx> {
+        let Some(routed) = &self.routed else {
+            return Ok(Ctx::none());
+        };
+        let e = routed.experts.len();
+        let (b, t) = batch.ids.dims2()?;
+        let mut ctx = Ctx::batch(b, t, e);
+        ctx.mask = Some(batch.mask.flatten_all()?.to_vec1::<f32>()?);
+        ctx.sequence = match weighting {
+            Weighting::Token => None,
+            Weighting::Fixed(w) => Some(w.repeat(b)),
+            Weighting::PerRow(rows) => Some(idx.iter().flat_map(|&i| rows[i].clone()).collect()),
+        };
+        if let Some(w) = &ctx.sequence
+            && w.len() != b * e
+        {
+            return Err(Error::Argument(format!(
+                "routing weights have {} values per row; the model has {e} experts",
+                w.len() / b.max(1)
+            )));
+        }
+        Ok(ctx)
+    }
+
+    /// The top expert of each row of a batch after its forward pass.
+    fn top_experts(&self, ctx: &Ctx, rows: usize) -> Vec<usize> {
+        let Some(routed) = &self.routed else {
+            return vec![0; rows];
+        };
+        let e = routed.experts.len();
+        let argmax = |w: &[f64]| {
+            (0..w.len())
+                .max_by(|&a, &b| w[a].total_cmp(&w[b]).then(b.cmp(&a)))
+                .unwrap_or(0)
+        };
+        match &ctx.sequence {
+            Some(seq) => seq
+                .chunks(e)
+                .map(|w| argmax(&w.iter().map(|&v| f64::from(v)).collect::<Vec<_>>()))
+                .collect(),
+            None => ctx.record.borrow().chunks(e).map(argmax).collect(),
+        }
     }
 
     /// The encoder's hidden width (heads must match it), or `None` for a decoder.
@@ -186,12 +302,12 @@ impl Evaluator {
         &self,
         texts: &[String],
         progress: Progress,
-        f: impl Fn(&Batch) -> Result<T> + Sync,
+        f: impl Fn(&[usize], &Batch) -> Result<T> + Sync,
     ) -> Result<Vec<(Vec<usize>, T)>> {
         self.batches(texts)?
             .into_par_iter()
             .map(|(idx, batch)| {
-                let out = f(&batch)?;
+                let out = f(&idx, &batch)?;
                 progress(idx.len());
                 Ok((idx, out))
             })
@@ -202,7 +318,7 @@ impl Evaluator {
     /// number of rows finished after each batch.
     pub fn embed(&self, texts: &[String], progress: Progress) -> Result<Vec<Vec<f32>>> {
         let bert = self.encoder()?;
-        let pooled = self.map_batches(texts, progress, |b| {
+        let pooled = self.map_batches(texts, progress, |_, b| {
             Ok(bert.embed(&b.ids, &b.type_ids, &b.mask)?.to_vec2::<f32>()?)
         })?;
         let mut out = vec![Vec::new(); texts.len()];
@@ -214,8 +330,22 @@ impl Evaluator {
         Ok(out)
     }
 
-    /// Accuracy of `head` on a classification task.
+    /// Accuracy of `head` on a classification task (the shared model alone if experts are
+    /// attached).
     pub fn classify(&self, task: &Task, head: &Head, progress: Progress) -> Result<TaskResult> {
+        self.classify_routed(task, head, None, progress)
+            .map(|r| r.result)
+    }
+
+    /// [`classify`](Self::classify) with the attached experts weighted as `weighting` says
+    /// (`None`: the shared model alone).
+    pub fn classify_routed(
+        &self,
+        task: &Task,
+        head: &Head,
+        weighting: Option<Weighting>,
+        progress: Progress,
+    ) -> Result<Routed> {
         if task.kind != Kind::Classification {
             return Err(Error::Argument(format!(
                 "{}: rows have no \"label\"; a head needs a classification task",
@@ -240,21 +370,32 @@ impl Evaluator {
             });
         }
         let bert = self.encoder()?;
-        let predicted = self.map_batches(&task.texts, progress, |b| {
-            let pooled = bert.embed(&b.ids, &b.type_ids, &b.mask)?;
-            Ok(head.forward(&pooled)?.argmax(1)?.to_vec1::<u32>()?)
+        let predicted = self.map_batches(&task.texts, progress, |idx, b| {
+            let ctx = match weighting {
+                Some(w) => self.ctx(b, idx, w)?,
+                None => Ctx::none(),
+            };
+            let pooled = bert.embed_routed(&b.ids, &b.type_ids, &b.mask, &ctx)?;
+            let p = head.forward(&pooled)?.argmax(1)?.to_vec1::<u32>()?;
+            Ok((p, self.top_experts(&ctx, idx.len())))
         })?;
-        let correct = predicted
-            .iter()
-            .flat_map(|(idx, p)| idx.iter().zip(p))
-            .filter(|(i, p)| task.labels[**i] == **p as usize)
-            .count();
-        Ok(TaskResult {
-            name: task.name.clone(),
-            metrics: Metrics::Accuracy {
-                examples: task.texts.len(),
-                accuracy: correct as f64 / task.texts.len() as f64,
+        let mut correct = 0;
+        let mut top = vec![0; task.texts.len()];
+        for (idx, (p, t)) in &predicted {
+            for ((&i, &p), &t) in idx.iter().zip(p).zip(t) {
+                correct += usize::from(task.labels[i] == p as usize);
+                top[i] = t;
+            }
+        }
+        Ok(Routed {
+            result: TaskResult {
+                name: task.name.clone(),
+                metrics: Metrics::Accuracy {
+                    examples: task.texts.len(),
+                    accuracy: correct as f64 / task.texts.len() as f64,
+                },
             },
+            top,
         })
     }
 
@@ -262,6 +403,18 @@ impl Evaluator {
     /// over every predicted token of every row, of the next-token negative log-likelihood (what
     /// transformers' `labels=input_ids` loss averages within a batch).
     pub fn perplexity(&self, task: &Task, progress: Progress) -> Result<TaskResult> {
+        self.perplexity_routed(task, None, progress)
+            .map(|r| r.result)
+    }
+
+    /// [`perplexity`](Self::perplexity) with the attached experts weighted as `weighting`
+    /// says (`None`: the shared model alone).
+    pub fn perplexity_routed(
+        &self,
+        task: &Task,
+        weighting: Option<Weighting>,
+        progress: Progress,
+    ) -> Result<Routed> {
         let Net::Decoder(dec) = &self.net else {
             return Err(Error::Argument(format!(
                 "{}: rows have no \"label\", which asks for perplexity, but this model is an \
@@ -269,12 +422,17 @@ impl Evaluator {
                 task.path.display()
             )));
         };
-        let per_batch = self.map_batches(&task.texts, progress, |batch| {
-            let logits = dec.forward(&batch.ids)?;
+        let per_batch = self.map_batches(&task.texts, progress, |idx, batch| {
+            let ctx = match weighting {
+                Some(w) => self.ctx(batch, idx, w)?,
+                None => Ctx::none(),
+            };
+            let logits = dec.forward_routed(&batch.ids, &ctx)?;
+            let top = self.top_experts(&ctx, idx.len());
             let (b, t, v) = logits.dims3()?;
             let (mut total, mut tokens) = (0f64, 0usize);
             if t < 2 {
-                return Ok((total, tokens));
+                return Ok((total, tokens, top));
             }
             let predict = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
             let targets = batch.ids.narrow(1, 1, t - 1)?.flatten_all()?;
@@ -286,12 +444,18 @@ impl Evaluator {
                     tokens += 1;
                 }
             }
-            Ok((total, tokens))
+            Ok((total, tokens, top))
         })?;
         // Summed in batch order, so the result does not depend on the number of threads.
         let (total, tokens) = per_batch
             .iter()
-            .fold((0f64, 0usize), |(a, n), (_, (t, k))| (a + t, n + k));
+            .fold((0f64, 0usize), |(a, n), (_, (t, k, _))| (a + t, n + k));
+        let mut top = vec![0; task.texts.len()];
+        for (idx, (_, _, t)) in &per_batch {
+            for (&i, &e) in idx.iter().zip(t) {
+                top[i] = e;
+            }
+        }
         if tokens == 0 {
             return Err(Error::Task {
                 path: task.path.clone(),
@@ -300,19 +464,33 @@ impl Evaluator {
             });
         }
         let loss = total / tokens as f64;
-        Ok(TaskResult {
-            name: task.name.clone(),
-            metrics: Metrics::Perplexity {
-                examples: task.texts.len(),
-                loss,
-                perplexity: loss.exp(),
+        Ok(Routed {
+            result: TaskResult {
+                name: task.name.clone(),
+                metrics: Metrics::Perplexity {
+                    examples: task.texts.len(),
+                    loss,
+                    perplexity: loss.exp(),
+                },
             },
+            top,
         })
     }
 
     /// Raw logits `[batch, seq, vocab]` (decoder) or last hidden states `[batch, seq, hidden]`
     /// (encoder) for explicit token ids, unpadded (`ids` rows of equal length). For parity tests.
     pub fn forward_ids(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        Ok(self.forward_ids_routed(ids, None)?.0)
+    }
+
+    /// [`forward_ids`](Self::forward_ids) with the attached experts weighted as `weighting`
+    /// says, and every routed layer's weights (`rows·seq × experts`) in the order the layers
+    /// ran. For parity tests.
+    pub fn forward_ids_routed(
+        &self,
+        ids: &[Vec<u32>],
+        weighting: Option<Weighting>,
+    ) -> Result<(Tensor, Vec<Vec<f32>>)> {
         let t = ids.first().map_or(0, Vec::len);
         if ids.iter().any(|r| r.len() != t) || t == 0 {
             return Err(Error::Argument(
@@ -321,14 +499,26 @@ impl Evaluator {
         }
         let flat: Vec<u32> = ids.concat();
         let ids_t = Tensor::from_vec(flat, (ids.len(), t), &self.device)?;
-        Ok(match &self.net {
-            Net::Bert(b) => {
-                let zeros = ids_t.zeros_like()?;
-                let mask = Tensor::ones((ids.len(), t), candle_core::DType::F32, &self.device)?;
-                b.forward(&ids_t, &zeros, &mask)?
-            }
-            Net::Decoder(d) => d.forward(&ids_t)?,
-        })
+        let zeros = ids_t.zeros_like()?;
+        let mask = Tensor::ones((ids.len(), t), candle_core::DType::F32, &self.device)?;
+        let batch = Batch {
+            ids: ids_t,
+            type_ids: zeros,
+            mask,
+            lengths: vec![t; ids.len()],
+        };
+        let rows: Vec<usize> = (0..ids.len()).collect();
+        let mut ctx = match weighting {
+            Some(w) => self.ctx(&batch, &rows, w)?,
+            None => Ctx::none(),
+        };
+        ctx.trace = Some(Default::default());
+        let out = match &self.net {
+            Net::Bert(b) => b.forward_routed(&batch.ids, &batch.type_ids, &batch.mask, &ctx)?,
+            Net::Decoder(d) => d.forward_routed(&batch.ids, &ctx)?,
+        };
+        let trace = ctx.trace.take().map(|t| t.into_inner()).unwrap_or_default();
+        Ok((out, trace))
     }
 }
 

@@ -13,11 +13,12 @@ pub mod error;
 pub mod eval;
 pub mod head;
 pub mod nn;
+pub mod route;
 pub mod task;
 pub mod tokenize;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use eval::{Evaluator, Metrics, TaskResult};
+pub use eval::{Evaluator, Metrics, Routed, TaskResult, Weighting};
 pub use head::Head;
 pub use task::{Kind, Task};

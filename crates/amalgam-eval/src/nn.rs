@@ -4,12 +4,19 @@ use candle_core::{D, Tensor};
 
 use crate::config::Activation;
 use crate::error::Result;
+use crate::route::side::{Ctx, Side};
 use crate::weights::Weights;
 
-/// `y = x Wᵀ + b` on the last dimension.
+/// `y = x Wᵀ + b` on the last dimension, plus the routed experts' side path if any
+/// ([`Side`]).
 pub struct Linear {
+    /// The module's name under the model's prefix (`encoder.layer.0.attention.self.query`);
+    /// empty for a head.
+    pub name: String,
     weight_t: Tensor,
     bias: Option<Tensor>,
+    /// Routed experts on this layer.
+    pub side: Option<Side>,
 }
 
 impl Linear {
@@ -19,29 +26,63 @@ impl Linear {
         let bias = bias
             .then(|| w.get(&format!("{name}.bias"), &[out]))
             .transpose()?;
-        Linear::new(weight, bias)
+        let mut l = Linear::new(weight, bias)?;
+        l.name = name.to_string();
+        Ok(l)
     }
 
     /// From a `[out, in]` weight.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
         Ok(Linear {
+            name: String::new(),
             // Stored transposed and contiguous: a plain row-major right-hand side is what the
             // CPU matmul is fastest with.
             weight_t: weight.t()?.contiguous()?,
             bias,
+            side: None,
         })
     }
 
-    /// Apply to `x` of shape `[..., in]`.
+    /// `(out, in)`.
+    pub fn shape(&self) -> Result<(usize, usize)> {
+        let (i, o) = self.weight_t.dims2()?;
+        Ok((o, i))
+    }
+
+    /// The weight `[out, in]`, row-major.
+    pub fn weight(&self) -> Result<Vec<f32>> {
+        Ok(self
+            .weight_t
+            .t()?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Result<Option<Vec<f32>>> {
+        Ok(self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?)
+    }
+
+    /// Apply to `x` of shape `[..., in]` (no routing).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_routed(x, &Ctx::none())
+    }
+
+    /// Apply to `x` of shape `[..., in]`, the experts weighted as `ctx` and the gate say.
+    pub fn forward_routed(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let dims = x.dims();
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp.max(1);
-        let y = x.reshape((rows, inp))?.matmul(&self.weight_t)?;
-        let y = match &self.bias {
+        let x2 = x.reshape((rows, inp))?;
+        let y = x2.matmul(&self.weight_t)?;
+        let mut y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
+        if let (Some(side), false) = (&self.side, ctx.plain) {
+            y = side.add(&x2, y, ctx)?;
+        }
         let mut out = dims.to_vec();
         *out.last_mut().unwrap() = y.dim(1)?;
         Ok(y.reshape(out)?)

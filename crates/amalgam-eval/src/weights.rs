@@ -71,6 +71,11 @@ impl Weights {
         &self.model
     }
 
+    /// The name prefix chosen by [`select_prefix`](Self::select_prefix) (`""`, `"bert."`, ...).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Use the first of `prefixes` under which `probe` exists (`"bert."`, `"model."`, `""`, ...),
     /// so checkpoints saved from task wrappers load too. Errors when none has it.
     pub fn select_prefix(&mut self, prefixes: &[&str], probe: &str) -> Result<()> {

@@ -1,0 +1,254 @@
+//! The side path of a routed linear layer: `y = W·x + b + Σₑ gₑ(x)·(Uₑ(Vₑᵀx) + Δbₑ)`.
+//!
+//! Every expert of a layer is a low-rank pair (`down` = `Vₑ`, `in × r`; `up` = `Uₑ`, `r × out`,
+//! scale folded in) with an optional bias delta; the experts are stacked so that the side path
+//! is two matrix products whatever the gate: `h = x·[V₁ … V_E]`, each expert's block of `h`
+//! scaled by its weight, then `h·[U₁; …; U_E]`. Experts of lower rank are padded with zero
+//! columns. The gate decides the weights `g` ([`Gate`]).
+
+use std::cell::RefCell;
+
+use candle_core::{Device, Tensor};
+
+use super::gate;
+use crate::error::{Error, Result};
+
+/// One expert's factors for one layer, row-major f32.
+#[derive(Clone, Debug)]
+pub struct Factors {
+    /// `in × rank`.
+    pub down: Vec<f32>,
+    /// `rank × out`.
+    pub up: Vec<f32>,
+    /// The rank.
+    pub rank: usize,
+    /// The bias delta (`out`), if any.
+    pub bias: Option<Vec<f32>>,
+}
+
+/// How a layer's expert weights are chosen.
+#[derive(Clone, Debug)]
+pub enum Gate {
+    /// SMILE: `proj` is `in × (experts · gate_k)`, each expert's top `gate_k` right singular
+    /// vectors of its weight delta.
+    Smile {
+        /// See above.
+        proj: Tensor,
+        /// Singular vectors per expert in the gate.
+        gate_k: usize,
+        /// Experts kept per token.
+        top_k: usize,
+    },
+    /// Arrow: `protos` is `in × experts`, each expert's top right singular vector of `B·A`.
+    Arrow {
+        /// See above.
+        protos: Tensor,
+        /// Experts kept per token.
+        top_k: usize,
+        /// Softmax temperature.
+        temperature: f32,
+    },
+    /// Per-sequence weights from the routing context ([`Ctx::sequence`]).
+    Sequence,
+}
+
+/// The routing state of one forward pass (one batch): per-sequence weights for sequence-level
+/// gates, and a record of the token-level gates' weights.
+pub struct Ctx {
+    /// `batch × experts` weights, row-major, for [`Gate::Sequence`] layers.
+    pub sequence: Option<Vec<f32>>,
+    /// Rows and tokens per row of the batch.
+    pub shape: (usize, usize),
+    /// 1 for a token, 0 for padding (`batch · seq`); tokens only are recorded.
+    pub mask: Option<Vec<f32>>,
+    /// Leave every side path out: the shared model alone.
+    pub plain: bool,
+    /// `batch × experts`: the sum, over routed layers and tokens, of the token gates' weights.
+    pub record: RefCell<Vec<f64>>,
+    /// When set, every routed layer's weights (`rows × experts`) in the order the layers run.
+    pub trace: Option<RefCell<Vec<Vec<f32>>>>,
+}
+
+impl Ctx {
+    /// No routing at all (models without experts, heads).
+    pub fn none() -> Ctx {
+        Ctx {
+            sequence: None,
+            shape: (0, 0),
+            mask: None,
+            plain: true,
+            record: RefCell::new(Vec::new()),
+            trace: None,
+        }
+    }
+
+    /// A batch of `batch` rows of `seq` tokens with `experts` experts.
+    pub fn batch(batch: usize, seq: usize, experts: usize) -> Ctx {
+        Ctx {
+            sequence: None,
+            shape: (batch, seq),
+            mask: None,
+            plain: false,
+            record: RefCell::new(vec![0.0; batch * experts]),
+            trace: None,
+        }
+    }
+}
+
+/// A layer's experts and gate.
+pub struct Side {
+    experts: usize,
+    rank: usize,
+    /// `in × (experts · rank)`.
+    down: Tensor,
+    /// `(experts · rank) × out`.
+    up: Tensor,
+    /// `experts × out`.
+    bias: Option<Tensor>,
+    gate: Gate,
+    /// Bytes of f32 parameters held (factors, biases, gate).
+    pub bytes: usize,
+}
+
+impl Side {
+    /// Stack `experts`' factors for a layer of `inp` inputs and `out` outputs.
+    pub fn new(inp: usize, out: usize, experts: &[Factors], gate: Gate) -> Result<Side> {
+        let e = experts.len();
+        let rank = experts.iter().map(|f| f.rank).max().unwrap_or(0);
+        if e == 0 || rank == 0 {
+            return Err(Error::Argument("a routed layer needs experts".into()));
+        }
+        for f in experts {
+            if f.down.len() != inp * f.rank || f.up.len() != f.rank * out {
+                return Err(Error::Argument(format!(
+                    "expert factors of rank {} do not fit a {out}×{inp} layer",
+                    f.rank
+                )));
+            }
+        }
+        let mut down = vec![0f32; inp * e * rank];
+        let mut up = vec![0f32; e * rank * out];
+        for (k, f) in experts.iter().enumerate() {
+            for i in 0..inp {
+                let dst = i * e * rank + k * rank;
+                down[dst..dst + f.rank].copy_from_slice(&f.down[i * f.rank..(i + 1) * f.rank]);
+            }
+            up[k * rank * out..(k * rank + f.rank) * out].copy_from_slice(&f.up);
+        }
+        let bias = if experts.iter().any(|f| f.bias.is_some()) {
+            let mut b = vec![0f32; e * out];
+            for (k, f) in experts.iter().enumerate() {
+                if let Some(d) = &f.bias {
+                    b[k * out..(k + 1) * out].copy_from_slice(d);
+                }
+            }
+            Some(Tensor::from_vec(b, (e, out), &Device::Cpu)?)
+        } else {
+            None
+        };
+        let gate_bytes = match &gate {
+            Gate::Smile { proj, .. } => proj.elem_count() * 4,
+            Gate::Arrow { protos, .. } => protos.elem_count() * 4,
+            Gate::Sequence => 0,
+        };
+        let bytes = 4 * (experts.iter().map(|f| (inp + out) * f.rank).sum::<usize>())
+            + bias.as_ref().map_or(0, |b| b.elem_count() * 4)
+            + gate_bytes;
+        Ok(Side {
+            experts: e,
+            rank,
+            down: Tensor::from_vec(down, (inp, e * rank), &Device::Cpu)?,
+            up: Tensor::from_vec(up, (e * rank, out), &Device::Cpu)?,
+            bias,
+            gate,
+            bytes,
+        })
+    }
+
+    /// The number of experts.
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+
+    /// The weights `rows × experts` for the layer input `x` (`rows × in`).
+    pub fn weights(&self, x: &Tensor, ctx: &Ctx) -> Result<Vec<f32>> {
+        let rows = x.dim(0)?;
+        let e = self.experts;
+        let w = match &self.gate {
+            Gate::Smile {
+                proj,
+                gate_k,
+                top_k,
+            } => {
+                let p = x.matmul(proj)?.flatten_all()?.to_vec1::<f32>()?;
+                gate::smile(&p, rows, e, *gate_k, *top_k)
+            }
+            Gate::Arrow {
+                protos,
+                top_k,
+                temperature,
+            } => {
+                let s = x.matmul(protos)?.flatten_all()?.to_vec1::<f32>()?;
+                gate::arrow(&s, rows, e, *top_k, *temperature)
+            }
+            Gate::Sequence => {
+                let Some(seq_w) = &ctx.sequence else {
+                    return Err(Error::Argument(
+                        "these experts are routed per sequence, but no sequence weights were \
+                         given"
+                            .into(),
+                    ));
+                };
+                let (b, t) = ctx.shape;
+                gate::broadcast(seq_w, b, t, e)
+            }
+        };
+        if !matches!(self.gate, Gate::Sequence) {
+            self.record(&w, rows, ctx);
+        }
+        if let Some(trace) = &ctx.trace {
+            trace.borrow_mut().push(w.clone());
+        }
+        Ok(w)
+    }
+
+    /// Add the token weights of this layer to the context's record.
+    fn record(&self, w: &[f32], rows: usize, ctx: &Ctx) {
+        let (b, t) = ctx.shape;
+        let e = self.experts;
+        let mut rec = ctx.record.borrow_mut();
+        if b * t != rows || rec.len() != b * e {
+            return;
+        }
+        for r in 0..rows {
+            let m = ctx.mask.as_ref().map_or(1.0, |m| m[r]);
+            if m == 0.0 {
+                continue;
+            }
+            let seq = r / t;
+            for k in 0..e {
+                rec[seq * e + k] += f64::from(w[r * e + k]);
+            }
+        }
+    }
+
+    /// `y + Σₑ gₑ·(Uₑ(Vₑᵀx) + Δbₑ)` for `x` `rows × in`, `y` `rows × out`.
+    pub fn add(&self, x: &Tensor, y: Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        let w = self.weights(x, ctx)?;
+        if w.iter().all(|&v| v == 0.0) {
+            return Ok(y);
+        }
+        let g = Tensor::from_vec(w, (rows, self.experts), x.device())?;
+        let h = x
+            .matmul(&self.down)?
+            .reshape((rows, self.experts, self.rank))?
+            .broadcast_mul(&g.unsqueeze(2)?)?
+            .reshape((rows, self.experts * self.rank))?;
+        let mut y = (y + h.matmul(&self.up)?)?;
+        if let Some(b) = &self.bias {
+            y = (y + g.matmul(b)?)?;
+        }
+        Ok(y)
+    }
+}
