@@ -5,7 +5,7 @@ use candle_core::{DType, Tensor};
 
 use crate::config::BertConfig;
 use crate::error::Result;
-use crate::nn::{LayerNorm, Linear, activate, mean_pool, softmax};
+use crate::nn::{Deltas, LayerNorm, Linear, Routable, activate, mean_pool, softmax};
 use crate::route::side::Ctx;
 use crate::weights::Weights;
 
@@ -31,6 +31,10 @@ pub struct Bert {
     word: Tensor,
     position: Tensor,
     token_type: Tensor,
+    /// Sequence-level routing's deltas of the three embedding tables.
+    word_side: Option<Deltas>,
+    position_side: Option<Deltas>,
+    type_side: Option<Deltas>,
     embed_norm: LayerNorm,
     layers: Vec<Layer>,
 }
@@ -84,6 +88,9 @@ impl Bert {
                 &[cfg.type_vocab_size, h],
             )?,
             embed_norm: LayerNorm::load(w, "embeddings.LayerNorm", h, eps)?,
+            word_side: None,
+            position_side: None,
+            type_side: None,
             layers,
             cfg: cfg.clone(),
         })
@@ -112,18 +119,31 @@ impl Bert {
         let h = self.cfg.hidden_size;
         let heads = self.cfg.num_attention_heads;
         let hd = h / heads;
-        let words = self
-            .word
-            .embedding(&ids.flatten_all()?)?
-            .reshape((b, t, h))?;
-        let types = self
-            .token_type
-            .embedding(&type_ids.flatten_all()?)?
-            .reshape((b, t, h))?;
-        let positions = self.position.narrow(0, 0, t)?;
-        let mut x = self
-            .embed_norm
-            .forward(&(words + types)?.broadcast_add(&positions)?)?;
+        let table = |table: &Tensor, side: &Option<Deltas>, ids: &Tensor| -> Result<Tensor> {
+            let ids = ids.flatten_all()?;
+            let mut rows = table.embedding(&ids)?;
+            if let Some(d) = side
+                && let Some(delta) = d.rows(&ids, h, route)?
+            {
+                rows = (rows + delta)?;
+            }
+            Ok(rows.reshape((b, t, h))?)
+        };
+        let words = table(&self.word, &self.word_side, ids)?;
+        let types = table(&self.token_type, &self.type_side, type_ids)?;
+        let positions = match &self.position_side {
+            Some(d) => d.merged(&self.position, route)?,
+            None => None,
+        };
+        let summed = (words + types)?;
+        let summed = match positions {
+            Some(p) => {
+                let max = self.position.dim(0)?;
+                summed.broadcast_add(&p.reshape((b, max, h))?.narrow(1, 0, t)?)?
+            }
+            None => summed.broadcast_add(&self.position.narrow(0, 0, t)?)?,
+        };
+        let mut x = self.embed_norm.forward_routed(&summed, route)?;
         // Additive mask over keys: 0 for tokens, -inf for padding (every row keeps its [CLS]).
         let bias = ((mask.ones_like()? - mask)? * f64::from(f32::MIN))?
             .to_dtype(DType::F32)?
@@ -143,11 +163,11 @@ impl Bert {
             let attn = attn.transpose(1, 2)?.reshape((b, t, h))?;
             let a = l
                 .attn_norm
-                .forward(&(l.attn_out.forward_routed(&attn, route)? + &x)?)?;
+                .forward_routed(&(l.attn_out.forward_routed(&attn, route)? + &x)?, route)?;
             let inter = activate(&l.inter.forward_routed(&a, route)?, self.cfg.hidden_act)?;
             x = l
                 .out_norm
-                .forward(&(l.out.forward_routed(&inter, route)? + a)?)?;
+                .forward_routed(&(l.out.forward_routed(&inter, route)? + a)?, route)?;
         }
         Ok(x)
     }
@@ -169,21 +189,45 @@ impl Bert {
         mean_pool(&hidden, mask)
     }
 
-    /// The routable linear layers (every layer's query, key, value, attention output,
-    /// intermediate and output), in model order.
-    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        self.layers
-            .iter_mut()
-            .flat_map(|l| {
-                [
-                    &mut l.query,
-                    &mut l.key,
-                    &mut l.value,
-                    &mut l.attn_out,
-                    &mut l.inter,
-                    &mut l.out,
-                ]
-            })
-            .collect()
+    /// What routing puts experts on: the linear layers (every layer's query, key, value,
+    /// attention output, intermediate and output, in model order) and the parameters
+    /// sequence-level routing merges per input besides them (the embedding tables and every
+    /// LayerNorm).
+    pub fn routing_parts(&mut self) -> (Vec<&mut Linear>, Vec<Routable<'_>>) {
+        let mut routables = vec![
+            Routable {
+                name: "embeddings.word_embeddings.weight".into(),
+                value: &self.word,
+                side: &mut self.word_side,
+            },
+            Routable {
+                name: "embeddings.position_embeddings.weight".into(),
+                value: &self.position,
+                side: &mut self.position_side,
+            },
+            Routable {
+                name: "embeddings.token_type_embeddings.weight".into(),
+                value: &self.token_type,
+                side: &mut self.type_side,
+            },
+        ];
+        routables.extend(self.embed_norm.routable());
+        let mut linears = Vec::new();
+        for l in &mut self.layers {
+            let Layer {
+                query,
+                key,
+                value,
+                attn_out,
+                attn_norm,
+                inter,
+                out,
+                out_norm,
+            } = l;
+            linears.extend([query, key, value, attn_out, inter, out]);
+            routables.extend(attn_norm.routable());
+            routables.extend(out_norm.routable());
+        }
+        (linears, routables)
     }
 }

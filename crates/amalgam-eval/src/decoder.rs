@@ -6,7 +6,7 @@ use candle_core::{D, Device, Tensor};
 
 use crate::config::{DecoderConfig, RopeScaling};
 use crate::error::Result;
-use crate::nn::{Linear, RmsNorm, activate, softmax};
+use crate::nn::{Deltas, Linear, RmsNorm, Routable, activate, softmax};
 use crate::route::side::Ctx;
 use crate::weights::Weights;
 
@@ -33,6 +33,8 @@ struct Layer {
 pub struct Decoder {
     cfg: DecoderConfig,
     embed: Tensor,
+    /// Sequence-level routing's deltas of the token embeddings.
+    embed_side: Option<Deltas>,
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -108,29 +110,45 @@ impl Decoder {
             norm: RmsNorm::load(w, "norm", h, eps)?,
             inv_freq: inv_freq(cfg),
             embed,
+            embed_side: None,
             layers,
             lm_head,
             cfg: cfg.clone(),
         })
     }
 
-    /// The routable linear layers (every layer's q, k, v, o, gate, up and down projections;
-    /// not the LM head), in model order.
-    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        self.layers
-            .iter_mut()
-            .flat_map(|l| {
-                [
-                    &mut l.q,
-                    &mut l.k,
-                    &mut l.v,
-                    &mut l.o,
-                    &mut l.gate,
-                    &mut l.up,
-                    &mut l.down,
-                ]
-            })
-            .collect()
+    /// What routing puts experts on: the linear layers (every layer's q, k, v, o, gate, up and
+    /// down projections, in model order; not the LM head) and the parameters sequence-level
+    /// routing merges per input besides them (the token embeddings and every RMSNorm).
+    pub fn routing_parts(&mut self) -> (Vec<&mut Linear>, Vec<Routable<'_>>) {
+        let mut routables = vec![Routable {
+            name: "embed_tokens.weight".into(),
+            value: &self.embed,
+            side: &mut self.embed_side,
+        }];
+        let mut linears = Vec::new();
+        for l in &mut self.layers {
+            let Layer {
+                input_norm,
+                q,
+                k,
+                v,
+                o,
+                q_norm,
+                k_norm,
+                post_norm,
+                gate,
+                up,
+                down,
+            } = l;
+            linears.extend([q, k, v, o, gate, up, down]);
+            routables.push(input_norm.routable());
+            routables.push(post_norm.routable());
+            routables.extend(q_norm.as_mut().map(RmsNorm::routable));
+            routables.extend(k_norm.as_mut().map(RmsNorm::routable));
+        }
+        routables.push(self.norm.routable());
+        (linears, routables)
     }
 
     /// The vocabulary size.
@@ -156,16 +174,20 @@ impl Decoder {
         let (cos, sin) = self.rotary(t, device)?;
         let mask = causal_mask(t, c.sliding_window, device)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut x = self
-            .embed
-            .embedding(&ids.flatten_all()?)?
-            .reshape((b, t, h))?;
+        let flat = ids.flatten_all()?;
+        let mut x = self.embed.embedding(&flat)?;
+        if let Some(d) = &self.embed_side
+            && let Some(delta) = d.rows(&flat, h, route)?
+        {
+            x = (x + delta)?;
+        }
+        let mut x = x.reshape((b, t, h))?;
         for l in &self.layers {
-            let y = l.input_norm.forward(&x)?;
+            let y = l.input_norm.forward_routed(&x, route)?;
             let heads_of = |lin: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
                 let z = lin.forward_routed(&y, route)?.reshape((b, t, n, hd))?;
                 let z = match norm {
-                    Some(nm) => nm.forward(&z)?,
+                    Some(nm) => nm.forward_routed(&z, route)?,
                     None => z,
                 };
                 Ok(z.transpose(1, 2)?.contiguous()?)
@@ -188,12 +210,12 @@ impl Decoder {
                     .transpose(1, 2)?
                     .reshape((b, t, heads * hd))?;
             x = (l.o.forward_routed(&attn, route)? + x)?;
-            let y = l.post_norm.forward(&x)?;
+            let y = l.post_norm.forward_routed(&x, route)?;
             let gated = (activate(&l.gate.forward_routed(&y, route)?, c.hidden_act)?
                 * l.up.forward_routed(&y, route)?)?;
             x = (l.down.forward_routed(&gated, route)? + x)?;
         }
-        self.lm_head.forward(&self.norm.forward(&x)?)
+        self.lm_head.forward(&self.norm.forward_routed(&x, route)?)
     }
 
     /// cos and sin tables `[seq, head_dim / 2]` for positions `0..t`.

@@ -183,15 +183,18 @@ impl Evaluator {
         trunc: Truncation,
         progress: &dyn Fn(usize, usize),
     ) -> Result<&Attached> {
-        let (linears, arch) = match &mut self.net {
-            Net::Bert(b) => (b.linears_mut(), (crate::bert::PREFIXES, crate::bert::PROBE)),
+        let (parts, arch) = match &mut self.net {
+            Net::Bert(b) => (
+                b.routing_parts(),
+                (crate::bert::PREFIXES, crate::bert::PROBE),
+            ),
             Net::Decoder(d) => (
-                d.linears_mut(),
+                d.routing_parts(),
                 (crate::decoder::PREFIXES, crate::decoder::PROBE),
             ),
         };
         let attached =
-            crate::route::attach(linears, &self.prefix, experts, kind, trunc, arch, progress)?;
+            crate::route::attach(parts, &self.prefix, experts, kind, trunc, arch, progress)?;
         Ok(self.routed.insert(attached))
     }
 

@@ -89,56 +89,212 @@ impl Linear {
     }
 }
 
+/// The deltas of one parameter for sequence-level routing: `experts × n`, each expert's value
+/// minus the shared model's, flattened. A sequence's parameter is the shared one plus its
+/// weighted sum of deltas ([`Deltas::merged`]).
+pub struct Deltas {
+    d: Tensor,
+}
+
+impl Deltas {
+    /// From `experts × n` deltas.
+    pub fn new(d: Tensor) -> Deltas {
+        Deltas { d }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.d.elem_count() * 4
+    }
+
+    /// `base + Σₑ wₑ·dₑ` for each sequence's weights (`ctx.sequence`, `batch × experts`):
+    /// `batch × n`; `None` when the context gives no sequence weights (token-level gates leave
+    /// such parameters as the shared model has them).
+    pub fn merged(&self, base: &Tensor, ctx: &Ctx) -> Result<Option<Tensor>> {
+        let (Some(w), false) = (&ctx.sequence, ctx.plain) else {
+            return Ok(None);
+        };
+        let e = self.d.dim(0)?;
+        let b = w.len() / e.max(1);
+        let w = Tensor::from_vec(w.clone(), (b, e), base.device())?;
+        Ok(Some(
+            w.matmul(&self.d)?
+                .broadcast_add(&base.flatten_all()?.unsqueeze(0)?)?,
+        ))
+    }
+}
+
+impl Deltas {
+    /// For an embedding table of rows of `width`: `Σₑ wₑ·dₑ[id]` for every token of `ids`
+    /// (`batch × seq`, flattened), each token weighted by its sequence's weights: `tokens ×
+    /// width`; `None` without sequence weights.
+    pub fn rows(&self, ids: &Tensor, width: usize, ctx: &Ctx) -> Result<Option<Tensor>> {
+        let (Some(w), false) = (&ctx.sequence, ctx.plain) else {
+            return Ok(None);
+        };
+        let e = self.d.dim(0)?;
+        let (b, t) = ctx.shape;
+        let tokens = ids.dim(0)?;
+        if tokens != b * t {
+            return Ok(None);
+        }
+        let mut out: Option<Tensor> = None;
+        for k in 0..e {
+            let table = self.d.get(k)?.reshape(((), width))?;
+            let per_token: Vec<f32> = (0..tokens).map(|i| w[(i / t) * e + k]).collect();
+            let g = Tensor::from_vec(per_token, (tokens, 1), ids.device())?;
+            let term = table.embedding(ids)?.broadcast_mul(&g)?;
+            out = Some(match out {
+                Some(o) => (o + term)?,
+                None => term,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// A parameter tensor that sequence-level routing can merge per input: its name under the
+/// model's prefix, its shared value, and the slot its deltas go in.
+pub struct Routable<'a> {
+    /// Tensor name (`encoder.layer.0.output.LayerNorm.weight`).
+    pub name: String,
+    /// The shared model's value.
+    pub value: &'a Tensor,
+    /// Where the experts' deltas go.
+    pub side: &'a mut Option<Deltas>,
+}
+
 /// LayerNorm with weight and bias.
 pub struct LayerNorm {
+    name: String,
     weight: Tensor,
     bias: Tensor,
     eps: f32,
+    weight_side: Option<Deltas>,
+    bias_side: Option<Deltas>,
 }
 
 impl LayerNorm {
     /// `name.weight` and `name.bias`, both `[width]`.
     pub fn load(w: &Weights, name: &str, width: usize, eps: f64) -> Result<LayerNorm> {
         Ok(LayerNorm {
+            name: name.to_string(),
             weight: w.get(&format!("{name}.weight"), &[width])?,
             bias: w.get(&format!("{name}.bias"), &[width])?,
             eps: eps as f32,
+            weight_side: None,
+            bias_side: None,
         })
     }
 
     /// Normalize the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+        self.forward_routed(x, &Ctx::none())
+    }
+
+    /// Normalize `x` `[batch, seq, width]`, with each sequence's own weight and bias when the
+    /// context gives sequence weights and experts change them.
+    pub fn forward_routed(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let merged = |side: &Option<Deltas>, base: &Tensor| match side {
+            Some(d) => d.merged(base, ctx),
+            None => Ok(None),
+        };
+        let (w, b) = (
+            merged(&self.weight_side, &self.weight)?,
+            merged(&self.bias_side, &self.bias)?,
+        );
+        if w.is_none() && b.is_none() {
+            return Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?);
+        }
+        let ones = self.weight.ones_like()?;
+        let zeros = self.bias.zeros_like()?;
+        let norm = candle_nn::ops::layer_norm(&x.contiguous()?, &ones, &zeros, self.eps)?;
+        let per_seq = |v: Option<Tensor>, base: &Tensor| -> Result<Tensor> {
+            Ok(match v {
+                Some(v) => v.unsqueeze(1)?,
+                None => base.unsqueeze(0)?.unsqueeze(0)?,
+            })
+        };
+        Ok(norm
+            .broadcast_mul(&per_seq(w, &self.weight)?)?
+            .broadcast_add(&per_seq(b, &self.bias)?)?)
+    }
+
+    /// Its weight and bias, for routing.
+    pub fn routable(&mut self) -> [Routable<'_>; 2] {
+        [
+            Routable {
+                name: format!("{}.weight", self.name),
+                value: &self.weight,
+                side: &mut self.weight_side,
+            },
+            Routable {
+                name: format!("{}.bias", self.name),
+                value: &self.bias,
+                side: &mut self.bias_side,
+            },
+        ]
     }
 }
 
 /// RMSNorm (Llama's: the weight multiplies the normalized input).
 pub struct RmsNorm {
+    name: String,
     weight: Tensor,
     eps: f32,
+    side: Option<Deltas>,
 }
 
 impl RmsNorm {
     /// `name.weight`, `[width]`.
     pub fn load(w: &Weights, name: &str, width: usize, eps: f64) -> Result<RmsNorm> {
         Ok(RmsNorm {
+            name: name.to_string(),
             weight: w.get(&format!("{name}.weight"), &[width])?,
             eps: eps as f32,
+            side: None,
         })
     }
 
     /// Normalize the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.weight,
-            self.eps,
-        )?)
+        self.forward_routed(x, &Ctx::none())
+    }
+
+    /// Normalize `x` `[batch, seq, width]` (or `[batch, seq, heads, width]`), with each
+    /// sequence's own weight when the context gives sequence weights and experts change it.
+    pub fn forward_routed(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let merged = match &self.side {
+            Some(d) => d.merged(&self.weight, ctx)?,
+            None => None,
+        };
+        let Some(w) = merged else {
+            return Ok(candle_nn::ops::rms_norm(
+                &x.contiguous()?,
+                &self.weight,
+                self.eps,
+            )?);
+        };
+        let norm = candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight.ones_like()?, self.eps)?;
+        // [batch, width] → [batch, 1, (1,) width].
+        let mut shape = vec![w.dim(0)?];
+        shape.extend(std::iter::repeat_n(1, x.rank() - 2));
+        shape.push(w.dim(1)?);
+        Ok(norm.broadcast_mul(&w.reshape(shape)?)?)
+    }
+
+    /// Its weight, for routing.
+    pub fn routable(&mut self) -> Routable<'_> {
+        Routable {
+            name: format!("{}.weight", self.name),
+            value: &self.weight,
+            side: &mut self.side,
+        }
     }
 }
 

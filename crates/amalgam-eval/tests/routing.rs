@@ -188,6 +188,7 @@ fn experts_of_another_shape_are_refused_naming_the_tensor() {
 
 #[test]
 fn oracle_routing_of_a_library_equals_the_rebuilt_task_model() {
+    // Rank `full`: the experts are the rebuilt tasks' exact deltas.
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("library.yml");
     let p = |s: &str| fixture(s).display().to_string();
@@ -198,7 +199,9 @@ fn oracle_routing_of_a_library_equals_the_rebuilt_task_model() {
             p("smile/base"),
             p("smile/ft0"),
             p("smile/ft1"),
-            p("smile/ft2")
+            // Another random BERT of the same shapes: every tensor differs, embeddings and
+            // LayerNorms too, which sequence-level routing merges per input as well.
+            p("../bert")
         ),
     )
     .unwrap();

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::nn::Linear;
+use crate::nn::{Deltas, Linear, Routable};
 use experts::{Expert, LayerExpert, Opened, Truncation};
 use side::{Factors, Gate, Side};
 
@@ -130,10 +130,12 @@ fn layer_expert(
 }
 
 /// Put `experts` on `linears` (the shared model's routable layers, under `prefix`) with gate
-/// `kind`; `arch` is the architecture's `(prefixes, probe)` for opening dense experts.
-/// `progress(done, total)` after each layer.
+/// `kind`, and, for sequence-level weights, their deltas of the other `routables` (norms,
+/// embeddings: a sequence's parameters are then wholly its weighted merge); `arch` is the
+/// architecture's `(prefixes, probe)` for opening dense experts. `progress(done, total)` after
+/// each layer.
 pub fn attach(
-    linears: Vec<&mut Linear>,
+    (linears, routables): (Vec<&mut Linear>, Vec<Routable<'_>>),
     prefix: &str,
     experts: &[Expert],
     kind: GateKind,
@@ -263,6 +265,35 @@ pub fn attach(
         linear.side = Some(side);
         progress(done + 1, total);
     }
+    if kind == GateKind::Sequence {
+        for r in routables {
+            let shared = r.value.flatten_all()?.to_vec1::<f32>()?;
+            let mut deltas = Vec::with_capacity(n * shared.len());
+            let mut any = false;
+            for o in &opened {
+                let value = vector_of(o, &r, prefix)?;
+                match value {
+                    Some(v) => {
+                        for (a, b) in v.iter().zip(&shared) {
+                            let d = a - b;
+                            any |= d != 0.0;
+                            deltas.push(d);
+                        }
+                    }
+                    None => deltas.extend(std::iter::repeat_n(0.0, shared.len())),
+                }
+            }
+            if any {
+                let d = Deltas::new(candle_core::Tensor::from_vec(
+                    deltas,
+                    (n, shared.len()),
+                    &candle_core::Device::Cpu,
+                )?);
+                bytes += d.bytes();
+                *r.side = Some(d);
+            }
+        }
+    }
     if layers == 0 {
         return Err(Error::Argument(
             "no expert differs from the shared model in any linear layer; nothing to route".into(),
@@ -272,6 +303,31 @@ pub fn attach(
         experts: experts.iter().map(|e| e.name.clone()).collect(),
         layers,
         bytes,
+    })
+}
+
+/// An expert's value of the routable `r` (flattened), or `None` where it keeps the shared one
+/// (an adapter that does not replace it).
+fn vector_of(o: &Opened, r: &Routable, prefix: &str) -> Result<Option<Vec<f32>>> {
+    let shape = r.value.dims().to_vec();
+    Ok(match o {
+        Opened::Dense(w) => Some(w.get(&r.name, &shape)?.flatten_all()?.to_vec1::<f32>()?),
+        Opened::Adapter(a) => match a.replaced.get(&format!("{prefix}{}", r.name)) {
+            Some(t) => {
+                let v = a.file.floats(t)?;
+                if v.len() != r.value.elem_count() {
+                    return Err(Error::Argument(format!(
+                        "{}: {t} replaces {prefix}{} with {} values; the shared model has {}",
+                        a.dir.display(),
+                        r.name,
+                        v.len(),
+                        r.value.elem_count()
+                    )));
+                }
+                Some(v)
+            }
+            None => None,
+        },
     })
 }
 
