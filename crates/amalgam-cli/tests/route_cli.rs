@@ -211,7 +211,7 @@ fn bad_routing_input_gets_clear_errors() {
         fails(&args)
     };
     let ex = experts();
-    let mut with = |route: &[&str]| {
+    let with = |route: &[&str]| {
         let mut a: Vec<&str> = vec!["--experts"];
         a.extend(ex.iter().map(String::as_str));
         a.extend_from_slice(route);
