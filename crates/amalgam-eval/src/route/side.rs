@@ -1,10 +1,10 @@
 //! The side path of a routed linear layer: `y = W·x + b + Σₑ gₑ(x)·(Uₑ(Vₑᵀx) + Δbₑ)`.
 //!
 //! Every expert of a layer is a low-rank pair (`down` = `Vₑ`, `in × r`; `up` = `Uₑ`, `r × out`,
-//! scale folded in) with an optional bias delta; the experts are stacked so that the side path
-//! is two matrix products whatever the gate: `h = x·[V₁ … V_E]`, each expert's block of `h`
-//! scaled by its weight, then `h·[U₁; …; U_E]`. Experts of lower rank are padded with zero
-//! columns. The gate decides the weights `g` ([`Gate`]).
+//! scale folded in) with an optional bias delta. Each expert runs on the rows that give it a
+//! weight only (gathered, then added back in place), so a top-1 gate costs one expert per
+//! token, not all of them; the experts are taken in order, so the sum does not depend on the
+//! thread count. The gate decides the weights `g` ([`Gate`]).
 
 use std::cell::RefCell;
 
@@ -98,11 +98,9 @@ impl Ctx {
 /// A layer's experts and gate.
 pub struct Side {
     experts: usize,
-    rank: usize,
-    /// `in × (experts · rank)`.
-    down: Tensor,
-    /// `(experts · rank) × out`.
-    up: Tensor,
+    /// Per expert: `in × rank` and `rank × out` (`None` for an expert that leaves the layer
+    /// as it is).
+    factors: Vec<Option<(Tensor, Tensor)>>,
     /// `experts × out`.
     bias: Option<Tensor>,
     gate: Gate,
@@ -111,11 +109,10 @@ pub struct Side {
 }
 
 impl Side {
-    /// Stack `experts`' factors for a layer of `inp` inputs and `out` outputs.
+    /// `experts`' factors for a layer of `inp` inputs and `out` outputs.
     pub fn new(inp: usize, out: usize, experts: &[Factors], gate: Gate) -> Result<Side> {
         let e = experts.len();
-        let rank = experts.iter().map(|f| f.rank).max().unwrap_or(0);
-        if e == 0 || rank == 0 {
+        if e == 0 || experts.iter().all(|f| f.rank == 0) {
             return Err(Error::Argument("a routed layer needs experts".into()));
         }
         for f in experts {
@@ -126,15 +123,18 @@ impl Side {
                 )));
             }
         }
-        let mut down = vec![0f32; inp * e * rank];
-        let mut up = vec![0f32; e * rank * out];
-        for (k, f) in experts.iter().enumerate() {
-            for i in 0..inp {
-                let dst = i * e * rank + k * rank;
-                down[dst..dst + f.rank].copy_from_slice(&f.down[i * f.rank..(i + 1) * f.rank]);
-            }
-            up[k * rank * out..(k * rank + f.rank) * out].copy_from_slice(&f.up);
-        }
+        let factors = experts
+            .iter()
+            .map(|f| {
+                if f.rank == 0 {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    Tensor::from_vec(f.down.clone(), (inp, f.rank), &Device::Cpu)?,
+                    Tensor::from_vec(f.up.clone(), (f.rank, out), &Device::Cpu)?,
+                )))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let bias = if experts.iter().any(|f| f.bias.is_some()) {
             let mut b = vec![0f32; e * out];
             for (k, f) in experts.iter().enumerate() {
@@ -156,9 +156,7 @@ impl Side {
             + gate_bytes;
         Ok(Side {
             experts: e,
-            rank,
-            down: Tensor::from_vec(down, (inp, e * rank), &Device::Cpu)?,
-            up: Tensor::from_vec(up, (e * rank, out), &Device::Cpu)?,
+            factors,
             bias,
             gate,
             bytes,
@@ -235,18 +233,38 @@ impl Side {
     /// `y + Σₑ gₑ·(Uₑ(Vₑᵀx) + Δbₑ)` for `x` `rows × in`, `y` `rows × out`.
     pub fn add(&self, x: &Tensor, y: Tensor, ctx: &Ctx) -> Result<Tensor> {
         let rows = x.dim(0)?;
+        let e = self.experts;
         let w = self.weights(x, ctx)?;
         if w.iter().all(|&v| v == 0.0) {
             return Ok(y);
         }
-        let g = Tensor::from_vec(w, (rows, self.experts), x.device())?;
-        let h = x
-            .matmul(&self.down)?
-            .reshape((rows, self.experts, self.rank))?
-            .broadcast_mul(&g.unsqueeze(2)?)?
-            .reshape((rows, self.experts * self.rank))?;
-        let mut y = (y + h.matmul(&self.up)?)?;
+        let mut y = y;
+        for (k, f) in self.factors.iter().enumerate() {
+            let Some((down, up)) = f else { continue };
+            let picked: Vec<u32> = (0..rows)
+                .filter(|&r| w[r * e + k] != 0.0)
+                .map(|r| r as u32)
+                .collect();
+            if picked.is_empty() {
+                continue;
+            }
+            let g: Vec<f32> = picked.iter().map(|&r| w[r as usize * e + k]).collect();
+            let g = Tensor::from_vec(g, (picked.len(), 1), x.device())?;
+            if picked.len() == rows {
+                y = (y + x.matmul(down)?.broadcast_mul(&g)?.matmul(up)?)?;
+            } else {
+                let n = picked.len();
+                let idx = Tensor::from_vec(picked, n, x.device())?;
+                let delta = x
+                    .index_select(&idx, 0)?
+                    .matmul(down)?
+                    .broadcast_mul(&g)?
+                    .matmul(up)?;
+                y = y.index_add(&idx, &delta, 0)?;
+            }
+        }
         if let Some(b) = &self.bias {
+            let g = Tensor::from_vec(w, (rows, e), x.device())?;
             y = (y + g.matmul(b)?)?;
         }
         Ok(y)
