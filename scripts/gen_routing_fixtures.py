@@ -30,17 +30,30 @@ It writes under crates/amalgam-eval/tests/fixtures/routing/:
   [20, 3], the routing weights of `encoder.layer.0.attention.self.query` (rows = tokens,
   batch-major; the renormalised top-k weights in the chosen experts' columns, 0 elsewhere).
 - `arrow/`: `base/` (a random 2-layer LlamaForCausalLM with the config of fixtures/llama and its
-  tokenizer.json) and `adapters/task0..task2` (PEFT LoRA adapters, r 4, lora_alpha 8, 4, 16,
+  tokenizer.json), `adapters/task0..task2` (PEFT LoRA adapters, r 4, lora_alpha 8, 4, 16,
   targets q_proj, v_proj, up_proj, random A and B with one direction of A scaled by 5 so that
-  B·A has a dominant singular value). `expected.safetensors`: `ids` [2, 8] (I64); `logits_base`
-  [2, 8, 300]; `proto_q0` [3, 32], PEFT's prototypes of `model.layers.0.self_attn.q_proj`; and
-  per setting S in `k2t1` (top_k 2, router_temperature 1.0) and `k3t05` (top_k 3,
-  temperature 0.5), built with PEFT's `create_arrow_model` (use_gks False): `logits_S`
-  [2, 8, 300] and `coeff_S` [16, 3], the routing coefficients of that q_proj per token.
+  B·A has a dominant singular value) and `adapters/general0`, `general1` (the general adapters
+  of GenKnowSub: same r and targets, lora_alpha 8, 2, random A and B of std 0.05 from a generator
+  of their own, drawn after the task adapters with the global RNG restored afterwards, so that
+  everything else is as without them). `expected.safetensors`: `ids` [2, 8] (I64); `logits_base`
+  [2, 8, 300]; `proto_q0` [3, 32], PEFT's prototypes of `model.layers.0.self_attn.q_proj`
+  (without GenKnowSub); and per setting S in `k2t1` (top_k 2, router_temperature 1.0), `k3t05`
+  (top_k 3, temperature 0.5), both use_gks False, and `gks_k2t1` (top_k 2, temperature 1.0,
+  use_gks True, general adapters general0 and general1), built with PEFT's
+  `create_arrow_model`: `logits_S` [2, 8, 300] and `coeff_S` [16, 3], the routing coefficients
+  of that q_proj per token.
+
+PEFT's GenKnowSub (`ArrowLoraLinearLayer.gen_know_sub`, run in each layer's first forward before
+the prototypes are built) subtracts the plain mean of the general adapters' raw A (and of their
+raw B) from every task adapter's A (and B) in place: the prototypes are those of
+(B − mean B_g)(A − mean A_g) and the routed delta is Σ_e coeff_e · (alpha_e / r) · (B_e − mean
+B_g)(A_e − mean A_g) x, the task adapter's own scaling; the general adapters' lora_alpha plays no
+part.
 
 The script checks that PEFT's power-iteration prototypes equal the top right singular vectors of
-B·A (up to sign) to 1e-5 and that no routing decision of any routed module is a near-tie (the
-chosen and rejected scores differ by at least 1e-4), and fails otherwise.
+B·A (with GenKnowSub of (B − mean B_g)(A − mean A_g)) up to sign to 1e-5, with σ1/σ2 > 2, that
+PEFT's delta is the one of those factors, and that no routing decision of any routed module is a
+near-tie (the chosen and rejected scores differ by at least 1e-4), and fails otherwise.
 """
 
 import importlib.metadata
@@ -68,8 +81,13 @@ SMILE_PROBE = "encoder.layer.0.attention.self.query"
 ARROW_TARGETS = ["q_proj", "v_proj", "up_proj"]
 ARROW_ALPHAS = [8, 4, 16]
 ARROW_RANK = 4
+# General adapters for GenKnowSub: random A and B (no dominant direction) of std ARROW_GKS_STD,
+# small enough that every (B − mean B_general)(A − mean A_general) keeps σ1/σ2 > 2.
+ARROW_GKS_ALPHAS = [8, 2]
+ARROW_GKS_STD = 0.05
 ARROW_SETTINGS = {"k2t1": dict(top_k=2, router_temperature=1.0),
-                  "k3t05": dict(top_k=3, router_temperature=0.5)}
+                  "k3t05": dict(top_k=3, router_temperature=0.5),
+                  "gks_k2t1": dict(top_k=2, router_temperature=1.0, use_gks=True)}
 ARROW_PROBE = "model.layers.0.self_attn.q_proj"
 
 # Smallest allowed gap between the last chosen and the first rejected expert score (SMILE's
@@ -311,6 +329,27 @@ def gen_arrow():
         peft_model.save_pretrained(d)
         adapter_dirs.append(d)
 
+    # The general adapters of GenKnowSub, after the task adapters and from a generator of their
+    # own; the global RNG (which get_peft_model and loading draw from) is put back as it was, so
+    # everything after is generated exactly as without them.
+    general_dirs = []
+    rng_state = torch.get_rng_state()
+    gen = torch.Generator().manual_seed(SEED + 5)
+    for e, alpha in enumerate(ARROW_GKS_ALPHAS):
+        peft_model = get_peft_model(load_base(), LoraConfig(
+            r=ARROW_RANK, lora_alpha=alpha, target_modules=ARROW_TARGETS, lora_dropout=0.0,
+            init_lora_weights=False))
+        with torch.no_grad():
+            for n, m in peft_model.named_modules():
+                if hasattr(m, "lora_A") and "default" in m.lora_A:
+                    a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+                    a.copy_(torch.randn(a.shape, generator=gen) * ARROW_GKS_STD)
+                    b.copy_(torch.randn(b.shape, generator=gen) * ARROW_GKS_STD)
+        d = os.path.join(folder, "adapters", f"general{e}")
+        peft_model.save_pretrained(d)
+        general_dirs.append(d)
+    torch.set_rng_state(rng_state)
+
     g = torch.Generator().manual_seed(SEED + 4)
     ids = torch.randint(3, cfg.vocab_size, (2, 8), generator=g)
     out = {"ids": ids.to(torch.int64)}
@@ -318,15 +357,26 @@ def gen_arrow():
         out["logits_base"] = load_base()(input_ids=ids).logits
 
     margins = {}
+    names = [f"task_{e}" for e in range(len(ARROW_ALPHAS))]
+    gks_names = [f"gks_{e}" for e in range(len(ARROW_GKS_ALPHAS))]
     for tag, st in ARROW_SETTINGS.items():
-        arrow_cfg = ArrowConfig(use_gks=False, rng_seed=SEED, **st)
-        model = create_arrow_model(load_base(), adapter_dirs, arrow_cfg).eval()
+        st = dict(st)
+        use_gks = st.pop("use_gks", False)
+        arrow_cfg = ArrowConfig(use_gks=use_gks, rng_seed=SEED, **st)
+        model = create_arrow_model(load_base(), adapter_dirs, arrow_cfg,
+                                   general_adapter_paths=general_dirs if use_gks else None).eval()
         routers = {}
         for n, m in model.base_model.model.named_modules():
             if isinstance(m, ArrowLoraLinearLayer):
                 routers[n.rsplit(".lora_arrow.", 1)[0]] = (m, model.base_model.model.get_submodule(
                     n.rsplit(".lora_arrow.", 1)[0]))
         assert len(routers) == len(ARROW_TARGETS) * cfg.num_hidden_layers, sorted(routers)
+        # The factors as loaded, before the first forward (where PEFT's GenKnowSub subtracts the
+        # general mean from the task factors in place).
+        loaded = {(n, name): (lora.lora_A[name].weight.detach().clone(),
+                              lora.lora_B[name].weight.detach().clone())
+                  for n, (_, lora) in routers.items()
+                  for name in names + (gks_names if use_gks else [])}
         captured = {}
         hooks = [m.register_forward_hook(
             lambda mod, args, kwargs, res, n=n: captured.__setitem__(
@@ -337,17 +387,46 @@ def gen_arrow():
         for h in hooks:
             h.remove()
 
-        names = [f"task_{e}" for e in range(len(ARROW_ALPHAS))]
+        worst_ratio, worst_proto = float("inf"), 0.0
         for n, (arrow, lora) in routers.items():
             assert arrow.task_adapter_names == names, arrow.task_adapter_names
-            # PEFT's prototypes are the exact top right singular vectors of B·A, up to sign.
+            assert arrow.gks_adapter_names == (gks_names if use_gks else [])
+            assert arrow.gks_done == use_gks
+            # The task factors (float64) that PEFT routes over and builds its prototypes from:
+            # with GenKnowSub A − mean_g A_g and B − mean_g B_g (plain means of the general
+            # adapters' raw factors, no scaling), else A and B as loaded.
+            if use_gks:
+                mean_a = torch.stack([loaded[(n, g)][0].double() for g in gks_names]).mean(0)
+                mean_b = torch.stack([loaded[(n, g)][1].double() for g in gks_names]).mean(0)
+                for g in gks_names:  # the general adapters themselves are left as loaded
+                    assert torch.equal(lora.lora_A[g].weight, loaded[(n, g)][0]), (n, g)
+                    assert torch.equal(lora.lora_B[g].weight, loaded[(n, g)][1]), (n, g)
+            factors = {}
+            for name in names:
+                a, b = (t.double() for t in loaded[(n, name)])
+                if use_gks:
+                    a, b = a - mean_a, b - mean_b
+                factors[name] = (a, b)
+                # PEFT left the layer's task factors as those, in place (up to float32 rounding).
+                err = max((lora.lora_A[name].weight.double() - a).abs().max().item(),
+                          (lora.lora_B[name].weight.double() - b).abs().max().item())
+                assert err < 1e-6, f"{tag} {n} {name}: task factors off by {err}"
+                if not use_gks:
+                    assert torch.equal(lora.lora_A[name].weight, loaded[(n, name)][0])
+                    assert torch.equal(lora.lora_B[name].weight, loaded[(n, name)][1])
+            # PEFT's prototypes are the exact top right singular vectors of B·A (with GenKnowSub
+            # of (B − mean B_g)(A − mean A_g)), up to sign; σ1 dominates so that 15 power steps
+            # reach them.
             for e, name in enumerate(names):
-                a = lora.lora_A[name].weight.double()
-                b = lora.lora_B[name].weight.double()
-                v = torch.linalg.svd(b @ a).Vh[0]
+                a, b = factors[name]
+                svd = torch.linalg.svd(b @ a)
+                ratio = (svd.S[0] / svd.S[1]).item()
+                assert ratio > 2.0, f"{tag} {n} {name}: σ1/σ2 = {ratio:.2f}"
+                v = svd.Vh[0]
                 p = arrow.prototypes[e].double()
                 err = min((p - v).abs().max(), (p + v).abs().max()).item()
-                assert err < 1e-5, f"{n} {name}: prototype off the top singular vector by {err}"
+                assert err < 1e-5, f"{tag} {n} {name}: prototype off the top singular vector ({err})"
+                worst_ratio, worst_proto = min(worst_ratio, ratio), max(worst_proto, err)
             # The coefficients, recomputed with ArrowLoraLinearLayer.forward's exact steps.
             x, delta = captured[n]
             tok = x.view(-1, x.shape[-1])
@@ -356,27 +435,36 @@ def gen_arrow():
             full = tok.new_full(sim.shape, float("-inf")).scatter_(1, idx, top_v)
             coeff = torch.softmax(full / arrow.temperature, dim=1)
             margins[(tag, n)] = min_margin(sim, arrow.top_k)
-            # Self-check: Σ_e coeff_e · scaling_e · B_e A_e x is what the layer returned.
-            again = sum(coeff[:, e:e + 1] * lora.scaling[name]
-                        * (tok @ lora.lora_A[name].weight.T @ lora.lora_B[name].weight.T)
+            # Self-check: Σ_e coeff_e · scaling_e · B_e A_e x is what the layer returned, with
+            # the task adapters' own scaling (lora_alpha / r) and, under GenKnowSub, the
+            # subtracted factors (the general adapters' scaling plays no part).
+            again = sum(coeff[:, e:e + 1].double() * lora.scaling[name]
+                        * (tok.double() @ factors[name][0].T @ factors[name][1].T)
                         for e, name in enumerate(names))
-            err = (again - delta.view(again.shape)).abs().max().item()
-            assert err < 1e-5, f"{n}: recomputed delta off by {err}"
+            err = (again - delta.view(again.shape).double()).abs().max().item()
+            assert err < 1e-5, f"{tag} {n}: recomputed delta off by {err}"
             if n == ARROW_PROBE:
                 out[f"coeff_{tag}"] = coeff
-                if "proto_q0" in out:
-                    assert torch.equal(out["proto_q0"], arrow.prototypes)
-                out["proto_q0"] = arrow.prototypes.detach().clone()
+                if not use_gks:
+                    if "proto_q0" in out:
+                        assert torch.equal(out["proto_q0"], arrow.prototypes)
+                    out["proto_q0"] = arrow.prototypes.detach().clone()
+                else:
+                    assert not torch.allclose(out["proto_q0"], arrow.prototypes, atol=1e-3)
         out[f"logits_{tag}"] = logits
         diff = (logits - out["logits_base"]).abs().max().item()
-        print(f"arrow {tag}: max |logits - base| {diff:.3f}")
+        print(f"arrow {tag}: max |logits - base| {diff:.3f}, smallest σ1/σ2 {worst_ratio:.2f}, "
+              f"largest prototype error {worst_proto:.1e}")
     worst = min(margins.values())
     print(f"arrow: smallest top-k margin of |x·v| {worst:.2e}")
     assert worst > MIN_MARGIN, f"Arrow routing near-tie: {min(margins, key=margins.get)}"
     assert out["coeff_k2t1"].shape == (ids.numel(), 3) and out["proto_q0"].shape == (3, 32)
+    assert out["coeff_gks_k2t1"].shape == (ids.numel(), 3)
+    assert out["logits_gks_k2t1"].shape == out["logits_base"].shape
 
     save_file({k: (v if v.dtype == torch.int64 else v.float()).contiguous() for k, v in out.items()},
               os.path.join(folder, "expected.safetensors"))
+    gks_alphas = ", ".join(map(str, ARROW_GKS_ALPHAS))
     write_text(os.path.join(folder, "README.md"), f"""\
 Arrow routing fixture (PEFT 0.21.2 `create_arrow_model`), from `scripts/gen_routing_fixtures.py`.
 
@@ -386,16 +474,27 @@ Arrow routing fixture (PEFT 0.21.2 `create_arrow_model`), from `scripts/gen_rout
   lora_alpha {", ".join(map(str, ARROW_ALPHAS))}, targets {", ".join(ARROW_TARGETS)}; random A and
   B with A's first row scaled by 5, so B·A has a dominant singular value and PEFT's 15-step power
   iteration gives its exact top right singular vector (checked to 1e-5).
+- `adapters/general0`, `general1`: the general adapters of GenKnowSub (saved by PEFT),
+  r {ARROW_RANK}, lora_alpha {gks_alphas}, the same targets; random A and B of std {ARROW_GKS_STD}.
 - `expected.safetensors`: `ids` [2, 8] (I64), `logits_base` [2, 8, 300] (no adapters),
-  `proto_q0` [3, 32] (PEFT's prototypes of `{ARROW_PROBE}`, sign as PEFT's power
-  iteration left it), and per setting `logits_<s>` [2, 8, 300] and `coeff_<s>` [16, 3] (routing
-  coefficients of `{ARROW_PROBE}`, rows = tokens batch-major).
+  `proto_q0` [3, 32] (PEFT's prototypes of `{ARROW_PROBE}` without GenKnowSub,
+  sign as PEFT's power iteration left it), and per setting `logits_<s>` [2, 8, 300] and
+  `coeff_<s>` [16, 3] (routing coefficients of `{ARROW_PROBE}`, rows = tokens
+  batch-major).
 
-Settings (`ArrowConfig(top_k, router_temperature, use_gks=False)`, adapters loaded as task_0..2
-in that order):
+Settings (`ArrowConfig(top_k, router_temperature, use_gks)`, task adapters loaded as task_0..2
+in that order, general adapters as gks_0, gks_1):
 
-- `k2t1`: top_k 2, router_temperature 1.0
-- `k3t05`: top_k 3, router_temperature 0.5
+- `k2t1`: top_k 2, router_temperature 1.0, use_gks False
+- `k3t05`: top_k 3, router_temperature 0.5, use_gks False
+- `gks_k2t1`: top_k 2, router_temperature 1.0, use_gks True, general adapters general0, general1
+
+GenKnowSub as PEFT does it (`gen_know_sub`, in each layer's first forward, before the prototypes
+are built): every task adapter's A becomes A − mean(A_general0, A_general1) and its B
+B − mean(B_general0, B_general1), the raw factors (no alpha / r), in place. The prototypes are
+then the top right singular vectors of (B − mean B_g)(A − mean A_g) (checked to 1e-5, σ1/σ2 > 2)
+and the delta is Σ_e coeff_e · (lora_alpha_e / r) · (B_e − mean B_g)(A_e − mean A_g) x with the
+task adapter's own lora_alpha; the general adapters' lora_alpha is not used.
 """)
 
 

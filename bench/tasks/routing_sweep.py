@@ -123,9 +123,22 @@ def eval_run(args, model, files, extra):
 
 
 def files_of(args, split):
+    """Each task's file of `split`. The validation rows are copied to WORK/val_tasks/TASK.jsonl:
+    amalgam names a task after its file (without .test.jsonl / .jsonl), and the experts, heads
+    and router accuracy go by that name."""
     if split == "test":
         return ls.test_files(args)
-    return {t: os.path.join(args.work, "val", f"{t}.val.jsonl") for t in TASKS}
+    folder = os.path.join(args.work, "val_tasks")
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for t in TASKS:
+        text = open(os.path.join(args.work, "val", f"{t}.val.jsonl")).read()
+        path = os.path.join(folder, f"{t}.jsonl")
+        if not (os.path.exists(path) and open(path).read() == text):
+            with open(path, "w") as f:
+                f.write(text)
+        paths[t] = path
+    return paths
 
 
 def cal_files(args):
@@ -270,7 +283,7 @@ def main():
         cfg = os.path.join(args.work, "merged_ta03.yml")
         with open(cfg, "w") as f:
             f.write(ms.config_text("task_arithmetic", base, [fts[t] for t in TASKS],
-                                   {"lambda": 0.3}, {}))
+                                   {"lambda": 0.3, "weight": 1.0}, {}))
         run([args.amalgam, "merge", cfg, ta, "--overwrite", "-q"])
     shared = {"base": base, "ta03": ta}
     for name, label, route, sh, opts, family in SETTINGS:

@@ -53,6 +53,10 @@ pub struct RouteArgs {
     /// kept weights are renormalised).
     #[arg(long)]
     top_k: Option<usize>,
+    /// arrow: general-domain LoRA adapters whose mean A and mean B are subtracted from every
+    /// expert's before routing (GenKnowSub, PEFT's `use_gks`).
+    #[arg(long, num_args = 1..)]
+    general: Vec<String>,
     /// arrow: softmax temperature over the top-k similarities.
     #[arg(long, default_value_t = 1.0)]
     temperature: f32,
@@ -98,6 +102,9 @@ pub struct RouteReport {
     /// twin: calibration rows per expert.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub calibration_rows: Vec<usize>,
+    /// arrow: the GenKnowSub adapters.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub general: Vec<String>,
 }
 
 /// A routed model ready to evaluate tasks.
@@ -196,9 +203,14 @@ impl RouteArgs {
         } else {
             None
         };
+        let mut general = Vec::new();
+        for arg in &self.general {
+            general
+                .extend(Expert::from_arg(arg).with_context(|| format!("general adapter {arg}"))?);
+        }
         let bar = crate::progress::counter("experts", 0, "layers", quiet);
         let attached: Attached = ev
-            .attach(&experts, gate, trunc, &|done, total| {
+            .attach(&experts, &general, gate, trunc, &|done, total| {
                 if let Some(b) = &bar {
                     b.set_length(total as u64);
                     b.set_position(done as u64);
@@ -241,6 +253,7 @@ impl RouteArgs {
                 gate,
                 router: (kind == RouteKind::Twin).then_some(self.router),
                 calibration_rows,
+                general: general.iter().map(|e| e.name.clone()).collect(),
             },
         })
     }

@@ -175,10 +175,12 @@ impl Evaluator {
     }
 
     /// Put `experts` on the model's linear layers with gate `kind` (see [`crate::route`]);
-    /// `progress(done, total)` after each layer. Replaces any experts attached before.
+    /// `general`: Arrow's GenKnowSub adapters (or none); `progress(done, total)` after each
+    /// layer. Replaces any experts attached before.
     pub fn attach(
         &mut self,
         experts: &[Expert],
+        general: &[Expert],
         kind: GateKind,
         trunc: Truncation,
         progress: &dyn Fn(usize, usize),
@@ -193,8 +195,16 @@ impl Evaluator {
                 (crate::decoder::PREFIXES, crate::decoder::PROBE),
             ),
         };
-        let attached =
-            crate::route::attach(parts, &self.prefix, experts, kind, trunc, arch, progress)?;
+        let attached = crate::route::attach(
+            parts,
+            &self.prefix,
+            experts,
+            general,
+            kind,
+            trunc,
+            arch,
+            progress,
+        )?;
         Ok(self.routed.insert(attached))
     }
 

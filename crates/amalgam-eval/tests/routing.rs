@@ -59,6 +59,7 @@ fn smile_matches_fusionbench_smile_moe_linear() {
         let attached = ev
             .attach(
                 &experts(&fts),
+                &[],
                 GateKind::Smile { gate_k, top_k },
                 Truncation {
                     rank: Some(k),
@@ -99,6 +100,7 @@ fn arrow_matches_peft_arrow_routing() {
         let attached = ev
             .attach(
                 &experts(&adapters),
+                &[],
                 GateKind::Arrow { top_k, temperature },
                 Truncation {
                     rank: None,
@@ -122,6 +124,41 @@ fn arrow_matches_peft_arrow_routing() {
 }
 
 #[test]
+fn arrow_with_genknowsub_matches_peft() {
+    let exp = Model::open(fixture("arrow/expected.safetensors")).unwrap();
+    let ids = ids(&exp);
+    let adapters: Vec<PathBuf> = (0..3)
+        .map(|i| fixture(&format!("arrow/adapters/task{i}")))
+        .collect();
+    let general: Vec<PathBuf> = (0..2)
+        .map(|i| fixture(&format!("arrow/adapters/general{i}")))
+        .collect();
+    let mut ev = Evaluator::open(&fixture("arrow/base"), None).unwrap();
+    ev.attach(
+        &experts(&adapters),
+        &experts(&general),
+        GateKind::Arrow {
+            top_k: 2,
+            temperature: 1.0,
+        },
+        Truncation {
+            rank: None,
+            gate_k: 1,
+        },
+        &|_, _| {},
+    )
+    .unwrap();
+    let (logits, trace) = ev.forward_ids_routed(&ids, Some(Weighting::Token)).unwrap();
+    let d = max_diff(&flat(&logits), &exp.floats("logits_gks_k2t1").unwrap());
+    assert!(d < TOL, "logits differ by {d}");
+    let d = max_diff(&trace[0], &exp.floats("coeff_gks_k2t1").unwrap());
+    assert!(d < TOL, "coefficients differ by {d}");
+    // Without the subtraction the result is another one.
+    let d = max_diff(&flat(&logits), &exp.floats("logits_k2t1").unwrap());
+    assert!(d > 1e-2, "{d}");
+}
+
+#[test]
 fn arrow_refuses_dense_experts_and_mismatched_top_k() {
     let mut ev = Evaluator::open(&fixture("smile/base"), None).unwrap();
     let fts: Vec<PathBuf> = (0..3).map(|i| fixture(&format!("smile/ft{i}"))).collect();
@@ -132,6 +169,7 @@ fn arrow_refuses_dense_experts_and_mismatched_top_k() {
     let err = ev
         .attach(
             &experts(&fts),
+            &[],
             GateKind::Arrow {
                 top_k: 2,
                 temperature: 1.0,
@@ -146,6 +184,7 @@ fn arrow_refuses_dense_experts_and_mismatched_top_k() {
     let err = ev
         .attach(
             &experts(&fts),
+            &[],
             GateKind::Smile {
                 gate_k: 2,
                 top_k: 4,
@@ -173,6 +212,7 @@ fn experts_of_another_shape_are_refused_naming_the_tensor() {
                 name: "llama".into(),
                 source: Source::Model(fixture("arrow/base")),
             }],
+            &[],
             GateKind::Sequence,
             Truncation {
                 rank: None,
@@ -213,6 +253,7 @@ fn oracle_routing_of_a_library_equals_the_rebuilt_task_model() {
     let attached = ev
         .attach(
             &Expert::from_arg(lib.to_str().unwrap()).unwrap(),
+            &[],
             GateKind::Sequence,
             Truncation {
                 rank: None,

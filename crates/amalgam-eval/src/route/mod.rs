@@ -63,6 +63,7 @@ fn layer_expert(
     prefix: &str,
     kind: GateKind,
     trunc: Truncation,
+    general: &[Opened],
 ) -> Result<Option<LayerExpert>> {
     let (out, inp) = linear.shape()?;
     let name = &linear.name;
@@ -105,8 +106,16 @@ fn layer_expert(
                     "fan-in-fan-out (transposed) adapters are not supported for routing".into(),
                 ));
             }
-            let (fa, fb) = a.factors(m)?;
+            let (mut fa, mut fb) = a.factors(m)?;
             let bias = a.bias_delta(&format!("{prefix}{name}.bias"))?;
+            if !general.is_empty() {
+                // GenKnowSub: the general adapters' mean A and mean B (their raw factors, no
+                // scaling) subtracted from this adapter's own, as PEFT does before it builds
+                // the prototypes; the output uses the subtracted factors too.
+                let (ma, mb) = general_means(general, &key, fa.len(), fb.len())?;
+                fa.iter_mut().zip(&ma).for_each(|(x, m)| *x -= m);
+                fb.iter_mut().zip(&mb).for_each(|(x, m)| *x -= m);
+            }
             if matches!(kind, GateKind::Arrow { .. }) {
                 return experts::lora(&fa, &fb, (out, inp, m.rank), m.scaling as f32, bias)
                     .map(Some)
@@ -129,15 +138,55 @@ fn layer_expert(
     }
 }
 
+/// The mean `A` and mean `B` of module `key` over the general adapters (GenKnowSub).
+fn general_means(
+    general: &[Opened],
+    key: &str,
+    a_len: usize,
+    b_len: usize,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (mut ma, mut mb) = (vec![0f32; a_len], vec![0f32; b_len]);
+    for g in general {
+        let Opened::Adapter(g) = g else {
+            unreachable!("checked by attach")
+        };
+        let Some(m) = g.modules.get(key) else {
+            return Err(Error::Argument(format!(
+                "{}: the general adapter does not adapt {key}; GenKnowSub needs general \
+                 adapters on the task adapters' modules",
+                g.dir.display()
+            )));
+        };
+        let (a, b) = g.factors(m)?;
+        if a.len() != a_len || b.len() != b_len {
+            return Err(Error::Argument(format!(
+                "{}: module {key} has rank {}, unlike the task adapters; GenKnowSub needs one \
+                 rank",
+                g.dir.display(),
+                m.rank
+            )));
+        }
+        ma.iter_mut().zip(&a).for_each(|(s, v)| *s += v);
+        mb.iter_mut().zip(&b).for_each(|(s, v)| *s += v);
+    }
+    let n = general.len() as f32;
+    ma.iter_mut().for_each(|v| *v /= n);
+    mb.iter_mut().for_each(|v| *v /= n);
+    Ok((ma, mb))
+}
+
 /// Put `experts` on `linears` (the shared model's routable layers, under `prefix`) with gate
 /// `kind`, and, for sequence-level weights, their deltas of the other `routables` (norms,
 /// embeddings: a sequence's parameters are then wholly its weighted merge); `arch` is the
-/// architecture's `(prefixes, probe)` for opening dense experts. `progress(done, total)` after
-/// each layer.
+/// architecture's `(prefixes, probe)` for opening dense experts. `general`: LoRA adapters whose
+/// mean factors are subtracted from every adapter expert's (Arrow's GenKnowSub option).
+/// `progress(done, total)` after each layer.
+#[allow(clippy::too_many_arguments)]
 pub fn attach(
     (linears, routables): (Vec<&mut Linear>, Vec<Routable<'_>>),
     prefix: &str,
     experts: &[Expert],
+    general: &[Expert],
     kind: GateKind,
     trunc: Truncation,
     arch: (&[&str], &str),
@@ -192,6 +241,23 @@ pub fn attach(
     if matches!(kind, GateKind::Arrow { .. }) {
         check_arrow(experts, &opened)?;
     }
+    if !general.is_empty() && !matches!(kind, GateKind::Arrow { .. }) {
+        return Err(Error::Argument(
+            "general adapters (GenKnowSub) are an option of Arrow routing".into(),
+        ));
+    }
+    let general_opened = general
+        .iter()
+        .map(|e| Opened::open(e, arch.0, arch.1))
+        .collect::<Result<Vec<_>>>()?;
+    if !general.is_empty() {
+        let all: Vec<Expert> = experts.iter().chain(general).cloned().collect();
+        let mut both = Vec::new();
+        for e in &all {
+            both.push(Opened::open(e, arch.0, arch.1)?);
+        }
+        check_arrow(&all, &both)?;
+    }
     let total = linears.len();
     let mut layers = 0;
     let mut bytes = 0;
@@ -200,7 +266,7 @@ pub fn attach(
         let per: Vec<Option<LayerExpert>> = opened
             .iter()
             .zip(experts)
-            .map(|(o, e)| layer_expert(o, e, linear, prefix, kind, trunc))
+            .map(|(o, e)| layer_expert(o, e, linear, prefix, kind, trunc, &general_opened))
             .collect::<Result<_>>()?;
         if per.iter().all(Option::is_none) {
             progress(done + 1, total);
