@@ -177,7 +177,7 @@ def markdown(res, args):
         if not r:
             continue
         acc = r["accuracy"]
-        racc = r.get("router_accuracy", {})
+        racc = r.get("router_accuracy", {}) if route != "uniform" else {}
         ra = [racc[t] for t in TASKS if racc.get(t) is not None]
         rate = sum(r["seconds"].values()) / sum(r["examples"].values())
         mark = " **(chosen on val)**" if family and chosen.get(family) == name else ""
@@ -249,7 +249,6 @@ def main():
             json.dump(res, f, indent=1)
         os.replace(path + ".tmp", path)
 
-    t_all = time.time()
     ls.write_val_splits(args, args.work)
     cals = cal_files(args)
     fts = {t: os.path.join(args.work, "finetuned", t) for t in TASKS}
@@ -335,7 +334,7 @@ def main():
         f"(expert construction excluded: "
         + ", ".join(f"{n} {r['test'].get('attach_s')} s" for n, r in res["settings"].items()
                     if r.get("test", {}).get("attach_s") is not None)
-        + f"). Whole run: {(time.time() - t_all) / 60:.1f} min.\n\n"
+        + f"). The routed evaluations took {sum(r[s]['wall_s'] for r in res['settings'].values() for s in r) / 60:.1f} min in all (test and validation, wall time).\n\n"
         + md + "\n\n![normalized accuracy against memory](bench/tasks/routing_accuracy.png)\n")
     ms.update_benchmarks(section, None, marker="routing")
 

@@ -136,7 +136,11 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
                     Some(h) => ev.classify_routed(task, h, Some(w), &tick)?,
                     None => ev.perplexity_routed(task, Some(w), &tick)?,
                 };
-                let acc = r.expert_of(task).map(|e| {
+                // Uniform weights have no top expert.
+                let own = r
+                    .expert_of(task)
+                    .filter(|_| r.kind != crate::route::RouteKind::Uniform);
+                let acc = own.map(|e| {
                     routed.top.iter().filter(|&&t| t == e).count() as f64
                         / routed.top.len().max(1) as f64
                 });

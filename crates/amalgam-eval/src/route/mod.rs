@@ -234,34 +234,32 @@ pub fn attach(
     if trunc.rank == Some(0) {
         return Err(Error::Argument("--rank must be at least 1".into()));
     }
-    let opened = experts
-        .iter()
-        .map(|e| Opened::open(e, arch.0, arch.1))
-        .collect::<Result<Vec<_>>>()?;
-    if matches!(kind, GateKind::Arrow { .. }) {
-        check_arrow(experts, &opened)?;
-    }
     if !general.is_empty() && !matches!(kind, GateKind::Arrow { .. }) {
         return Err(Error::Argument(
             "general adapters (GenKnowSub) are an option of Arrow routing".into(),
         ));
     }
-    let general_opened = general
-        .iter()
-        .map(|e| Opened::open(e, arch.0, arch.1))
-        .collect::<Result<Vec<_>>>()?;
-    if !general.is_empty() {
-        let all: Vec<Expert> = experts.iter().chain(general).cloned().collect();
-        let mut both = Vec::new();
-        for e in &all {
-            both.push(Opened::open(e, arch.0, arch.1)?);
-        }
-        check_arrow(&all, &both)?;
+    let open = |list: &[Expert]| {
+        list.iter()
+            .map(|e| Opened::open(e, arch.0, arch.1))
+            .collect::<Result<Vec<_>>>()
+    };
+    let (opened, general_opened) = (open(experts)?, open(general)?);
+    if matches!(kind, GateKind::Arrow { .. }) {
+        check_arrow(
+            experts
+                .iter()
+                .zip(&opened)
+                .chain(general.iter().zip(&general_opened)),
+        )?;
     }
+    // Every layer's side is built before any is put on the model: an error leaves the model as
+    // it was.
     let total = linears.len();
     let mut layers = 0;
     let mut bytes = 0;
-    for (done, linear) in linears.into_iter().enumerate() {
+    let mut sides: Vec<Option<Side>> = Vec::with_capacity(total);
+    for (done, linear) in linears.iter().enumerate() {
         let (out, inp) = linear.shape()?;
         let per: Vec<Option<LayerExpert>> = opened
             .iter()
@@ -269,6 +267,7 @@ pub fn attach(
             .map(|(o, e)| layer_expert(o, e, linear, prefix, kind, trunc, &general_opened))
             .collect::<Result<_>>()?;
         if per.iter().all(Option::is_none) {
+            sides.push(None);
             progress(done + 1, total);
             continue;
         }
@@ -328,16 +327,17 @@ pub fn attach(
         let side = Side::new(inp, out, &factors, gate)?;
         bytes += side.bytes;
         layers += 1;
-        linear.side = Some(side);
+        sides.push(Some(side));
         progress(done + 1, total);
     }
+    let mut vectors: Vec<Option<Deltas>> = Vec::with_capacity(routables.len());
     if kind == GateKind::Sequence {
-        for r in routables {
+        for r in &routables {
             let shared = r.value.flatten_all()?.to_vec1::<f32>()?;
             let mut deltas = Vec::with_capacity(n * shared.len());
             let mut any = false;
             for o in &opened {
-                let value = vector_of(o, &r, prefix)?;
+                let value = vector_of(o, r, prefix)?;
                 match value {
                     Some(v) => {
                         for (a, b) in v.iter().zip(&shared) {
@@ -356,7 +356,9 @@ pub fn attach(
                     &candle_core::Device::Cpu,
                 )?);
                 bytes += d.bytes();
-                *r.side = Some(d);
+                vectors.push(Some(d));
+            } else {
+                vectors.push(None);
             }
         }
     }
@@ -364,6 +366,12 @@ pub fn attach(
         return Err(Error::Argument(
             "no expert differs from the shared model in any linear layer; nothing to route".into(),
         ));
+    }
+    for (linear, side) in linears.into_iter().zip(sides) {
+        linear.side = side;
+    }
+    for (r, d) in routables.into_iter().zip(vectors) {
+        *r.side = d;
     }
     Ok(Attached {
         experts: experts.iter().map(|e| e.name.clone()).collect(),
@@ -399,9 +407,9 @@ fn vector_of(o: &Opened, r: &Routable, prefix: &str) -> Result<Option<Vec<f32>>>
 
 /// Arrow's requirements (PEFT's `check_loaded_lora_compatibility_arrow`): every expert a LoRA
 /// adapter, all of one rank and the same target modules.
-fn check_arrow(experts: &[Expert], opened: &[Opened]) -> Result<()> {
+fn check_arrow<'a>(experts: impl Iterator<Item = (&'a Expert, &'a Opened)>) -> Result<()> {
     let mut first: Option<(&Expert, BTreeSet<&String>, BTreeSet<usize>)> = None;
-    for (e, o) in experts.iter().zip(opened) {
+    for (e, o) in experts {
         let Opened::Adapter(a) = o else {
             return Err(Error::Argument(format!(
                 "{}: Arrow routes LoRA adapters; this expert is a dense model (use --route \
