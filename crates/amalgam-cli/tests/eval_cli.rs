@@ -6,22 +6,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{fails, ok};
+use common::{fails, json, ok, s};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../amalgam-eval/tests/fixtures")
-        .join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&ok(args)).unwrap()
+    common::eval_fixture(name)
 }
 
 /// The fixture's labels agree with transformers' predictions on rows 0, 2 and 4 only.

@@ -9,20 +9,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use amalgam::io::Model;
-use common::{fails, ok, raw, write_model};
+use common::{fails, json, raw, s, write_model};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../amalgam-eval/tests/fixtures")
-        .join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&ok(args)).unwrap()
+    common::eval_fixture(name)
 }
 
 /// Task files `ft0.jsonl`, `ft1.jsonl`, `ft2.jsonl` (named like the SMILE fixture's experts)

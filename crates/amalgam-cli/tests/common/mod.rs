@@ -154,6 +154,18 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A fixture of the evaluation crate (`crates/amalgam-eval/tests/fixtures/NAME`).
+pub fn eval_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../amalgam-eval/tests/fixtures")
+        .join(name)
+}
+
+/// Run amalgam, require success, and parse its stdout as JSON.
+pub fn json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&ok(args)).unwrap()
+}
+
 /// A path under a temp dir.
 pub fn p(dir: &tempfile::TempDir, rel: &str) -> PathBuf {
     dir.path().join(rel)
