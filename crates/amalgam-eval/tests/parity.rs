@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use amalgam::io::Model;
 use amalgam_eval::{Evaluator, Head, Metrics, Task};
 
+mod common;
+
+use common::{flat, ids_rows, ints, max_diff};
+
 const TOL: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
@@ -17,37 +21,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn expected(name: &str) -> Model {
     Model::open(fixture(name).join("expected.safetensors")).unwrap()
-}
-
-fn ints(m: &Model, name: &str) -> (Vec<i64>, Vec<usize>) {
-    let v = m.tensor(name).unwrap();
-    assert_eq!(v.dtype, amalgam::DType::I64, "{name}");
-    let ints = v
-        .bytes
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (ints, v.shape.to_vec())
-}
-
-fn ids_rows(m: &Model) -> Vec<Vec<u32>> {
-    let (ids, shape) = ints(m, "ids");
-    ids.chunks(shape[1])
-        .map(|r| r.iter().map(|&x| x as u32).collect())
-        .collect()
-}
-
-/// Largest absolute difference; panics on a length mismatch.
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn flat(t: &candle_core::Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 #[test]

@@ -10,35 +10,16 @@ use amalgam_eval::route::GateKind;
 use amalgam_eval::route::experts::{Expert, Source, Truncation};
 use amalgam_eval::{Evaluator, Weighting};
 
+mod common;
+
+use common::{flat, ids_rows as ids, max_diff};
+
 const TOL: f32 = 1e-4;
 
 fn fixture(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/routing")
         .join(path)
-}
-
-fn ids(m: &Model) -> Vec<Vec<u32>> {
-    let v = m.tensor("ids").unwrap();
-    let t = v.shape[1];
-    let ints: Vec<u32> = v
-        .bytes
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
-    ints.chunks(t).map(<[u32]>::to_vec).collect()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn flat(t: &candle_core::Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 fn experts(dirs: &[PathBuf]) -> Vec<Expert> {

@@ -121,18 +121,9 @@ fn layer_expert(
                     .map(Some)
                     .map_err(module_err);
             }
-            // Other gates see the adapter as its dense delta s·B·A.
-            let s = m.scaling as f32;
+            // Other gates see the adapter as its dense delta s·B·A (as `lora apply` adds it).
             let mut dw = vec![0f32; out * inp];
-            for o in 0..out {
-                for l in 0..m.rank {
-                    let b = fb[o * m.rank + l];
-                    for i in 0..inp {
-                        dw[o * inp + i] += b * fa[l * inp + i];
-                    }
-                }
-                dw[o * inp..(o + 1) * inp].iter_mut().for_each(|v| *v *= s);
-            }
+            m.add_delta_rows(&fa, &fb, 1.0, 0..out, &mut dw, &mut Vec::new());
             experts::dense(&dw, bias, (out, inp), trunc).map_err(module_err)
         }
     }

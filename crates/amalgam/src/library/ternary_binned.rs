@@ -231,13 +231,14 @@ fn decide<E: Elems, const V3: bool>(
     };
     let n = x.len().min(b.len());
     let (head, blocks) = crate::sums::spans(offset, n);
-    let one = |e: usize,
-               t: f32,
+    // Element `j` alone (the span before the first block and after the last).
+    let one = |j: usize,
                mask: &mut BitWriter,
                sign: &mut BitWriter,
                sums: &mut [LaneSum; 2],
                nonzeros: &mut u64,
                cands: &mut [Vec<u64>]| {
+        let (e, t) = (offset + j, x.at(j) - b.at(j));
         let (kept, c, positive, nonzero) = classify(t, rules);
         mask.push(kept);
         sign.push(positive);
@@ -251,15 +252,7 @@ fn decide<E: Elems, const V3: bool>(
         b.one(e, v.abs());
     };
     for j in 0..head {
-        one(
-            offset + j,
-            x.at(j) - b.at(j),
-            mask,
-            sign,
-            sums,
-            nonzero,
-            cands,
-        );
+        one(j, mask, sign, sums, nonzero, cands);
     }
     // The blocks, 64 elements at a time: each stream's bits of 8 lanes gathered from the lanes'
     // top bits ([`top_bits`]), a word of 64 pushed at once; the candidates' words are walked
@@ -322,15 +315,7 @@ fn decide<E: Elems, const V3: bool>(
         }
     }
     for j in head + 8 * blocks..n {
-        one(
-            offset + j,
-            x.at(j) - b.at(j),
-            mask,
-            sign,
-            sums,
-            nonzero,
-            cands,
-        );
+        one(j, mask, sign, sums, nonzero, cands);
     }
 }
 
