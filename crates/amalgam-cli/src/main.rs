@@ -4,6 +4,7 @@
 #[cfg(feature = "eval")]
 mod eval;
 mod library;
+mod moe;
 mod progress;
 mod route;
 
@@ -101,6 +102,10 @@ enum Command {
     /// Mistral, Qwen2, Qwen3).
     #[cfg(feature = "eval")]
     Eval(eval::EvalArgs),
+    /// Build a mixture-of-experts model from dense fine-tunes of one base, from a
+    /// mergekit-moe YAML config: Mixtral, Qwen2-MoE (one gated shared expert) or Qwen3-MoE,
+    /// router weights from prompts (hidden states or token embeddings) or random.
+    Moe(moe::MoeArgs),
     /// LoRA adapters (PEFT format).
     #[command(subcommand)]
     Lora(LoraCommand),
@@ -280,7 +285,7 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
         .ok_or_else(|| format!("'{s}' is not a float dtype; use bf16, f16, f32 or f64"))
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     parse_shard_size(s).map_err(|e| e.to_string())
 }
 
@@ -493,6 +498,10 @@ fn run() -> Result<ExitCode> {
             print_extract(&report, json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Moe(args) => {
+            moe::run(args, cli.quiet)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Library(cmd) => {
             library::run(cmd, cli.quiet)?;
             Ok(ExitCode::SUCCESS)
@@ -538,7 +547,7 @@ fn run() -> Result<ExitCode> {
     }
 }
 
-fn existing(overwrite: bool) -> Existing {
+pub(crate) fn existing(overwrite: bool) -> Existing {
     if overwrite {
         Existing::Replace
     } else {
@@ -577,7 +586,7 @@ fn print_clean(found: &[amalgam::io::staging::Found], dry_run: bool, freed: u64)
     Ok(())
 }
 
-fn print_json(value: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;

@@ -29,6 +29,145 @@ struct Layer {
     down: Linear,
 }
 
+impl Layer {
+    /// Layer `i` of `w` for `cfg`; every tensor's shape is checked.
+    fn load(w: &Weights, cfg: &DecoderConfig, i: usize) -> Result<Layer> {
+        let (h, hd, eps) = (cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps);
+        let q_width = cfg.num_attention_heads * hd;
+        let kv_width = cfg.num_key_value_heads * hd;
+        let p = format!("layers.{i}");
+        let a = format!("{p}.self_attn");
+        let m = format!("{p}.mlp");
+        let norm = |name: &str| RmsNorm::load(w, &format!("{a}.{name}"), hd, eps);
+        let mlp = |name: &str, i: usize, o: usize| {
+            Linear::load(w, &format!("{m}.{name}"), i, o, cfg.mlp_bias)
+        };
+        Ok(Layer {
+            input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
+            q: Linear::load(w, &format!("{a}.q_proj"), h, q_width, cfg.qkv_bias)?,
+            k: Linear::load(w, &format!("{a}.k_proj"), h, kv_width, cfg.qkv_bias)?,
+            v: Linear::load(w, &format!("{a}.v_proj"), h, kv_width, cfg.qkv_bias)?,
+            o: Linear::load(w, &format!("{a}.o_proj"), q_width, h, cfg.o_bias)?,
+            q_norm: cfg.qk_norm.then(|| norm("q_norm")).transpose()?,
+            k_norm: cfg.qk_norm.then(|| norm("k_norm")).transpose()?,
+            post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
+            gate: mlp("gate_proj", h, cfg.intermediate_size)?,
+            up: mlp("up_proj", h, cfg.intermediate_size)?,
+            down: mlp("down_proj", cfg.intermediate_size, h)?,
+        })
+    }
+
+    /// The residual stream after this layer, for the stream `x` `[batch, seq, hidden]` entering
+    /// it.
+    fn forward(
+        &self,
+        x: &Tensor,
+        c: &DecoderConfig,
+        attn: &Attention,
+        route: &Ctx,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let hd = c.head_dim;
+        let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
+        let group = heads / kv_heads;
+        let y = self.input_norm.forward_routed(x, route)?;
+        let heads_of = |lin: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let z = lin.forward_routed(&y, route)?.reshape((b, t, n, hd))?;
+            let z = match norm {
+                Some(nm) => nm.forward_routed(&z, route)?,
+                None => z,
+            };
+            Ok(z.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads_of(&self.q, heads, &self.q_norm)?;
+        let k = heads_of(&self.k, kv_heads, &self.k_norm)?;
+        let v = heads_of(&self.v, kv_heads, &None)?;
+        let q = candle_nn::rotary_emb::rope(&q, &attn.cos, &attn.sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &attn.cos, &attn.sin)?;
+        // Grouped-query attention without copying keys: the `group` query heads that share
+        // a key/value head are stacked along the sequence axis.
+        let q = q.reshape((b, kv_heads, group * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * attn.scale)?
+            .reshape((b, kv_heads, group, t, t))?
+            .broadcast_add(&attn.mask)?
+            .reshape((b, kv_heads, group * t, t))?;
+        let mut out = softmax(&scores)?.matmul(&v)?.reshape((b, heads, t, hd))?;
+        if let Some(keep) = &attn.keep {
+            out = out.broadcast_mul(keep)?;
+        }
+        let out = out.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+        let x = (self.o.forward_routed(&out, route)? + x)?;
+        let y = self.post_norm.forward_routed(&x, route)?;
+        let gated = (activate(&self.gate.forward_routed(&y, route)?, c.hidden_act)?
+            * self.up.forward_routed(&y, route)?)?;
+        Ok((self.down.forward_routed(&gated, route)? + x)?)
+    }
+}
+
+/// What every layer's attention shares for one batch: rotary tables, the additive mask and, for
+/// left-padded batches, which query rows are real.
+struct Attention {
+    cos: Tensor,
+    sin: Tensor,
+    /// `[seq, seq]`, or `[batch, 1, 1, seq, seq]` with padding.
+    mask: Tensor,
+    /// `[batch, 1, seq, 1]`: 1 for a real position, 0 for a pad, whose attention output is zero
+    /// (it sees no key; SDPA, which transformers uses, returns zeros for such rows).
+    keep: Option<Tensor>,
+    scale: f64,
+}
+
+impl Attention {
+    /// For a batch of `t` positions; `pad` marks the left-padding positions of each row
+    /// (`None`: no padding, or right padding, which the causal mask already hides).
+    fn new(
+        cfg: &DecoderConfig,
+        inv_freq: &[f64],
+        t: usize,
+        pad: Option<&[Vec<bool>]>,
+        device: &Device,
+    ) -> Result<Attention> {
+        let (cos, sin) = rotary(inv_freq, t, device)?;
+        let causal = causal_mask(t, cfg.sliding_window);
+        let (mask, keep) = match pad {
+            None => (Tensor::from_vec(causal, (t, t), device)?, None),
+            Some(rows) => {
+                let b = rows.len();
+                let mut mask = Vec::with_capacity(b * t * t);
+                let mut keep = Vec::with_capacity(b * t);
+                for row in rows {
+                    for i in 0..t {
+                        keep.push(if row[i] { 0f32 } else { 1.0 });
+                        for j in 0..t {
+                            // A pad row attends to nothing; its scores are kept finite (its
+                            // output is zeroed), so softmax gives no NaN.
+                            let m = if row[i] {
+                                0.0
+                            } else if row[j] {
+                                f32::NEG_INFINITY
+                            } else {
+                                causal[i * t + j]
+                            };
+                            mask.push(m);
+                        }
+                    }
+                }
+                (
+                    Tensor::from_vec(mask, (b, 1, 1, t, t), device)?,
+                    Some(Tensor::from_vec(keep, (b, 1, t, 1), device)?),
+                )
+            }
+        };
+        Ok(Attention {
+            cos,
+            sin,
+            mask,
+            keep,
+            scale: 1.0 / (cfg.head_dim as f64).sqrt(),
+        })
+    }
+}
+
 /// The decoder with its LM head.
 pub struct Decoder {
     cfg: DecoderConfig,
@@ -46,48 +185,9 @@ impl Decoder {
     pub fn load(w: &mut Weights, cfg: &DecoderConfig) -> Result<Decoder> {
         w.select_prefix(PREFIXES, PROBE)?;
         let h = cfg.hidden_size;
-        let hd = cfg.head_dim;
-        let q_width = cfg.num_attention_heads * hd;
-        let kv_width = cfg.num_key_value_heads * hd;
         let eps = cfg.rms_norm_eps;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let p = format!("layers.{i}");
-                let a = format!("{p}.self_attn");
-                let m = format!("{p}.mlp");
-                let norm = |name: &str| RmsNorm::load(w, &format!("{a}.{name}"), hd, eps);
-                Ok(Layer {
-                    input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
-                    q: Linear::load(w, &format!("{a}.q_proj"), h, q_width, cfg.qkv_bias)?,
-                    k: Linear::load(w, &format!("{a}.k_proj"), h, kv_width, cfg.qkv_bias)?,
-                    v: Linear::load(w, &format!("{a}.v_proj"), h, kv_width, cfg.qkv_bias)?,
-                    o: Linear::load(w, &format!("{a}.o_proj"), q_width, h, cfg.o_bias)?,
-                    q_norm: cfg.qk_norm.then(|| norm("q_norm")).transpose()?,
-                    k_norm: cfg.qk_norm.then(|| norm("k_norm")).transpose()?,
-                    post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
-                    gate: Linear::load(
-                        w,
-                        &format!("{m}.gate_proj"),
-                        h,
-                        cfg.intermediate_size,
-                        cfg.mlp_bias,
-                    )?,
-                    up: Linear::load(
-                        w,
-                        &format!("{m}.up_proj"),
-                        h,
-                        cfg.intermediate_size,
-                        cfg.mlp_bias,
-                    )?,
-                    down: Linear::load(
-                        w,
-                        &format!("{m}.down_proj"),
-                        cfg.intermediate_size,
-                        h,
-                        cfg.mlp_bias,
-                    )?,
-                })
-            })
+            .map(|i| Layer::load(w, cfg, i))
             .collect::<Result<Vec<_>>>()?;
         let embed = w.get("embed_tokens.weight", &[cfg.vocab_size, h])?;
         // A tied head is the embedding matrix; some tied checkpoints still carry lm_head.weight,
@@ -166,14 +266,9 @@ impl Decoder {
     /// [`forward`](Self::forward) with the routed layers' experts weighted as `route` says.
     pub fn forward_routed(&self, ids: &Tensor, route: &Ctx) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let c = &self.cfg;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
-        let group = heads / kv_heads;
+        let h = self.cfg.hidden_size;
         let device = ids.device();
-        let (cos, sin) = self.rotary(t, device)?;
-        let mask = causal_mask(t, c.sliding_window, device)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let attn = Attention::new(&self.cfg, &self.inv_freq, t, None, device)?;
         let flat = ids.flatten_all()?;
         let mut x = self.embed.embedding(&flat)?;
         if let Some(d) = &self.embed_side
@@ -183,60 +278,59 @@ impl Decoder {
         }
         let mut x = x.reshape((b, t, h))?;
         for l in &self.layers {
-            let y = l.input_norm.forward_routed(&x, route)?;
-            let heads_of = |lin: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-                let z = lin.forward_routed(&y, route)?.reshape((b, t, n, hd))?;
-                let z = match norm {
-                    Some(nm) => nm.forward_routed(&z, route)?,
-                    None => z,
-                };
-                Ok(z.transpose(1, 2)?.contiguous()?)
-            };
-            let q = heads_of(&l.q, heads, &l.q_norm)?;
-            let k = heads_of(&l.k, kv_heads, &l.k_norm)?;
-            let v = heads_of(&l.v, kv_heads, &None)?;
-            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-            // Grouped-query attention without copying keys: the `group` query heads that share
-            // a key/value head are stacked along the sequence axis.
-            let q = q.reshape((b, kv_heads, group * t, hd))?;
-            let scores = (q.matmul(&k.t()?)? * scale)?
-                .reshape((b, kv_heads, group, t, t))?
-                .broadcast_add(&mask)?
-                .reshape((b, kv_heads, group * t, t))?;
-            let attn = softmax(&scores)?.matmul(&v)?;
-            let attn =
-                attn.reshape((b, heads, t, hd))?
-                    .transpose(1, 2)?
-                    .reshape((b, t, heads * hd))?;
-            x = (l.o.forward_routed(&attn, route)? + x)?;
-            let y = l.post_norm.forward_routed(&x, route)?;
-            let gated = (activate(&l.gate.forward_routed(&y, route)?, c.hidden_act)?
-                * l.up.forward_routed(&y, route)?)?;
-            x = (l.down.forward_routed(&gated, route)? + x)?;
+            x = l.forward(&x, &self.cfg, &attn, route)?;
         }
         self.lm_head.forward(&self.norm.forward_routed(&x, route)?)
     }
+}
 
-    /// cos and sin tables `[seq, head_dim / 2]` for positions `0..t`.
-    fn rotary(&self, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for pos in 0..t {
-            for f in &self.inv_freq {
-                // transformers computes the angle in f32; doing it in f64 differs by far less
-                // than the tolerance and is the more accurate of the two.
-                let angle = pos as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
+/// The residual stream entering each layer (the embeddings, then every layer's output but the
+/// last: transformers' `hidden_states[:-1]`), each `[batch, seq, hidden]`, for left-padded
+/// `ids` whose `pad` marks each row's padding. Layers are read from `w` one at a time and
+/// dropped after use (and only the embedding rows the ids need), so memory holds one layer's
+/// weights, whatever the model's size.
+pub fn residual_streams(
+    w: &mut Weights,
+    cfg: &DecoderConfig,
+    ids: &[Vec<u32>],
+    pad: &[Vec<bool>],
+) -> Result<Vec<Tensor>> {
+    w.select_prefix(PREFIXES, PROBE)?;
+    let device = Device::Cpu;
+    let (b, t, h) = (ids.len(), ids.first().map_or(0, Vec::len), cfg.hidden_size);
+    let flat: Vec<u32> = ids.concat();
+    let embed = w.rows("embed_tokens.weight", &flat, &[cfg.vocab_size, h])?;
+    let attn = Attention::new(cfg, &inv_freq(cfg), t, Some(pad), &device)?;
+    let mut x = embed.reshape((b, t, h))?;
+    let mut out = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        out.push(x.clone());
+        if i + 1 < cfg.num_hidden_layers {
+            let layer = Layer::load(w, cfg, i)?;
+            x = layer.forward(&x, cfg, &attn, &Ctx::none())?;
         }
-        Ok((
-            Tensor::from_vec(cos, (t, half), device)?,
-            Tensor::from_vec(sin, (t, half), device)?,
-        ))
     }
+    Ok(out)
+}
+
+/// cos and sin tables `[seq, head_dim / 2]` for positions `0..t`.
+fn rotary(inv_freq: &[f64], t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(t * half);
+    let mut sin = Vec::with_capacity(t * half);
+    for pos in 0..t {
+        for f in inv_freq {
+            // transformers computes the angle in f32; doing it in f64 differs by far less
+            // than the tolerance and is the more accurate of the two.
+            let angle = pos as f64 * f;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (t, half), device)?,
+        Tensor::from_vec(sin, (t, half), device)?,
+    ))
 }
 
 /// Rotary inverse frequencies, scaled as the config says (transformers' `rope_init_fn`s).
@@ -274,9 +368,9 @@ fn inv_freq(cfg: &DecoderConfig) -> Vec<f64> {
     }
 }
 
-/// Additive causal mask `[seq, seq]`: 0 where query `i` may see key `j` (`j <= i`, and within
-/// the sliding window if any), -inf elsewhere.
-fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+/// Additive causal mask `[seq, seq]`, row-major: 0 where query `i` may see key `j` (`j <= i`,
+/// and within the sliding window if any), -inf elsewhere.
+fn causal_mask(t: usize, window: Option<usize>) -> Vec<f32> {
     let mut m = vec![0f32; t * t];
     for i in 0..t {
         for j in 0..t {
@@ -286,7 +380,7 @@ fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tenso
             }
         }
     }
-    Ok(Tensor::from_vec(m, (t, t), device)?)
+    m
 }
 
 /// Per-position negative log-likelihood of the next token: for logits `[n, vocab]` and targets

@@ -57,17 +57,44 @@ impl Tok {
 
     /// Token ids, type ids and length of each text (special tokens added as the file says).
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-        let encodings = self
-            .inner
-            .encode_batch_fast(texts.to_vec(), true)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                reason: format!("cannot tokenize: {e}"),
-            })?;
-        Ok(encodings
+        Ok(self
+            .encodings(texts, true)?
             .into_iter()
             .map(|e| (e.get_ids().to_vec(), e.get_type_ids().to_vec()))
             .collect())
+    }
+
+    /// Token ids of each text without the special tokens the file's post-processor adds
+    /// (transformers' `add_special_tokens=False`).
+    pub fn encode_plain(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        Ok(self
+            .encodings(texts, false)?
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
+    }
+
+    fn encodings(&self, texts: &[&str], special: bool) -> Result<Vec<tokenizers::Encoding>> {
+        self.inner
+            .encode_batch_fast(texts.to_vec(), special)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                reason: format!("cannot tokenize: {e}"),
+            })
+    }
+
+    /// The id of special token `key` (`bos_token`, `eos_token`, `pad_token`) as the folder's
+    /// `tokenizer_config.json` names it (a string or `{"content": ...}`), if it names one that
+    /// the vocabulary has.
+    pub fn special(&self, key: &str) -> Option<u32> {
+        let dir = self.path.parent()?;
+        let text = std::fs::read(dir.join("tokenizer_config.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+        let tok = match v.get(key)? {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.get("content")?.as_str()?.to_string(),
+        };
+        self.inner.token_to_id(&tok)
     }
 
     /// The tokenizer file.

@@ -166,6 +166,53 @@ impl Weights {
         self.model.release(name);
         Ok(Tensor::from_vec(values, shape, &self.device)?)
     }
+
+    /// Rows `ids` of the 2-D tensor `name` (under the prefix), checked to have `shape`, as f32
+    /// `[ids.len(), shape[1]]`: only those rows are read (an embedding table is the largest
+    /// tensor of a small model; a few prompts need a few of its rows).
+    pub fn rows(&self, name: &str, ids: &[u32], shape: &[usize]) -> Result<Tensor> {
+        let full = format!("{}{name}", self.prefix);
+        if self.library.is_some() {
+            let t = self.get_absolute(&full, shape)?;
+            let idx = Tensor::from_vec(ids.to_vec(), ids.len(), &self.device)?;
+            return Ok(t.index_select(&idx, 0)?);
+        }
+        let entry = self.model.entry(&full)?;
+        if entry.shape != shape || shape.len() != 2 || !entry.dtype.is_float() {
+            return Err(Error::Shape {
+                path: self.model.path.clone(),
+                name: full,
+                expected: shape.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        let width = shape[1];
+        let row_bytes = width * entry.dtype.size();
+        let mut raw = vec![0u8; row_bytes];
+        let mut values = Vec::with_capacity(ids.len() * width);
+        for &id in ids {
+            let id = id as usize;
+            if id >= shape[0] {
+                return Err(amalgam::Error::argument(
+                    format!("{}: tensor {full}", self.model.path.display()),
+                    format!("token id {id} is past its {} rows", shape[0]),
+                )
+                .into());
+            }
+            self.model
+                .read_at(entry.shard, entry.range.start + id * row_bytes, &mut raw)?;
+            let start = values.len();
+            amalgam::dtype::decode_f32_append(entry.dtype, &raw, &mut values);
+            if let Some(i) = values[start..].iter().position(|v| !v.is_finite()) {
+                return Err(amalgam::Error::argument(
+                    format!("{}: tensor {full}", self.model.path.display()),
+                    format!("row {id} element {i} is not finite; the model is corrupt"),
+                )
+                .into());
+            }
+        }
+        Ok(Tensor::from_vec(values, (ids.len(), width), &self.device)?)
+    }
 }
 
 /// Tensor `name` of a library task, rebuilt and rounded to the dtype `rebuild` writes.

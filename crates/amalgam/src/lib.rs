@@ -20,6 +20,7 @@ pub mod library;
 pub mod linalg;
 pub mod lora;
 pub mod methods;
+pub mod moe;
 pub mod ops;
 pub mod plan;
 pub mod progress;

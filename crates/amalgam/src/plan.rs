@@ -60,7 +60,12 @@ impl ModelSet {
     /// Open every model `config` references. Paths are relative to the working directory, as
     /// with mergekit.
     pub fn open(config: &MergeConfig) -> Result<ModelSet> {
-        let refs = config.referenced_models();
+        ModelSet::open_refs(config.referenced_models(), |reason| config.error(reason))
+    }
+
+    /// Open the models `refs` names (a folder or `.safetensors` file, or `model+adapter`);
+    /// `error` makes the error for a reference that cannot be opened (naming the config).
+    pub fn open_refs(refs: Vec<ModelRef>, error: impl Fn(String) -> Error) -> Result<ModelSet> {
         let mut models = Vec::new();
         let mut adapters = Vec::new();
         for r in &refs {
@@ -70,7 +75,7 @@ impl ModelSet {
                 _ => (whole, None),
             };
             if !path.exists() {
-                return Err(config.error(format!(
+                return Err(error(format!(
                     "model '{}' not found: amalgam reads local model directories or .safetensors files (it does not download from a hub)",
                     path.display()
                 )));
@@ -79,7 +84,7 @@ impl ModelSet {
             let adapter = match adapter {
                 None => None,
                 Some(a) if !a.exists() => {
-                    return Err(config.error(format!(
+                    return Err(error(format!(
                         "adapter '{}' of '{}' not found (a local PEFT adapter directory)",
                         a.display(),
                         r.0

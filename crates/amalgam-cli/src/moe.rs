@@ -1,0 +1,183 @@
+//! `amalgam moe`: argument parsing and reporting around [`amalgam::moe`]; the router's forward
+//! passes come from the evaluation crate.
+
+use std::path::PathBuf;
+
+use amalgam::moe::{self, GateMode, Layout, PromptEncoder};
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
+
+use crate::progress;
+
+/// The expert layout on disk.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LayoutArg {
+    /// What mergekit-moe 0.1.5 writes (transformers v5): Mixtral's and Qwen3-MoE's experts
+    /// fused per layer.
+    V5,
+    /// One tensor per expert (`block_sparse_moe.experts.N.w1/w2/w3` for Mixtral), for
+    /// llama.cpp's converters and transformers 4.
+    Legacy,
+}
+
+/// `amalgam moe` arguments.
+#[derive(Args)]
+pub struct MoeArgs {
+    /// The config (mergekit-moe's YAML: base_model, experts with source_model and prompts,
+    /// gate_mode, experts_per_token, shared_experts, architecture, dtype).
+    config: PathBuf,
+    /// Output model directory.
+    output: PathBuf,
+    /// Print the output architecture and every output tensor with its sources; write nothing
+    /// and run no forward pass.
+    #[arg(long)]
+    dry_run: bool,
+    /// Expert tensor layout.
+    #[arg(long, value_enum, default_value = "v5")]
+    layout: LayoutArg,
+    /// Seed of the `random`/`uniform_random` gates and of `noise_scale`.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Allow every expert to be the same model (useful only before training).
+    #[arg(long, alias = "i-understand-this-is-not-useful-without-training")]
+    allow_identical_experts: bool,
+    /// Largest shard, mergekit's syntax: bytes, or a number with K, M, B (10^9): 5B, 500M.
+    #[arg(long, value_parser = crate::parse_size, default_value = "5B")]
+    out_shard_size: u64,
+    /// Replace OUTPUT if it exists (only once the new model is complete).
+    #[arg(long)]
+    overwrite: bool,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Run `amalgam moe`.
+pub fn run(args: MoeArgs, quiet: bool) -> Result<()> {
+    let started = std::time::Instant::now();
+    let layout = match args.layout {
+        LayoutArg::V5 => Layout::V5,
+        LayoutArg::Legacy => Layout::Legacy,
+    };
+    let prepared = moe::prepare(
+        &args.config,
+        moe::PrepareOptions {
+            layout,
+            allow_identical: args.allow_identical_experts,
+        },
+    )?;
+    let bar = progress::Bar::new("moe", quiet);
+    use amalgam::progress::Progress as _;
+    prepared.warnings.iter().for_each(|w| bar.warn(w));
+    if args.dry_run {
+        print!("{}", prepared.describe());
+        return Ok(());
+    }
+    let mode = prepared.config.gate_mode;
+    let gated = prepared.config.gated();
+    let prompts: usize = gated
+        .iter()
+        .map(|e| e.positive().len() + e.negative().len())
+        .sum();
+    let gates_started = std::time::Instant::now();
+    let gates = if mode.is_random() {
+        moe::gates::compute(
+            &prepared.config,
+            prepared.layers,
+            prepared.hidden,
+            None,
+            args.seed,
+        )?
+    } else {
+        let mut encoder = encoder(&prepared, prompts, quiet)?;
+        moe::gates::compute(
+            &prepared.config,
+            prepared.layers,
+            prepared.hidden,
+            Some(encoder.as_mut()),
+            args.seed,
+        )?
+    };
+    let gate_seconds = gates_started.elapsed().as_secs_f64();
+    let degenerate = moe::gates::degenerate_layers(&gates);
+    if let Some(w) = moe::gates::degenerate_warning(&degenerate, prepared.layers) {
+        bar.warn(&w);
+    }
+    let opts = moe::MoeOptions {
+        shard_size: Some(args.out_shard_size),
+        existing: crate::existing(args.overwrite),
+        seed: args.seed,
+    };
+    let out = moe::write(&prepared, &gates, &args.output, &opts, &bar)?;
+    if args.json {
+        crate::print_json(&serde_json::json!({
+            "output": out,
+            "architecture": prepared.arch.name(),
+            "model_type": prepared.arch.model_type(),
+            "layout": format!("{layout:?}").to_lowercase(),
+            "experts": prepared.config.experts.len(),
+            "shared_experts": prepared.config.shared().len(),
+            "experts_per_token": prepared.config.experts_per_token,
+            "gate_mode": mode.name(),
+            "prompts": if mode.is_random() { 0 } else { prompts },
+            "layers": prepared.layers,
+            "tensors": prepared.tensors.len(),
+            "degenerate_layers": degenerate,
+            "warnings": prepared.warnings,
+            "gate_seconds": gate_seconds,
+            "seconds": started.elapsed().as_secs_f64(),
+        }))?;
+    } else if !quiet {
+        eprintln!(
+            "wrote {} ({}, {} experts, gate_mode {})",
+            out.display(),
+            prepared.arch.name(),
+            prepared.config.experts.len(),
+            mode.name()
+        );
+    }
+    Ok(())
+}
+
+/// The base model's prompt encoder, with a counter of prompts done on stderr.
+#[cfg(feature = "eval")]
+fn encoder(
+    prepared: &moe::Prepared,
+    prompts: usize,
+    quiet: bool,
+) -> Result<Box<dyn PromptEncoder>> {
+    if prepared.set.adapters[0].is_some() {
+        bail!(
+            "{}: gate_mode {} runs the base model, and a base_model with +adapter is not supported there; bake the adapter with `amalgam lora apply` first",
+            prepared.config.path.display(),
+            prepared.config.gate_mode.name()
+        );
+    }
+    let what = if prepared.config.gate_mode == GateMode::CheapEmbed {
+        "moe (gates: token embeddings)"
+    } else {
+        "moe (gates: forward passes of the base)"
+    };
+    let bar = progress::counter(what, prompts as u64, "prompts", quiet);
+    let report = Box::new(move |done: usize| {
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+            if done as u64 >= b.length().unwrap_or(0) {
+                b.finish_and_clear();
+            }
+        }
+    });
+    Ok(Box::new(amalgam_eval::moe_gate::BaseEncoder::open(
+        &prepared.set.models[0].path,
+        report,
+    )?))
+}
+
+#[cfg(not(feature = "eval"))]
+fn encoder(prepared: &moe::Prepared, _: usize, _: bool) -> Result<Box<dyn PromptEncoder>> {
+    bail!(
+        "{}: gate_mode {} needs the base model's forward pass; this amalgam was built without the `eval` feature",
+        prepared.config.path.display(),
+        prepared.config.gate_mode.name()
+    )
+}

@@ -1,0 +1,156 @@
+//! The base model's side of `amalgam moe`'s router weights ([`amalgam::moe::PromptEncoder`]):
+//! prompts tokenized as mergekit-moe tokenizes them (the base's tokenizer, no special tokens, its
+//! BOS prepended, left padding with BOS, or EOS when there is no BOS), then token embeddings
+//! (`cheap_embed`) or the residual stream entering each decoder layer (`hidden*`), computed
+//! layer by layer so that memory holds one layer's weights.
+//!
+//! mergekit runs the forward pass in bfloat16; this one runs in f32, so `hidden` gates differ
+//! from mergekit's by bf16 rounding (measured on the test fixtures: see
+//! `crates/amalgam-cli/tests/moe.rs`).
+
+use std::path::{Path, PathBuf};
+
+use amalgam::moe::{GateMode, PromptEncoder};
+
+use crate::config::{Arch, DecoderConfig};
+use crate::decoder::residual_streams;
+use crate::error::{Error, Result};
+use crate::tokenize::Tok;
+use crate::weights::Weights;
+
+/// The base model, ready to turn prompts into gate vectors.
+pub struct BaseEncoder {
+    weights: Weights,
+    cfg: DecoderConfig,
+    tok: Tok,
+    /// Prepended to every prompt (none when the tokenizer has no BOS token).
+    bos: Option<u32>,
+    /// Left padding.
+    pad: u32,
+    path: PathBuf,
+    /// Prompts encoded so far, for progress.
+    done: usize,
+    progress: Box<dyn FnMut(usize) + Send>,
+}
+
+impl BaseEncoder {
+    /// Open the decoder at `base` (a folder with config.json and tokenizer.json). `progress`
+    /// is told the number of prompts encoded so far.
+    pub fn open(base: &Path, progress: Box<dyn FnMut(usize) + Send>) -> Result<BaseEncoder> {
+        let mut weights = Weights::open(base)?;
+        weights.select_prefix(crate::decoder::PREFIXES, crate::decoder::PROBE)?;
+        let dir = weights.model().dir.clone();
+        let cfg = match Arch::load(&dir)? {
+            Arch::Decoder(c) => c,
+            Arch::Bert(_) => {
+                return Err(Error::Argument(format!(
+                    "{}: an MoE base must be a decoder LM (Llama, Mistral, Qwen2, Qwen3), not BERT",
+                    base.display()
+                )));
+            }
+        };
+        let tok = Tok::load(&dir, usize::MAX >> 1)?;
+        let bos = tok.special("bos_token");
+        let pad = bos.or(tok.special("eos_token")).unwrap_or(0);
+        Ok(BaseEncoder {
+            weights,
+            cfg,
+            tok,
+            bos,
+            pad,
+            path: base.to_path_buf(),
+            done: 0,
+            progress,
+        })
+    }
+
+    /// Token ids per prompt, BOS first.
+    fn tokenize(&self, prompts: &[String]) -> Result<Vec<Vec<u32>>> {
+        let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let ids = self.tok.encode_plain(&texts)?;
+        ids.into_iter()
+            .zip(prompts)
+            .enumerate()
+            .map(|(i, (ids, p))| {
+                if ids.is_empty() {
+                    return Err(Error::Argument(format!(
+                        "prompt {i} ({p:?}) tokenizes to no tokens with {}; give a prompt with text in it",
+                        self.tok.path().display()
+                    )));
+                }
+                Ok(self.bos.into_iter().chain(ids).collect())
+            })
+            .collect()
+    }
+
+    fn encode_prompts(&mut self, prompts: &[String], mode: GateMode) -> Result<Vec<Vec<f32>>> {
+        if prompts.is_empty() {
+            return Err(Error::Argument("no prompts to encode".into()));
+        }
+        let rows = self.tokenize(prompts)?;
+        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let (b, h, layers) = (rows.len(), self.cfg.hidden_size, self.cfg.num_hidden_layers);
+        let mut ids = Vec::with_capacity(b);
+        let mut pad = Vec::with_capacity(b);
+        for r in &rows {
+            let p = t - r.len();
+            ids.push(
+                std::iter::repeat_n(self.pad, p)
+                    .chain(r.iter().copied())
+                    .collect::<Vec<_>>(),
+            );
+            pad.push((0..t).map(|j| j < p).collect::<Vec<_>>());
+        }
+        let out = if mode == GateMode::CheapEmbed {
+            // mergekit: the masked sum of token embeddings over tokens and prompts, normalised
+            // (norm clamped at 1e-8), the same for every layer.
+            // In f32 in torch's order: each prompt's tokens summed, then the prompts, then
+            // divided by the norm.
+            let real: Vec<u32> = rows.concat();
+            let e = self
+                .weights
+                .rows("embed_tokens.weight", &real, &[self.cfg.vocab_size, h])?
+                .to_vec2::<f32>()?;
+            let mut sum = vec![0f32; h];
+            let mut at = 0;
+            for r in &rows {
+                let mut one = vec![0f32; h];
+                for row in &e[at..at + r.len()] {
+                    one.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+                }
+                at += r.len();
+                sum.iter_mut().zip(&one).for_each(|(a, b)| *a += b);
+            }
+            let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-8);
+            let v: Vec<f32> = sum.iter().map(|x| x / norm).collect();
+            vec![v; layers]
+        } else {
+            let streams = residual_streams(&mut self.weights, &self.cfg, &ids, &pad)?;
+            streams
+                .into_iter()
+                .map(|s| -> Result<Vec<f32>> {
+                    // `hidden`/`hidden_last`: the last position (never a pad with left
+                    // padding); `hidden_avg`: the mean over every position, pads included, as
+                    // mergekit takes it. Then the mean over prompts.
+                    let per_prompt = if mode == GateMode::HiddenAvg {
+                        s.mean(1)?
+                    } else {
+                        s.narrow(1, t - 1, 1)?.squeeze(1)?
+                    };
+                    Ok(per_prompt.mean(0)?.to_vec1::<f32>()?)
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        self.done += prompts.len();
+        (self.progress)(self.done);
+        Ok(out)
+    }
+}
+
+impl PromptEncoder for BaseEncoder {
+    fn encode(&mut self, prompts: &[String], mode: GateMode) -> amalgam::Result<Vec<Vec<f32>>> {
+        self.encode_prompts(prompts, mode).map_err(|e| {
+            amalgam::Error::argument(format!("base model {}", self.path.display()), e.to_string())
+        })
+    }
+}
