@@ -17,6 +17,8 @@ It writes under crates/amalgam-cli/tests/fixtures/moe/:
 - `CASE.yml` and `CASE.out/`: mergekit-moe configs and mergekit-moe's output for them
   (`config.json`, `model.safetensors`): cheap_embed gates, whose every tensor amalgam must
   reproduce exactly. `--i-understand-this-is-not-useful-without-training` is never needed.
+  `CASE.out/expected.safetensors`: transformers' logits (f32) of that MoE model for fixed ids
+  `ids` [2, 12], which `amalgam eval`'s own MoE forward must match; the tokenizer is the base's.
 - `CASE.gates.safetensors` for the `hidden*` modes: mergekit's router weights (`bf16.L`, computed
   as mergekit computes them, with the base loaded in bfloat16) and the same computation with the
   base loaded in float32 (`f32.L`); amalgam's forward runs in f32, so the test holds it to the
@@ -162,10 +164,24 @@ def gates(case, name, experts, mode, shared=None):
 
 
 def slim(out):
-    """Keep what the tests read: config.json and the tensors."""
+    """Keep what the tests read: config.json and the tensors (and the base's tokenizer, which
+    evaluation opens)."""
     for f in os.listdir(out):
         if f not in ("config.json", "model.safetensors"):
             os.remove(os.path.join(out, f))
+
+
+def logits(out, vocab):
+    """transformers loads the MoE and computes logits for fixed ids: what `amalgam eval`'s MoE
+    forward must reproduce. Stored in `CASE.out/expected.safetensors`."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (2, 12), generator=g)
+    with torch.no_grad():
+        lg = model(input_ids=ids).logits
+    save_file({"ids": ids.to(torch.int64), "logits": lg.contiguous()},
+              os.path.join(out, "expected.safetensors"))
 
 
 def main():
@@ -186,6 +202,8 @@ def main():
     for case, name, experts, mode, shared, arch in cases:
         out = run_case(case, name, experts, mode, shared, arch)
         slim(out)
+        logits(out, 300)
+        write_tokenizer(out)
     for case, name, experts, mode, shared in [
         ("llama_hidden", "llama", ["e0", "e1"], "hidden", None),
         ("llama_hidden_avg", "llama", ["e0", "e1"], "hidden_avg", None),

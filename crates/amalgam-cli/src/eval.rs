@@ -57,6 +57,9 @@ struct Row {
     /// Routed: the fraction of rows whose top expert is the task's own.
     #[serde(skip_serializing_if = "Option::is_none")]
     router_accuracy: Option<f64>,
+    /// An MoE model: per layer, the fraction of this task's routed tokens each expert received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expert_fractions: Option<Vec<Vec<f64>>>,
 }
 
 /// Run `amalgam eval`.
@@ -125,6 +128,7 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
                 b.inc(n as u64);
             }
         };
+        let counts_before = ev.expert_counts();
         let (result, router_accuracy) = match &routing {
             Some(r) => {
                 let rows = r.weights(&ev, task)?;
@@ -161,9 +165,20 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
             router_accuracy.map_or(String::new(), |a| format!(", router accuracy {a:.4}")),
             t0.elapsed().as_secs_f64()
         ));
+        let expert_fractions = counts_before.zip(ev.expert_counts()).map(|(a, b)| {
+            a.iter()
+                .zip(&b)
+                .map(|(before, after)| {
+                    let d: Vec<u64> = after.iter().zip(before).map(|(x, y)| x - y).collect();
+                    let total = d.iter().sum::<u64>().max(1) as f64;
+                    d.iter().map(|&c| c as f64 / total).collect()
+                })
+                .collect()
+        });
         results.push(Row {
             result,
             router_accuracy,
+            expert_fractions,
         });
     }
     if args.json {

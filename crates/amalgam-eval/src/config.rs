@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 /// Encoder `model_type`s this crate runs.
 pub const ENCODERS: &str = "bert (BERT, MiniLM, ...)";
 /// Decoder `model_type`s this crate runs.
-pub const DECODERS: &str = "llama, mistral, qwen2, qwen3";
+pub const DECODERS: &str = "llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe";
 
 /// A supported architecture.
 #[derive(Clone, Debug)]
@@ -54,6 +54,21 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     /// Feed-forward activation.
     pub hidden_act: Activation,
+}
+
+/// The MoE block of a Mixtral, Qwen2-MoE or Qwen3-MoE decoder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeSpec {
+    /// Routed experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Whether the top-k weights are renormalised to sum to 1.
+    pub normalize: bool,
+    /// Each routed expert's intermediate size.
+    pub intermediate: usize,
+    /// The shared expert's intermediate size (Qwen2-MoE).
+    pub shared: Option<usize>,
 }
 
 /// How rotary frequencies are scaled for long contexts.
@@ -118,6 +133,8 @@ pub struct DecoderConfig {
     pub tie_word_embeddings: bool,
     /// Feed-forward activation.
     pub hidden_act: Activation,
+    /// A sparse MoE block in place of every layer's MLP (Mixtral, Qwen2-MoE, Qwen3-MoE).
+    pub moe: Option<MoeSpec>,
 }
 
 impl Arch {
@@ -154,7 +171,9 @@ impl Arch {
                 layer_norm_eps: c.f64_or("layer_norm_eps", 1e-12)?,
                 hidden_act: c.activation("gelu")?,
             })),
-            "llama" | "mistral" | "qwen2" | "qwen3" => c.decoder(model_type),
+            "llama" | "mistral" | "qwen2" | "qwen3" | "mixtral" | "qwen2_moe" | "qwen3_moe" => {
+                c.decoder(model_type)
+            }
             _ => Err(Error::Unsupported {
                 path: path.to_path_buf(),
                 model_type,
@@ -321,6 +340,53 @@ impl Fields<'_> {
         Ok((theta, scaling))
     }
 
+    /// The MoE block of an MoE `model_type` (every layer sparse: `decoder_sparse_step` 1 and no
+    /// `mlp_only_layers`, as `amalgam moe` and mergekit write them).
+    fn moe(&self, model_type: &str) -> Result<Option<MoeSpec>> {
+        let spec = match model_type {
+            "mixtral" => MoeSpec {
+                experts: self.usize("num_local_experts")?,
+                top_k: self.usize_or("num_experts_per_tok", 2)?,
+                normalize: true,
+                intermediate: self.usize("intermediate_size")?,
+                shared: None,
+            },
+            "qwen2_moe" | "qwen3_moe" => {
+                let experts = match self.get("num_experts") {
+                    Some(_) => self.usize("num_experts")?,
+                    None => self.usize("num_local_experts")?,
+                };
+                let sparse_step = self.usize_or("decoder_sparse_step", 1)?;
+                let dense = self
+                    .get("mlp_only_layers")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty());
+                if sparse_step != 1 || dense {
+                    return Err(self.err(
+                        "MoE models with dense layers (decoder_sparse_step > 1 or mlp_only_layers) are not supported".into(),
+                    ));
+                }
+                MoeSpec {
+                    experts,
+                    top_k: self.usize_or("num_experts_per_tok", 2)?,
+                    normalize: self.bool_or("norm_topk_prob", false)?,
+                    intermediate: self.usize("moe_intermediate_size")?,
+                    shared: (model_type == "qwen2_moe")
+                        .then(|| self.usize("shared_expert_intermediate_size"))
+                        .transpose()?,
+                }
+            }
+            _ => return Ok(None),
+        };
+        if spec.top_k > spec.experts {
+            return Err(self.err(format!(
+                "num_experts_per_tok {} exceeds the {} experts",
+                spec.top_k, spec.experts
+            )));
+        }
+        Ok(Some(spec))
+    }
+
     fn decoder(&self, model_type: String) -> Result<Arch> {
         let hidden_size = self.usize("hidden_size")?;
         let heads = self.usize("num_attention_heads")?;
@@ -342,7 +408,7 @@ impl Fields<'_> {
         let (rope_theta, rope_scaling) = self.rope()?;
         let attention_bias = self.bool_or("attention_bias", false)?;
         let sliding_window = match model_type.as_str() {
-            "mistral" => match self.get("sliding_window") {
+            "mistral" | "mixtral" => match self.get("sliding_window") {
                 None => None,
                 Some(_) => Some(self.usize("sliding_window")?),
             },
@@ -359,6 +425,13 @@ impl Fields<'_> {
                 None
             }
         };
+        let qwen2 = matches!(model_type.as_str(), "qwen2" | "qwen2_moe");
+        let qkv_bias = match model_type.as_str() {
+            "qwen2" => true,
+            "qwen2_moe" => self.bool_or("qkv_bias", true)?,
+            _ => attention_bias,
+        };
+        let moe = self.moe(&model_type)?;
         Ok(Arch::Decoder(DecoderConfig {
             vocab_size: self.usize("vocab_size")?,
             hidden_size,
@@ -370,10 +443,11 @@ impl Fields<'_> {
             rms_norm_eps: self.f64_or("rms_norm_eps", 1e-6)?,
             rope_theta,
             rope_scaling,
-            qkv_bias: model_type == "qwen2" || attention_bias,
-            o_bias: attention_bias && model_type != "qwen2",
+            qkv_bias,
+            o_bias: attention_bias && !qwen2 && model_type != "mixtral",
             mlp_bias: self.bool_or("mlp_bias", false)?,
-            qk_norm: model_type == "qwen3",
+            qk_norm: matches!(model_type.as_str(), "qwen3" | "qwen3_moe"),
+            moe,
             sliding_window,
             tie_word_embeddings: self.bool_or("tie_word_embeddings", false)?,
             hidden_act: self.activation("silu")?,

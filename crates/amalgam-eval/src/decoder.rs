@@ -6,6 +6,7 @@ use candle_core::{D, Device, Tensor};
 
 use crate::config::{DecoderConfig, RopeScaling};
 use crate::error::Result;
+use crate::moe_block::{Ffn, SparseMoe};
 use crate::nn::{Deltas, Linear, RmsNorm, Routable, activate, softmax};
 use crate::route::side::Ctx;
 use crate::weights::Weights;
@@ -24,9 +25,13 @@ struct Layer {
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     post_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    mlp: Mlp,
+}
+
+/// A layer's feed-forward block.
+enum Mlp {
+    Dense(Box<Ffn>),
+    Sparse(Box<SparseMoe>),
 }
 
 impl Layer {
@@ -39,8 +44,16 @@ impl Layer {
         let a = format!("{p}.self_attn");
         let m = format!("{p}.mlp");
         let norm = |name: &str| RmsNorm::load(w, &format!("{a}.{name}"), hd, eps);
-        let mlp = |name: &str, i: usize, o: usize| {
+        let dense = |name: &str, i: usize, o: usize| {
             Linear::load(w, &format!("{m}.{name}"), i, o, cfg.mlp_bias)
+        };
+        let mlp = match &cfg.moe {
+            Some(spec) => Mlp::Sparse(Box::new(SparseMoe::load(w, i, h, spec)?)),
+            None => Mlp::Dense(Box::new(Ffn {
+                gate: dense("gate_proj", h, cfg.intermediate_size)?,
+                up: dense("up_proj", h, cfg.intermediate_size)?,
+                down: dense("down_proj", cfg.intermediate_size, h)?,
+            })),
         };
         Ok(Layer {
             input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm"), h, eps)?,
@@ -51,9 +64,7 @@ impl Layer {
             q_norm: cfg.qk_norm.then(|| norm("q_norm")).transpose()?,
             k_norm: cfg.qk_norm.then(|| norm("k_norm")).transpose()?,
             post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm"), h, eps)?,
-            gate: mlp("gate_proj", h, cfg.intermediate_size)?,
-            up: mlp("up_proj", h, cfg.intermediate_size)?,
-            down: mlp("down_proj", cfg.intermediate_size, h)?,
+            mlp,
         })
     }
 
@@ -98,9 +109,15 @@ impl Layer {
         let out = out.transpose(1, 2)?.reshape((b, t, heads * hd))?;
         let x = (self.o.forward_routed(&out, route)? + x)?;
         let y = self.post_norm.forward_routed(&x, route)?;
-        let gated = (activate(&self.gate.forward_routed(&y, route)?, c.hidden_act)?
-            * self.up.forward_routed(&y, route)?)?;
-        Ok((self.down.forward_routed(&gated, route)? + x)?)
+        let out = match &self.mlp {
+            Mlp::Dense(f) => {
+                let gated = (activate(&f.gate.forward_routed(&y, route)?, c.hidden_act)?
+                    * f.up.forward_routed(&y, route)?)?;
+                f.down.forward_routed(&gated, route)?
+            }
+            Mlp::Sparse(moe) => moe.forward(&y, c.hidden_act)?,
+        };
+        Ok((out + x)?)
     }
 }
 
@@ -237,11 +254,14 @@ impl Decoder {
                 q_norm,
                 k_norm,
                 post_norm,
-                gate,
-                up,
-                down,
+                mlp,
             } = l;
-            linears.extend([q, k, v, o, gate, up, down]);
+            linears.extend([q, k, v, o]);
+            // An MoE's experts are not routed again.
+            if let Mlp::Dense(f) = mlp {
+                let Ffn { gate, up, down } = &mut **f;
+                linears.extend([gate, up, down]);
+            }
             routables.push(input_norm.routable());
             routables.push(post_norm.routable());
             routables.extend(q_norm.as_mut().map(RmsNorm::routable));
@@ -249,6 +269,21 @@ impl Decoder {
         }
         routables.push(self.norm.routable());
         (linears, routables)
+    }
+
+    /// For an MoE model: per layer, the tokens routed to each expert over every forward pass so
+    /// far.
+    pub fn expert_counts(&self) -> Option<Vec<Vec<u64>>> {
+        self.cfg.moe.as_ref()?;
+        Some(
+            self.layers
+                .iter()
+                .filter_map(|l| match &l.mlp {
+                    Mlp::Sparse(m) => Some(m.counts()),
+                    Mlp::Dense(_) => None,
+                })
+                .collect(),
+        )
     }
 
     /// The vocabulary size.

@@ -169,6 +169,16 @@ impl Evaluator {
         })
     }
 
+    /// For an MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE): per layer, the tokens its router has
+    /// sent to each expert over every forward pass so far (a token counts once per expert of its
+    /// top-k, padding included).
+    pub fn expert_counts(&self) -> Option<Vec<Vec<u64>>> {
+        match &self.net {
+            Net::Decoder(d) => d.expert_counts(),
+            Net::Bert(_) => None,
+        }
+    }
+
     /// Parameters in the model's float tensors (a library task's: its base's).
     pub fn parameters(&self) -> usize {
         self.parameters
