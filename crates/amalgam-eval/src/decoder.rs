@@ -322,8 +322,8 @@ impl Decoder {
 /// The residual stream entering each layer (the embeddings, then every layer's output but the
 /// last: transformers' `hidden_states[:-1]`), each `[batch, seq, hidden]`, for left-padded
 /// `ids` whose `pad` marks each row's padding. Layers are read from `w` one at a time and
-/// dropped after use (and only the embedding rows the ids need), so memory holds one layer's
-/// weights, whatever the model's size.
+/// dropped after use (and only the embedding rows the ids need are read), so memory holds one
+/// layer's weights, whatever the model's size.
 pub fn residual_streams(
     w: &mut Weights,
     cfg: &DecoderConfig,
@@ -331,10 +331,10 @@ pub fn residual_streams(
     pad: &[Vec<bool>],
 ) -> Result<Vec<Tensor>> {
     w.select_prefix(PREFIXES, PROBE)?;
+    w.set_single_pass(true);
     let device = Device::Cpu;
     let (b, t, h) = (ids.len(), ids.first().map_or(0, Vec::len), cfg.hidden_size);
-    let flat: Vec<u32> = ids.concat();
-    let embed = w.rows("embed_tokens.weight", &flat, &[cfg.vocab_size, h])?;
+    let embed = w.rows("embed_tokens.weight", &ids.concat(), &[cfg.vocab_size, h])?;
     let attn = Attention::new(cfg, &inv_freq(cfg), t, Some(pad), &device)?;
     let mut x = embed.reshape((b, t, h))?;
     let mut out = Vec::with_capacity(cfg.num_hidden_layers);

@@ -28,6 +28,8 @@ pub struct BaseEncoder {
     /// Left padding.
     pad: u32,
     path: PathBuf,
+    /// Vectors computed by `prepare`, by prompt set.
+    cache: std::collections::HashMap<Vec<String>, Vec<Vec<f32>>>,
     /// Prompts encoded so far, for progress.
     done: usize,
     progress: Box<dyn FnMut(usize) + Send>,
@@ -59,6 +61,7 @@ impl BaseEncoder {
             bos,
             pad,
             path: base.to_path_buf(),
+            cache: Default::default(),
             done: 0,
             progress,
         })
@@ -83,74 +86,117 @@ impl BaseEncoder {
             .collect()
     }
 
-    fn encode_prompts(&mut self, prompts: &[String], mode: GateMode) -> Result<Vec<Vec<f32>>> {
-        if prompts.is_empty() {
-            return Err(Error::Argument("no prompts to encode".into()));
-        }
-        let rows = self.tokenize(prompts)?;
-        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
-        let (b, h, layers) = (rows.len(), self.cfg.hidden_size, self.cfg.num_hidden_layers);
-        let mut ids = Vec::with_capacity(b);
-        let mut pad = Vec::with_capacity(b);
-        for r in &rows {
-            let p = t - r.len();
-            ids.push(
-                std::iter::repeat_n(self.pad, p)
-                    .chain(r.iter().copied())
-                    .collect::<Vec<_>>(),
-            );
-            pad.push((0..t).map(|j| j < p).collect::<Vec<_>>());
-        }
-        let out = if mode == GateMode::CheapEmbed {
-            // mergekit: the masked sum of token embeddings over tokens and prompts, normalised
-            // (norm clamped at 1e-8), the same for every layer.
-            // In f32 in torch's order: each prompt's tokens summed, then the prompts, then
-            // divided by the norm.
-            let real: Vec<u32> = rows.concat();
-            let e = self
-                .weights
-                .rows("embed_tokens.weight", &real, &[self.cfg.vocab_size, h])?
-                .to_vec2::<f32>()?;
-            let mut sum = vec![0f32; h];
-            let mut at = 0;
-            for r in &rows {
-                let mut one = vec![0f32; h];
-                for row in &e[at..at + r.len()] {
-                    one.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+    /// The vectors of every set in `sets` (one pass over the model for the hidden modes).
+    fn encode_sets(&mut self, sets: &[&[String]], mode: GateMode) -> Result<Vec<Vec<Vec<f32>>>> {
+        // Per set, its prompts' token ids.
+        let batches = sets
+            .iter()
+            .map(|p| {
+                if p.is_empty() {
+                    return Err(Error::Argument("no prompts to encode".into()));
                 }
-                at += r.len();
-                sum.iter_mut().zip(&one).for_each(|(a, b)| *a += b);
-            }
-            let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-8);
-            let v: Vec<f32> = sum.iter().map(|x| x / norm).collect();
-            vec![v; layers]
+                self.tokenize(p)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (h, layers) = (self.cfg.hidden_size, self.cfg.num_hidden_layers);
+        let out = if mode == GateMode::CheapEmbed {
+            batches
+                .iter()
+                .map(|rows| -> Result<Vec<Vec<f32>>> {
+                    // mergekit: the masked sum of token embeddings over tokens and prompts,
+                    // normalised (norm clamped at 1e-8), the same for every layer; in f32 in
+                    // torch's order: each prompt's tokens summed, then the prompts.
+                    let mut sum = vec![0f32; h];
+                    for row in rows {
+                        let e = self
+                            .weights
+                            .rows("embed_tokens.weight", row, &[self.cfg.vocab_size, h])?
+                            .to_vec2::<f32>()?;
+                        let mut one = vec![0f32; h];
+                        for r in &e {
+                            one.iter_mut().zip(r).for_each(|(a, b)| *a += b);
+                        }
+                        sum.iter_mut().zip(&one).for_each(|(a, b)| *a += b);
+                    }
+                    let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-8);
+                    let v: Vec<f32> = sum.iter().map(|x| x / norm).collect();
+                    Ok(vec![v; layers])
+                })
+                .collect::<Result<Vec<_>>>()?
         } else {
+            // Every set's prompts in one left-padded batch, so each layer's weights are read
+            // once and multiplied with every prompt at once. Rows do not see each other, pads
+            // attend to nothing (their states do not depend on their position), and RoPE is
+            // relative, so each set's states are what its own batch (mergekit's) gives, in the
+            // last positions: its own padded window.
+            let t = batches.iter().flatten().map(Vec::len).max().unwrap_or(0);
+            let (mut ids, mut pad) = (Vec::new(), Vec::new());
+            for row in batches.iter().flatten() {
+                let extra = t - row.len();
+                ids.push(
+                    std::iter::repeat_n(self.pad, extra)
+                        .chain(row.iter().copied())
+                        .collect(),
+                );
+                pad.push((0..t).map(|j| j < extra).collect());
+            }
             let streams = residual_streams(&mut self.weights, &self.cfg, &ids, &pad)?;
-            streams
-                .into_iter()
-                .map(|s| -> Result<Vec<f32>> {
-                    // `hidden`/`hidden_last`: the last position (never a pad with left
-                    // padding); `hidden_avg`: the mean over every position, pads included, as
-                    // mergekit takes it. Then the mean over prompts.
-                    let per_prompt = if mode == GateMode::HiddenAvg {
-                        s.mean(1)?
-                    } else {
-                        s.narrow(1, t - 1, 1)?.squeeze(1)?
-                    };
-                    Ok(per_prompt.mean(0)?.to_vec1::<f32>()?)
+            let mut first = 0;
+            batches
+                .iter()
+                .map(|set| {
+                    // The set's own batch is as long as its longest prompt.
+                    let rows = set.len();
+                    let own = set.iter().map(Vec::len).max().unwrap_or(0);
+                    let at = first;
+                    first += rows;
+                    streams
+                        .iter()
+                        .map(|s| -> Result<Vec<f32>> {
+                            let s = s.narrow(0, at, rows)?.narrow(1, t - own, own)?;
+                            // `hidden`/`hidden_last`: the last position (never a pad with left
+                            // padding); `hidden_avg`: the mean over every position of the set's
+                            // batch, pads included, as mergekit takes it. Then the mean over
+                            // prompts.
+                            let per_prompt = if mode == GateMode::HiddenAvg {
+                                s.mean(1)?
+                            } else {
+                                s.narrow(1, own - 1, 1)?.squeeze(1)?
+                            };
+                            Ok(per_prompt.mean(0)?.to_vec1::<f32>()?)
+                        })
+                        .collect::<Result<Vec<_>>>()
                 })
                 .collect::<Result<Vec<_>>>()?
         };
-        self.done += prompts.len();
+        self.done += sets.iter().map(|s| s.len()).sum::<usize>();
         (self.progress)(self.done);
         Ok(out)
     }
 }
 
+impl BaseEncoder {
+    fn error(&self, e: Error) -> amalgam::Error {
+        amalgam::Error::argument(format!("base model {}", self.path.display()), e.to_string())
+    }
+}
+
 impl PromptEncoder for BaseEncoder {
     fn encode(&mut self, prompts: &[String], mode: GateMode) -> amalgam::Result<Vec<Vec<f32>>> {
-        self.encode_prompts(prompts, mode).map_err(|e| {
-            amalgam::Error::argument(format!("base model {}", self.path.display()), e.to_string())
-        })
+        if let Some(v) = self.cache.get(prompts) {
+            return Ok(v.clone());
+        }
+        let mut v = self
+            .encode_sets(&[prompts], mode)
+            .map_err(|e| self.error(e))?;
+        Ok(v.remove(0))
+    }
+
+    fn prepare(&mut self, sets: &[&[String]], mode: GateMode) -> amalgam::Result<()> {
+        let vectors = self.encode_sets(sets, mode).map_err(|e| self.error(e))?;
+        for (set, v) in sets.iter().zip(vectors) {
+            self.cache.insert(set.to_vec(), v);
+        }
+        Ok(())
     }
 }

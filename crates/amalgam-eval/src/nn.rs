@@ -26,7 +26,17 @@ impl Linear {
         let bias = bias
             .then(|| w.get(&format!("{name}.bias"), &[out]))
             .transpose()?;
-        let mut l = Linear::new(weight, bias)?;
+        let mut l = if w.single_pass() {
+            // Used once: multiplying by the transposed view costs less than copying it.
+            Linear {
+                name: String::new(),
+                weight_t: weight.t()?,
+                bias,
+                side: None,
+            }
+        } else {
+            Linear::new(weight, bias)?
+        };
         l.name = name.to_string();
         Ok(l)
     }

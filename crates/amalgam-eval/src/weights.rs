@@ -26,6 +26,7 @@ pub struct Weights {
     library: Option<LibraryTask>,
     prefix: String,
     device: Device,
+    single_pass: bool,
 }
 
 impl Weights {
@@ -36,6 +37,7 @@ impl Weights {
             library: None,
             prefix: String::new(),
             device: Device::Cpu,
+            single_pass: false,
         })
     }
 
@@ -63,7 +65,20 @@ impl Weights {
             }),
             prefix: String::new(),
             device: Device::Cpu,
+            single_pass: false,
         })
+    }
+
+    /// Mark the tensors loaded from here as used for a single forward pass (layer-by-layer
+    /// passes): layers then keep them in their stored layout instead of a copy laid out for
+    /// repeated multiplication.
+    pub fn set_single_pass(&mut self, on: bool) {
+        self.single_pass = on;
+    }
+
+    /// See [`set_single_pass`](Self::set_single_pass).
+    pub fn single_pass(&self) -> bool {
+        self.single_pass
     }
 
     /// The underlying model (a library task's base).

@@ -20,6 +20,13 @@ pub trait PromptEncoder {
     ///
     /// Errors name the prompt (e.g. one that tokenizes to nothing).
     fn encode(&mut self, prompts: &[String], mode: GateMode) -> Result<Vec<Vec<f32>>>;
+
+    /// Every prompt set [`encode`](Self::encode) will be asked for, before the first call, so
+    /// that an encoder can compute them all in one pass over the model (each set still its own
+    /// batch). The default does nothing.
+    fn prepare(&mut self, _sets: &[&[String]], _mode: GateMode) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Router weights: per layer, `[experts × hidden]` row-major, for every gated expert of
@@ -73,6 +80,13 @@ pub fn compute(
             config.gate_mode.name()
         ))
     })?;
+    let sets: Vec<&[String]> = gated
+        .iter()
+        .flat_map(|e| [e.positive(), e.negative()])
+        .filter(|p| !p.is_empty())
+        .collect();
+    // A failure here (a bad prompt) is reported again, naming its expert, by the calls below.
+    let _ = encoder.prepare(&sets, config.gate_mode);
     let mut out = vec![vec![0f32; experts * hidden]; layers];
     let named = config.all_experts();
     for (e, expert) in gated.iter().enumerate() {
