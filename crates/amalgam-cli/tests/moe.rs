@@ -518,3 +518,53 @@ fn eval_reports_the_tokens_each_expert_received() {
         assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-12, "{f:?}");
     }
 }
+
+#[test]
+fn an_expert_given_as_model_plus_adapter() {
+    // `base+adapter` as a source_model: the expert is the adapter baked into the base, exactly
+    // as `lora apply` bakes it.
+    let dir = tempfile::tempdir().unwrap();
+    let (base, e0) = (fixture("llama/base"), fixture("llama/e0"));
+    let adapter = dir.path().join("e0-lora");
+    ok(&[
+        "lora",
+        "extract",
+        "--base",
+        s(&base),
+        "--model",
+        s(&e0),
+        "--rank",
+        "4",
+        s(&adapter),
+    ]);
+    let baked = dir.path().join("baked");
+    ok(&["lora", "apply", s(&base), s(&adapter), s(&baked)]);
+    let text = std::fs::read_to_string(config(dir.path(), "mixtral_cheap", "")).unwrap();
+    let text = text.replace(
+        &format!("source_model: {}", s(&e0)),
+        &format!("source_model: {}+{}", s(&base), s(&adapter)),
+    );
+    let yml = dir.path().join("adapter.yml");
+    std::fs::write(&yml, text).unwrap();
+    let out = dir.path().join("o");
+    ok(&["moe", s(&yml), s(&out), "--layout", "legacy"]);
+    let (m, b) = (Model::open(&out).unwrap(), Model::open(&baked).unwrap());
+    for (w, proj) in [("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")] {
+        let ours = m
+            .floats(&format!(
+                "model.layers.1.block_sparse_moe.experts.0.{w}.weight"
+            ))
+            .unwrap();
+        let want = b
+            .floats(&format!("model.layers.1.mlp.{proj}.weight"))
+            .unwrap();
+        assert_eq!(ours, want, "{proj}");
+        let plain = Model::open(&base).unwrap();
+        assert_ne!(
+            ours,
+            plain
+                .floats(&format!("model.layers.1.mlp.{proj}.weight"))
+                .unwrap()
+        );
+    }
+}
