@@ -568,3 +568,60 @@ fn an_expert_given_as_model_plus_adapter() {
         );
     }
 }
+
+#[test]
+fn noise_is_seeded_and_scaled_and_warnings_are_mergekits() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(config(dir.path(), "mixtral_cheap", "out_dtype: float32\n"))
+        .unwrap()
+        .replace("residual_scale: 0.3", "noise_scale: 0.01");
+    let yml = dir.path().join("noise.yml");
+    std::fs::write(&yml, &text).unwrap();
+    let run = |name: &str, seed: &str| {
+        let out = dir.path().join(name);
+        ok(&[
+            "moe",
+            s(&yml),
+            s(&out),
+            "--seed",
+            seed,
+            "--layout",
+            "legacy",
+        ]);
+        Model::open(&out)
+            .unwrap()
+            .floats("model.layers.0.block_sparse_moe.experts.1.w2.weight")
+            .unwrap()
+    };
+    let (a, b, c) = (run("a", "5"), run("b", "5"), run("c", "6"));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    let clean = Model::open(fixture("llama/e1"))
+        .unwrap()
+        .floats("model.layers.0.mlp.down_proj.weight")
+        .unwrap();
+    let noise: Vec<f64> = a.iter().zip(&clean).map(|(x, y)| (x - y) as f64).collect();
+    let sd = (noise.iter().map(|d| d * d).sum::<f64>() / noise.len() as f64).sqrt();
+    assert!((sd - 0.01).abs() < 0.001, "noise sd {sd}");
+    // Three experts: not a power of two, which llama.cpp cannot load.
+    let three = std::fs::read_to_string(config(dir.path(), "mixtral_cheap", "")).unwrap();
+    let e1 = fixture("llama/e1");
+    let extra = format!(
+        "- source_model: {}\n  positive_prompts:\n  - numbers 12345 and punctuation!?\n",
+        s(&fixture("llama/e2"))
+    );
+    let three = three.replacen(
+        &format!("- source_model: {}", s(&e1)),
+        &format!("{extra}- source_model: {}", s(&e1)),
+        1,
+    );
+    let yml = dir.path().join("three.yml");
+    std::fs::write(&yml, three).unwrap();
+    let out = common::amalgam(&["moe", s(&yml), s(&dir.path().join("three"))]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("3 experts, which is not a power of two"),
+        "{err}"
+    );
+}
