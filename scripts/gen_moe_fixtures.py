@@ -14,6 +14,7 @@ It writes under crates/amalgam-cli/tests/fixtures/moe/:
   scaling ×2, untied head) with a byte-level BPE tokenizer whose BOS is `<s>`; the experts are the
   base with every tensor perturbed (so a test sees which model each output tensor came from).
 - `qwen3/{base,e0,e1}`: the same for Qwen3 (q/k norms, tied embeddings, f32).
+- `qwen2/{base,e0,e1}`: the same for Qwen2 (q/k/v biases, tied embeddings, bf16).
 - `CASE.yml` and `CASE.out/`: mergekit-moe configs and mergekit-moe's output for them
   (`config.json`, `model.safetensors`): cheap_embed gates, whose every tensor amalgam must
   reproduce exactly. `--i-understand-this-is-not-useful-without-training` is never needed.
@@ -192,12 +193,15 @@ def main():
         tie_word_embeddings=False), torch.bfloat16, ["e0", "e1", "e2"])
     make_set("qwen3", "Qwen3", dict(head_dim=16, tie_word_embeddings=True), torch.float32,
              ["e0", "e1"])
+    make_set("qwen2", "Qwen2", dict(tie_word_embeddings=True), torch.bfloat16, ["e0", "e1"])
     cases = [
         ("mixtral_cheap", "llama", ["e0", "e1"], "cheap_embed", None, None),
         # The shared expert is the base: mergekit 0.1.5 opens only the base and the routed
         # experts, so a shared expert that is neither fails there ('NoneType' has no get_tensor).
         ("qwen2moe_cheap", "llama", ["e0", "e1"], "cheap_embed", "base", "qwen"),
         ("qwen3moe_cheap", "qwen3", ["e0", "e1"], "cheap_embed", None, "qwen3"),
+        # Qwen2 inputs: their q/k/v biases are copied (a Llama base gets zeros).
+        ("qwen2_qwen2moe_cheap", "qwen2", ["e0", "e1"], "cheap_embed", "base", None),
     ]
     for case, name, experts, mode, shared, arch in cases:
         out = run_case(case, name, experts, mode, shared, arch)

@@ -44,7 +44,12 @@ fn config_json(dir: &Path) -> serde_json::Value {
 #[test]
 fn cheap_embed_matches_mergekit_tensor_for_tensor() {
     let dir = tempfile::tempdir().unwrap();
-    for case in ["mixtral_cheap", "qwen2moe_cheap", "qwen3moe_cheap"] {
+    for case in [
+        "mixtral_cheap",
+        "qwen2moe_cheap",
+        "qwen3moe_cheap",
+        "qwen2_qwen2moe_cheap",
+    ] {
         let out = dir.path().join(case);
         let cfg = config(dir.path(), case, "");
         ok(&["moe", s(&cfg), s(&out)]);
@@ -438,7 +443,12 @@ fn eval_runs_the_moe_models_as_transformers_does() {
     // are the reference for amalgam's own MoE forward: top-k routing, renormalisation as the
     // config says, the shared expert's sigmoid gate.
     let dir = tempfile::tempdir().unwrap();
-    for case in ["mixtral_cheap", "qwen2moe_cheap", "qwen3moe_cheap"] {
+    for case in [
+        "mixtral_cheap",
+        "qwen2moe_cheap",
+        "qwen3moe_cheap",
+        "qwen2_qwen2moe_cheap",
+    ] {
         let out = fixture(&format!("{case}.out"));
         let expected = Model::open(out.join("expected.safetensors")).unwrap();
         let ids: Vec<i64> = bytemuck_ids(expected.tensor("ids").unwrap().bytes);
