@@ -6,6 +6,7 @@ mod eval;
 mod library;
 mod moe;
 mod progress;
+#[cfg(feature = "eval")]
 mod route;
 
 use std::io::Write;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use amalgam::moe::{self, GateMode, Layout, PromptEncoder};
+use amalgam::moe::{self, Layout, PromptEncoder};
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 
@@ -89,7 +89,7 @@ pub fn run(args: MoeArgs, quiet: bool) -> Result<()> {
             args.seed,
         )?
     } else {
-        let mut encoder = encoder(&prepared, prompts, quiet)?;
+        let mut encoder = encoder(&prepared, quiet)?;
         moe::gates::compute(
             &prepared.config,
             prepared.layers,
@@ -139,13 +139,9 @@ pub fn run(args: MoeArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// The base model's prompt encoder, with a counter of prompts done on stderr.
+/// The base model's prompt encoder, with a counter of the forward pass's layers on stderr.
 #[cfg(feature = "eval")]
-fn encoder(
-    prepared: &moe::Prepared,
-    prompts: usize,
-    quiet: bool,
-) -> Result<Box<dyn PromptEncoder>> {
+fn encoder(prepared: &moe::Prepared, quiet: bool) -> Result<Box<dyn PromptEncoder>> {
     if prepared.set.adapters[0].is_some() {
         bail!(
             "{}: gate_mode {} runs the base model, and a base_model with +adapter is not supported there; bake the adapter with `amalgam lora apply` first",
@@ -153,12 +149,12 @@ fn encoder(
             prepared.config.gate_mode.name()
         );
     }
-    let what = if prepared.config.gate_mode == GateMode::CheapEmbed {
+    let what = if prepared.config.gate_mode == moe::GateMode::CheapEmbed {
         "moe (gates: token embeddings)"
     } else {
         "moe (gates: forward passes of the base)"
     };
-    let bar = progress::counter(what, prompts as u64, "prompts", quiet);
+    let bar = progress::counter(what, prepared.layers as u64, "layers", quiet);
     let report = Box::new(move |done: usize| {
         if let Some(b) = &bar {
             b.set_position(done as u64);
@@ -174,7 +170,7 @@ fn encoder(
 }
 
 #[cfg(not(feature = "eval"))]
-fn encoder(prepared: &moe::Prepared, _: usize, _: bool) -> Result<Box<dyn PromptEncoder>> {
+fn encoder(prepared: &moe::Prepared, _: bool) -> Result<Box<dyn PromptEncoder>> {
     bail!(
         "{}: gate_mode {} needs the base model's forward pass; this amalgam was built without the `eval` feature",
         prepared.config.path.display(),

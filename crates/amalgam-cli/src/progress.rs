@@ -40,6 +40,7 @@ fn shown(quiet: bool) -> bool {
 }
 
 /// A bar counting `total` items (`unit`, e.g. "examples"), labelled `what`; `None` when hidden.
+#[cfg(feature = "eval")]
 pub fn counter(what: &str, total: u64, unit: &str, quiet: bool) -> Option<ProgressBar> {
     shown(quiet).then(|| {
         let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());

@@ -323,12 +323,13 @@ impl Decoder {
 /// last: transformers' `hidden_states[:-1]`), each `[batch, seq, hidden]`, for left-padded
 /// `ids` whose `pad` marks each row's padding. Layers are read from `w` one at a time and
 /// dropped after use (and only the embedding rows the ids need are read), so memory holds one
-/// layer's weights, whatever the model's size.
+/// layer's weights, whatever the model's size. `progress` is told the layers done.
 pub fn residual_streams(
     w: &mut Weights,
     cfg: &DecoderConfig,
     ids: &[Vec<u32>],
     pad: &[Vec<bool>],
+    progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Tensor>> {
     w.select_prefix(PREFIXES, PROBE)?;
     w.set_single_pass(true);
@@ -344,6 +345,7 @@ pub fn residual_streams(
             let layer = Layer::load(w, cfg, i)?;
             x = layer.forward(&x, cfg, &attn, &Ctx::none())?;
         }
+        progress(i + 1);
     }
     Ok(out)
 }

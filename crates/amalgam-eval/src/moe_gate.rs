@@ -30,14 +30,13 @@ pub struct BaseEncoder {
     path: PathBuf,
     /// Vectors computed by `prepare`, by prompt set.
     cache: std::collections::HashMap<Vec<String>, Vec<Vec<f32>>>,
-    /// Prompts encoded so far, for progress.
-    done: usize,
+    /// Told the layers done in a forward pass (and the layer count when a pass is over).
     progress: Box<dyn FnMut(usize) + Send>,
 }
 
 impl BaseEncoder {
     /// Open the decoder at `base` (a folder with config.json and tokenizer.json). `progress`
-    /// is told the number of prompts encoded so far.
+    /// is told how many of the decoder's layers a forward pass has done.
     pub fn open(base: &Path, progress: Box<dyn FnMut(usize) + Send>) -> Result<BaseEncoder> {
         let mut weights = Weights::open(base)?;
         weights.select_prefix(crate::decoder::PREFIXES, crate::decoder::PROBE)?;
@@ -62,7 +61,6 @@ impl BaseEncoder {
             pad,
             path: base.to_path_buf(),
             cache: Default::default(),
-            done: 0,
             progress,
         })
     }
@@ -140,7 +138,8 @@ impl BaseEncoder {
                 );
                 pad.push((0..t).map(|j| j < extra).collect());
             }
-            let streams = residual_streams(&mut self.weights, &self.cfg, &ids, &pad)?;
+            let streams =
+                residual_streams(&mut self.weights, &self.cfg, &ids, &pad, &mut self.progress)?;
             let mut first = 0;
             batches
                 .iter()
@@ -169,8 +168,7 @@ impl BaseEncoder {
                 })
                 .collect::<Result<Vec<_>>>()?
         };
-        self.done += sets.iter().map(|s| s.len()).sum::<usize>();
-        (self.progress)(self.done);
+        (self.progress)(layers);
         Ok(out)
     }
 }
