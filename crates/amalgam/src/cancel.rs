@@ -10,6 +10,12 @@ pub fn cancel() {
     CANCELLED.store(true, Ordering::SeqCst);
 }
 
+/// Clear a cancellation (a library embedded in a long-lived process, such as the Python
+/// module, runs more work after an interrupted one).
+pub fn reset() {
+    CANCELLED.store(false, Ordering::SeqCst);
+}
+
 /// Whether [`cancel`] was called.
 pub fn is_cancelled() -> bool {
     CANCELLED.load(Ordering::Relaxed)

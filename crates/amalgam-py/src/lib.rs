@@ -1,0 +1,386 @@
+//! Python bindings of amalgam: the `amalgam._amalgam` extension module, wrapped by the
+//! `amalgam` package (`python/amalgam/__init__.py`). Work runs on a thread of its own without
+//! the GIL while the calling thread watches for Ctrl-C; errors become `amalgam.AmalgamError`
+//! with the message the CLI prints.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use amalgam::DType;
+use amalgam::io::{Existing, Model, parse_shard_size};
+use amalgam::ops::{convert as convert_op, diff, inspect, merge as merge_op};
+use amalgam::progress::Progress;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyKeyError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+create_exception!(
+    _amalgam,
+    AmalgamError,
+    PyException,
+    "An amalgam operation failed; the message says what and where, as the CLI prints it."
+);
+
+fn to_py(e: amalgam::Error) -> PyErr {
+    AmalgamError::new_err(e.to_string())
+}
+
+/// Progress reported to an optional Python callable `progress(done_bytes, total_bytes)`;
+/// warnings go to Python's `warnings.warn`. A callback that raises stops the work.
+struct PyProgress {
+    callback: Option<Py<PyAny>>,
+    total: AtomicU64,
+    done: AtomicU64,
+    failed: Mutex<Option<PyErr>>,
+}
+
+impl PyProgress {
+    fn new(callback: Option<Py<PyAny>>) -> PyProgress {
+        PyProgress {
+            callback,
+            total: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            failed: Mutex::new(None),
+        }
+    }
+
+    fn report(&self) {
+        let Some(cb) = &self.callback else { return };
+        let (done, total) = (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        );
+        Python::attach(|py| {
+            if let Err(e) = cb.call1(py, (done, total)) {
+                amalgam::cancel::cancel();
+                self.failed.lock().expect("not poisoned").get_or_insert(e);
+            }
+        });
+    }
+}
+
+impl Progress for PyProgress {
+    fn start(&self, _tensors: u64, bytes: u64) {
+        self.total.store(bytes, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+        self.report();
+    }
+    fn advance(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+        self.report();
+    }
+    fn warn(&self, message: &str) {
+        Python::attach(|py| {
+            let _ = py
+                .import("warnings")
+                .and_then(|w| w.call_method1("warn", (message,)));
+        });
+    }
+}
+
+/// Run `f` on a thread of its own, on a pool of `threads` workers (default: all cores), without
+/// the GIL; the calling thread checks for signals (Ctrl-C) every 50 ms and cancels the work,
+/// which then removes its partial output.
+fn run<T: Send>(
+    py: Python<'_>,
+    threads: Option<usize>,
+    progress: &PyProgress,
+    f: impl FnOnce() -> amalgam::Result<T> + Send,
+) -> PyResult<T> {
+    amalgam::cancel::reset();
+    let result = std::thread::scope(|s| {
+        let worker = s.spawn(move || -> amalgam::Result<T> {
+            let mut pool = rayon::ThreadPoolBuilder::new();
+            if let Some(n) = threads {
+                pool = pool.num_threads(n);
+            }
+            let pool = pool
+                .build()
+                .map_err(|e| amalgam::Error::argument("threads", e.to_string()))?;
+            pool.install(f)
+        });
+        let mut interrupted = None;
+        while !worker.is_finished() {
+            py.detach(|| std::thread::sleep(std::time::Duration::from_millis(50)));
+            if interrupted.is_none()
+                && let Err(e) = py.check_signals()
+            {
+                amalgam::cancel::cancel();
+                interrupted = Some(e);
+            }
+        }
+        let out = py
+            .detach(|| worker.join())
+            .expect("the worker does not panic");
+        match interrupted {
+            Some(e) => Err(e),
+            None => out.map_err(to_py),
+        }
+    });
+    amalgam::cancel::reset();
+    if let Some(e) = progress.failed.lock().expect("not poisoned").take() {
+        return Err(e);
+    }
+    result
+}
+
+fn existing(overwrite: bool) -> Existing {
+    if overwrite {
+        Existing::Replace
+    } else {
+        Existing::Refuse
+    }
+}
+
+fn shard(size: Option<&str>) -> PyResult<Option<u64>> {
+    size.map(parse_shard_size).transpose().map_err(to_py)
+}
+
+/// Merge as the YAML config at `config` says into `output`; returns the output directory.
+#[pyfunction]
+#[pyo3(signature = (config, output, *, threads=None, seed=0, out_shard_size="5B", overwrite=false, allow_crimes=false, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn merge(
+    py: Python<'_>,
+    config: PathBuf,
+    output: PathBuf,
+    threads: Option<usize>,
+    seed: u64,
+    out_shard_size: Option<&str>,
+    overwrite: bool,
+    allow_crimes: bool,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let opts = merge_op::MergeOptions {
+        shard_size: shard(out_shard_size)?,
+        existing: existing(overwrite),
+        seed,
+        plan: amalgam::plan::PlanOptions {
+            allow_crimes,
+            truncate_embeddings: false,
+        },
+        ..Default::default()
+    };
+    let bar = PyProgress::new(progress);
+    let out = run(py, threads, &bar, || {
+        merge_op::merge(&config, &output, &opts, &bar)
+    })?;
+    Ok(out.display().to_string())
+}
+
+/// `amalgam inspect --json` as a JSON string.
+#[pyfunction]
+#[pyo3(signature = (path, *, top=10))]
+fn inspect_json(py: Python<'_>, path: PathBuf, top: usize) -> PyResult<String> {
+    let r = py.detach(|| inspect::inspect(&path, top)).map_err(to_py)?;
+    Ok(serde_json::to_string(&r).expect("json"))
+}
+
+/// `amalgam diff --json` as a JSON string.
+#[pyfunction]
+#[pyo3(signature = (a, b, *, rtol=0.0))]
+fn diff_json(py: Python<'_>, a: PathBuf, b: PathBuf, rtol: f64) -> PyResult<String> {
+    let r = py.detach(|| diff::diff(&a, &b, rtol)).map_err(to_py)?;
+    Ok(serde_json::to_string(&r).expect("json"))
+}
+
+/// Rewrite a model with another float dtype and/or sharding.
+#[pyfunction]
+#[pyo3(signature = (input, output, *, dtype=None, out_shard_size=None, overwrite=false, threads=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn convert(
+    py: Python<'_>,
+    input: PathBuf,
+    output: PathBuf,
+    dtype: Option<&str>,
+    out_shard_size: Option<&str>,
+    overwrite: bool,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let dtype = dtype
+        .map(|d| {
+            DType::parse_float(d).ok_or_else(|| {
+                AmalgamError::new_err(format!(
+                    "invalid dtype: '{d}' is not a float dtype (bf16, f16, f32, f64)"
+                ))
+            })
+        })
+        .transpose()?;
+    let opts = convert_op::ConvertOptions {
+        dtype,
+        shard_size: shard(out_shard_size)?,
+        existing: existing(overwrite),
+    };
+    let bar = PyProgress::new(progress);
+    let out = run(py, threads, &bar, || {
+        convert_op::convert(&input, &output, &opts, &bar)
+    })?;
+    Ok(out.display().to_string())
+}
+
+/// Bake a PEFT adapter into its base model.
+#[pyfunction]
+#[pyo3(signature = (base, adapter, output, *, scale=1.0, out_shard_size=None, overwrite=false, threads=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn lora_apply(
+    py: Python<'_>,
+    base: PathBuf,
+    adapter: PathBuf,
+    output: PathBuf,
+    scale: f64,
+    out_shard_size: Option<&str>,
+    overwrite: bool,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let opts = amalgam::ops::lora::ApplyOptions {
+        scale,
+        shard_size: shard(out_shard_size)?,
+        existing: existing(overwrite),
+    };
+    let bar = PyProgress::new(progress);
+    let out = run(py, threads, &bar, || {
+        amalgam::ops::lora::apply(&base, &adapter, &output, &opts, &bar)
+    })?;
+    Ok(out.display().to_string())
+}
+
+/// A model opened for reading: a lazy mapping from tensor names to numpy arrays.
+#[pyclass(name = "Model", module = "amalgam", frozen)]
+struct PyModel {
+    inner: Model,
+}
+
+/// The numpy dtype string of a stored dtype numpy holds as it is (`None`: converted).
+fn numpy_dtype(d: DType) -> Option<&'static str> {
+    Some(match d {
+        DType::Bool => "?",
+        DType::U8 => "u1",
+        DType::I8 => "i1",
+        DType::I16 => "<i2",
+        DType::U16 => "<u2",
+        DType::F16 => "<f2",
+        DType::I32 => "<i4",
+        DType::U32 => "<u4",
+        DType::F32 => "<f4",
+        DType::F64 => "<f8",
+        DType::I64 => "<i8",
+        DType::U64 => "<u8",
+        _ => return None,
+    })
+}
+
+#[pymethods]
+impl PyModel {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<PyModel> {
+        let inner = py.detach(|| Model::open(&path)).map_err(to_py)?;
+        Ok(PyModel { inner })
+    }
+
+    /// Tensor names, in file order.
+    fn keys(&self) -> Vec<String> {
+        self.inner
+            .tensors()
+            .iter()
+            .map(|t| t.name.clone())
+            .collect()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.tensors().len()
+    }
+
+    fn __contains__(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    /// The tensor as a numpy array: its own dtype, except bfloat16 and 8-bit floats, which
+    /// numpy lacks, as float32 (bfloat16 exactly; 8-bit floats refused).
+    fn __getitem__<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        let view = self
+            .inner
+            .tensor(name)
+            .map_err(|_| PyKeyError::new_err(name.to_string()))?;
+        let shape = view.shape.to_vec();
+        let np = py.import("numpy")?;
+        let (bytes, dtype) = match numpy_dtype(view.dtype) {
+            Some(d) => (PyBytes::new(py, view.bytes), d),
+            None if view.dtype == DType::BF16 => {
+                let mut values = Vec::new();
+                amalgam::dtype::decode_f32(DType::BF16, view.bytes, &mut values);
+                let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (PyBytes::new(py, &raw), "<f4")
+            }
+            None => {
+                return Err(AmalgamError::new_err(format!(
+                    "{}: tensor {name} has dtype {}, which numpy cannot hold",
+                    self.inner.path.display(),
+                    view.dtype
+                )));
+            }
+        };
+        self.inner.release(name);
+        let array = np.call_method1("frombuffer", (bytes, dtype))?;
+        array.call_method1("reshape", (shape,))
+    }
+
+    /// The stored dtype of tensor `name` (safetensors' name: `F32`, `BF16`, ...).
+    fn dtype(&self, name: &str) -> PyResult<String> {
+        let e = self
+            .inner
+            .entry(name)
+            .map_err(|_| PyKeyError::new_err(name.to_string()))?;
+        Ok(e.dtype.safetensors_name().to_string())
+    }
+
+    /// The shape of tensor `name`.
+    fn shape(&self, name: &str) -> PyResult<Vec<usize>> {
+        let e = self
+            .inner
+            .entry(name)
+            .map_err(|_| PyKeyError::new_err(name.to_string()))?;
+        Ok(e.shape.clone())
+    }
+
+    /// The folder's `config.json` as a JSON string, if it has one.
+    fn config_json(&self) -> Option<String> {
+        self.inner.config().map(|c| c.to_string())
+    }
+
+    /// The path it was opened from.
+    #[getter]
+    fn path(&self) -> String {
+        self.inner.path.display().to_string()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "amalgam.Model({:?}, {} tensors)",
+            self.inner.path.display().to_string(),
+            self.inner.tensors().len()
+        )
+    }
+}
+
+/// Whether `p` exists (used by the Python wrapper to tell a config path from YAML text).
+#[pyfunction]
+fn _is_file(p: &str) -> bool {
+    Path::new(p).is_file()
+}
+
+#[pymodule]
+fn _amalgam(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("AmalgamError", m.py().get_type::<AmalgamError>())?;
+    m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect_json, m)?)?;
+    m.add_function(wrap_pyfunction!(diff_json, m)?)?;
+    m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(lora_apply, m)?)?;
+    m.add_function(wrap_pyfunction!(_is_file, m)?)?;
+    m.add_class::<PyModel>()?;
+    Ok(())
+}

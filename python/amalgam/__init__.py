@@ -1,0 +1,137 @@
+"""amalgam: compose fine-tunes of one base model, from Python.
+
+The work runs in amalgam's Rust library (the `_amalgam` extension), without the GIL; Ctrl-C
+stops it and removes the partial output. Errors raise `AmalgamError` with the message the
+`amalgam` command prints.
+
+    import amalgam
+    out = amalgam.merge("examples/ties.yml", "/tmp/merged", overwrite=True)
+    model = amalgam.open(out)
+    w = model["model.layers.0.mlp.down_proj.weight"]      # a numpy array
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import tempfile
+from typing import Any, Callable, Dict, Optional, Union
+
+from . import _amalgam
+from ._amalgam import AmalgamError, Model
+
+__all__ = ["AmalgamError", "Model", "merge", "open", "inspect", "diff", "convert", "lora"]
+
+Progress = Optional[Callable[[int, int], Any]]
+
+
+def _config_file(config: Union[str, os.PathLike, Dict[str, Any]], tmp: str) -> str:
+    """A path to the config: `config` itself if it is a file, else it written as YAML (a dict is
+    written as JSON, which is YAML)."""
+    if isinstance(config, dict):
+        text = json.dumps(config)
+    else:
+        path = os.fspath(config)
+        if _amalgam._is_file(path):
+            return path
+        if "\n" not in path and ":" not in path:
+            raise AmalgamError(f"{path}: no such config file")
+        text = path
+    target = os.path.join(tmp, "config.yml")
+    with builtins.open(target, "w", encoding="utf-8") as f:
+        f.write(text)
+    return target
+
+
+def merge(
+    config: Union[str, os.PathLike, Dict[str, Any]],
+    out: Union[str, os.PathLike],
+    *,
+    threads: Optional[int] = None,
+    seed: int = 0,
+    out_shard_size: str = "5B",
+    overwrite: bool = False,
+    allow_crimes: bool = False,
+    progress: Progress = None,
+) -> str:
+    """Merge as a mergekit YAML config says (a path, YAML text, or a dict) into `out`; returns the
+    output directory. `progress(done_bytes, total_bytes)` is called as tensors are written."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _config_file(config, tmp)
+        return _amalgam.merge(
+            path,
+            os.fspath(out),
+            threads=threads,
+            seed=seed,
+            out_shard_size=out_shard_size,
+            overwrite=overwrite,
+            allow_crimes=allow_crimes,
+            progress=progress,
+        )
+
+
+def open(path: Union[str, os.PathLike]) -> Model:  # noqa: A001 (amalgam.open, like io.open)
+    """Open a model folder, `.safetensors` file or shard index for reading: a lazy mapping from
+    tensor names to numpy arrays (bfloat16 read as float32)."""
+    return Model(os.fspath(path))
+
+
+def inspect(path: Union[str, os.PathLike], *, top: int = 10) -> Dict[str, Any]:
+    """`amalgam inspect --json`: architecture, tensors, parameters, dtypes, shards."""
+    return json.loads(_amalgam.inspect_json(os.fspath(path), top=top))
+
+
+def diff(a: Union[str, os.PathLike], b: Union[str, os.PathLike], *, rtol: float = 0.0) -> Dict[str, Any]:
+    """`amalgam diff --json`: the two models compared tensor by tensor."""
+    return json.loads(_amalgam.diff_json(os.fspath(a), os.fspath(b), rtol=rtol))
+
+
+def convert(
+    input: Union[str, os.PathLike],
+    out: Union[str, os.PathLike],
+    *,
+    dtype: Optional[str] = None,
+    out_shard_size: Optional[str] = None,
+    overwrite: bool = False,
+    threads: Optional[int] = None,
+    progress: Progress = None,
+) -> str:
+    """Rewrite a model with another float dtype (bf16, f16, f32, f64) and/or sharding."""
+    return _amalgam.convert(
+        os.fspath(input),
+        os.fspath(out),
+        dtype=dtype,
+        out_shard_size=out_shard_size,
+        overwrite=overwrite,
+        threads=threads,
+        progress=progress,
+    )
+
+
+class lora:  # noqa: N801 (a namespace: amalgam.lora.apply)
+    """LoRA adapters (PEFT format)."""
+
+    @staticmethod
+    def apply(
+        base: Union[str, os.PathLike],
+        adapter: Union[str, os.PathLike],
+        out: Union[str, os.PathLike],
+        *,
+        scale: float = 1.0,
+        out_shard_size: Optional[str] = None,
+        overwrite: bool = False,
+        threads: Optional[int] = None,
+        progress: Progress = None,
+    ) -> str:
+        """Bake `adapter` into `base`: W + scale·(α/r)·B·A, streaming."""
+        return _amalgam.lora_apply(
+            os.fspath(base),
+            os.fspath(adapter),
+            os.fspath(out),
+            scale=scale,
+            out_shard_size=out_shard_size,
+            overwrite=overwrite,
+            threads=threads,
+            progress=progress,
+        )

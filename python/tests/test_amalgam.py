@@ -1,0 +1,145 @@
+"""The Python package against the CLI and safetensors' own reader.
+
+Run from the repository root after `pip install .[test]`, with the CLI built
+(`cargo build --release -p amalgam-cli`; `AMALGAM_BIN` overrides its path):
+
+    python -m pytest python/tests
+"""
+
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import amalgam
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = os.environ.get("AMALGAM_BIN", str(ROOT / "target" / "release" / "amalgam"))
+
+
+def cli(*args):
+    return subprocess.run([BIN, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture(autouse=True)
+def from_root(monkeypatch):
+    # The example config names its models relative to the repository root, as the CLI runs it.
+    monkeypatch.chdir(ROOT)
+
+
+def files(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+def test_merge_writes_the_bytes_the_cli_writes(tmp_path):
+    ours = amalgam.merge("examples/ties.yml", tmp_path / "py")
+    assert Path(ours) == tmp_path / "py"
+    r = cli("merge", "examples/ties.yml", tmp_path / "cli", "-q")
+    assert r.returncode == 0, r.stderr
+    assert files(tmp_path / "py") == files(tmp_path / "cli")
+
+
+def test_merge_takes_yaml_text_and_dicts_and_reports_progress(tmp_path):
+    text = (ROOT / "examples" / "ties.yml").read_text()
+    seen = []
+    amalgam.merge(text, tmp_path / "text", progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1][0] == seen[-1][1] > 0
+    config = {
+        "merge_method": "linear",
+        "models": [
+            {"model": "examples/models/llama_ft1", "parameters": {"weight": 0.5}},
+            {"model": "examples/models/llama_ft2", "parameters": {"weight": 0.5}},
+        ],
+    }
+    out = amalgam.merge(config, tmp_path / "dict", threads=1)
+    a = amalgam.open(out)
+    b1, b2 = amalgam.open("examples/models/llama_ft1"), amalgam.open("examples/models/llama_ft2")
+    name = a.keys()[0]
+    np.testing.assert_allclose(a[name], (b1[name] + b2[name]) / 2, rtol=1e-6, atol=1e-7)
+    assert files(tmp_path / "text") == files(Path(amalgam.merge("examples/ties.yml", tmp_path / "again")))
+
+
+def test_errors_carry_the_cli_message(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: linear\nmodels:\n  - model: /nonexistent/model\n")
+    r = cli("merge", bad, tmp_path / "cli")
+    assert r.returncode == 2
+    with pytest.raises(amalgam.AmalgamError) as e:
+        amalgam.merge(bad, tmp_path / "py")
+    assert "error: " + str(e.value) == r.stderr.strip()
+    assert not (tmp_path / "py").exists()
+    # An existing output is refused unless overwrite is given, as in the CLI.
+    amalgam.merge("examples/ties.yml", tmp_path / "out")
+    with pytest.raises(amalgam.AmalgamError, match="exists"):
+        amalgam.merge("examples/ties.yml", tmp_path / "out")
+    amalgam.merge("examples/ties.yml", tmp_path / "out", overwrite=True)
+    with pytest.raises(amalgam.AmalgamError):
+        amalgam.open(tmp_path / "missing")
+
+
+def test_open_reads_every_dtype_as_safetensors_does(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "f64": rng.standard_normal((3, 4)),
+        "f32": rng.standard_normal((2, 5)).astype(np.float32),
+        "f16": rng.standard_normal((7,)).astype(np.float16),
+        "i64": rng.integers(-9, 9, (2, 2)).astype(np.int64),
+        "i32": rng.integers(-9, 9, (3,)).astype(np.int32),
+        "i16": rng.integers(-9, 9, (3,)).astype(np.int16),
+        "i8": rng.integers(-9, 9, (4,)).astype(np.int8),
+        "u8": rng.integers(0, 255, (4,)).astype(np.uint8),
+        "bool": rng.integers(0, 2, (5,)).astype(bool),
+    }
+    path = tmp_path / "all.safetensors"
+    save_file(arrays, str(path))
+    m = amalgam.open(path)
+    want = load_file(str(path))
+    assert sorted(m.keys()) == sorted(want)
+    assert len(m) == len(want) and "f32" in m and "nope" not in m
+    for name, w in want.items():
+        got = m[name]
+        assert got.dtype == w.dtype and got.shape == w.shape, name
+        np.testing.assert_array_equal(got, w)
+    with pytest.raises(KeyError):
+        m["nope"]
+    assert m.dtype("f16") == "F16" and m.shape("f64") == [3, 4]
+
+
+def test_open_reads_bfloat16_as_float32(tmp_path):
+    values = np.array([1.0, -2.5, 3.140625, 0.0, 1e-3], dtype=np.float32)
+    bits = (values.view(np.uint32) >> 16).astype(np.uint16)   # exact: these are bf16 values
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [5], "data_offsets": [0, 10]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "bf16.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bits.tobytes())
+    got = amalgam.open(path)["w"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, (bits.astype(np.uint32) << 16).view(np.float32))
+
+
+def test_inspect_and_diff_are_the_clis_json(tmp_path):
+    r = cli("inspect", "examples/models/llama_base", "--json")
+    assert r.returncode == 0, r.stderr
+    assert amalgam.inspect("examples/models/llama_base") == json.loads(r.stdout)
+    d = amalgam.diff("examples/models/llama_base", "examples/models/llama_ft1")
+    r = cli("diff", "examples/models/llama_base", "examples/models/llama_ft1", "--json")
+    assert d == json.loads(r.stdout)
+    assert amalgam.diff("examples/models/llama_base", "examples/models/llama_base")["tensors"]
+
+
+def test_convert_and_lora_apply_match_the_cli(tmp_path):
+    amalgam.convert("examples/models/llama_base", tmp_path / "py", dtype="bf16")
+    cli("convert", "examples/models/llama_base", tmp_path / "cli", "--dtype", "bf16", "-q")
+    assert files(tmp_path / "py") == files(tmp_path / "cli")
+    with pytest.raises(amalgam.AmalgamError, match="dtype"):
+        amalgam.convert("examples/models/llama_base", tmp_path / "x", dtype="int7")
+    fx = ROOT / "crates" / "amalgam-cli" / "tests" / "fixtures"
+    base, adapter = fx / "merge" / "models" / "llama_base", fx / "lora" / "adapters" / "qv"
+    amalgam.lora.apply(base, adapter, tmp_path / "lpy", scale=0.5)
+    cli("lora", "apply", base, adapter, tmp_path / "lcli", "--scale", "0.5", "-q")
+    assert files(tmp_path / "lpy") == files(tmp_path / "lcli")
