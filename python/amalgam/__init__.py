@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional, Union
 from . import _amalgam
 from ._amalgam import AmalgamError, Model
 
-__all__ = ["AmalgamError", "Model", "merge", "open", "inspect", "diff", "convert", "lora"]
+__all__ = ["AmalgamError", "Model", "merge", "open", "inspect", "diff", "convert", "lora", "library"]
 
 Progress = Optional[Callable[[int, int], Any]]
 
@@ -135,3 +135,65 @@ class lora:  # noqa: N801 (a namespace: amalgam.lora.apply)
             threads=threads,
             progress=progress,
         )
+
+
+class library:  # noqa: N801 (a namespace: amalgam.library.build)
+    """Task libraries: one base plus a compact module per task, any task rebuilt on demand."""
+
+    @staticmethod
+    def build(
+        config: Union[str, os.PathLike, Dict[str, Any]],
+        out: Union[str, os.PathLike],
+        *,
+        seed: int = 0,
+        shard_size: str = "5B",
+        overwrite: bool = False,
+        threads: Optional[int] = None,
+        progress: Progress = None,
+    ) -> Dict[str, Any]:
+        """Build a library from its config (a path, YAML text or a dict); returns what
+        `library info --json` prints."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = _config_file(config, tmp)
+            return json.loads(
+                _amalgam.library_build(
+                    path,
+                    os.fspath(out),
+                    seed=seed,
+                    shard_size=shard_size,
+                    overwrite=overwrite,
+                    threads=threads,
+                    progress=progress,
+                )
+            )
+
+    @staticmethod
+    def rebuild(
+        lib: Union[str, os.PathLike],
+        task: str,
+        out: Union[str, os.PathLike],
+        *,
+        base: Optional[Union[str, os.PathLike]] = None,
+        dtype: Optional[str] = None,
+        out_shard_size: str = "5B",
+        overwrite: bool = False,
+        threads: Optional[int] = None,
+        progress: Progress = None,
+    ) -> str:
+        """Rebuild task `task` of library `lib` as a model folder at `out`."""
+        return _amalgam.library_rebuild(
+            os.fspath(lib),
+            task,
+            os.fspath(out),
+            base=None if base is None else os.fspath(base),
+            dtype=dtype,
+            out_shard_size=out_shard_size,
+            overwrite=overwrite,
+            threads=threads,
+            progress=progress,
+        )
+
+    @staticmethod
+    def info(lib: Union[str, os.PathLike]) -> Dict[str, Any]:
+        """`library info --json`."""
+        return json.loads(_amalgam.library_info_json(os.fspath(lib)))

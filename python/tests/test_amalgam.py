@@ -33,7 +33,9 @@ def from_root(monkeypatch):
 
 
 def files(d):
-    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+    """Every file under `d`, by relative path, with its bytes."""
+    d = Path(d)
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_merge_writes_the_bytes_the_cli_writes(tmp_path):
@@ -143,3 +145,19 @@ def test_convert_and_lora_apply_match_the_cli(tmp_path):
     amalgam.lora.apply(base, adapter, tmp_path / "lpy", scale=0.5)
     cli("lora", "apply", base, adapter, tmp_path / "lcli", "--scale", "0.5", "-q")
     assert files(tmp_path / "lpy") == files(tmp_path / "lcli")
+
+
+def test_library_build_rebuild_info_match_the_cli(tmp_path):
+    info = amalgam.library.build("examples/library.yml", tmp_path / "py")
+    r = cli("library", "build", "examples/library.yml", tmp_path / "cli", "-q")
+    assert r.returncode == 0, r.stderr
+    assert files(tmp_path / "py") == files(tmp_path / "cli")
+    r = cli("library", "info", tmp_path / "cli", "--json")
+    want = json.loads(r.stdout)
+    want["library"] = str(tmp_path / "py")
+    assert info == want == amalgam.library.info(tmp_path / "py")
+    amalgam.library.rebuild(tmp_path / "py", "ft2", tmp_path / "ft2-py")
+    cli("library", "rebuild", tmp_path / "cli", "ft2", tmp_path / "ft2-cli", "-q")
+    assert files(tmp_path / "ft2-py") == files(tmp_path / "ft2-cli")
+    with pytest.raises(amalgam.AmalgamError, match="nope"):
+        amalgam.library.rebuild(tmp_path / "py", "nope", tmp_path / "x")

@@ -184,46 +184,8 @@ pub fn run(cmd: LibraryCommand, quiet: bool) -> Result<()> {
     }
 }
 
-/// The summary `info` prints, as JSON.
-fn summary(m: &Manifest, dir: &std::path::Path) -> serde_json::Value {
-    let tasks: Vec<serde_json::Value> = m
-        .tasks
-        .iter()
-        .map(|t| {
-            serde_json::json!({
-                "name": t.name,
-                "model": t.model,
-                "present": dir.join(&t.file).is_file(),
-                "bytes": t.bytes,
-                "bits_per_parameter": t.bits_per_parameter,
-                "relative_error": t.relative_error,
-                "scale": t.scale,
-                "parameters": t.parameters,
-            })
-        })
-        .collect();
-    let task_bytes: u64 = m.tasks.iter().map(|t| t.bytes).sum();
-    let total = m.shared_bytes + task_bytes;
-    let full = m.base.bytes * m.tasks.len() as u64;
-    serde_json::json!({
-        "library": dir,
-        "scheme": m.scheme,
-        "parameters": m.parameters,
-        "merge": m.merge,
-        "out_dtype": m.out_dtype.map(|d| d.to_string()),
-        "base": m.base.path,
-        "base_parameters": m.base.parameters,
-        "base_bytes": m.base.bytes,
-        "shared_bytes": m.shared_bytes,
-        "task_bytes": task_bytes,
-        "total_bytes": total,
-        "full_models_bytes": full,
-        "tasks": tasks,
-    })
-}
-
 fn print_info(m: &Manifest, dir: &std::path::Path, json: bool, out: &mut dyn Write) -> Result<()> {
-    let s = summary(m, dir);
+    let s = m.summary(dir);
     if json {
         serde_json::to_writer_pretty(&mut *out, &s)?;
         writeln!(out)?;

@@ -134,6 +134,18 @@ fn existing(overwrite: bool) -> Existing {
     }
 }
 
+/// A float dtype by name (bf16, f16, f32, f64 or the torch names).
+fn float_dtype(name: Option<&str>) -> PyResult<Option<DType>> {
+    name.map(|d| {
+        DType::parse_float(d).ok_or_else(|| {
+            AmalgamError::new_err(format!(
+                "invalid dtype: '{d}' is not a float dtype (bf16, f16, f32, f64)"
+            ))
+        })
+    })
+    .transpose()
+}
+
 fn shard(size: Option<&str>) -> PyResult<Option<u64>> {
     size.map(parse_shard_size).transpose().map_err(to_py)
 }
@@ -200,17 +212,8 @@ fn convert(
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<String> {
-    let dtype = dtype
-        .map(|d| {
-            DType::parse_float(d).ok_or_else(|| {
-                AmalgamError::new_err(format!(
-                    "invalid dtype: '{d}' is not a float dtype (bf16, f16, f32, f64)"
-                ))
-            })
-        })
-        .transpose()?;
     let opts = convert_op::ConvertOptions {
-        dtype,
+        dtype: float_dtype(dtype)?,
         shard_size: shard(out_shard_size)?,
         existing: existing(overwrite),
     };
@@ -246,6 +249,74 @@ fn lora_apply(
         amalgam::ops::lora::apply(&base, &adapter, &output, &opts, &bar)
     })?;
     Ok(out.display().to_string())
+}
+
+/// Build a task library from its YAML config into `output`; returns the library's summary as
+/// JSON (what `library info --json` prints).
+#[pyfunction]
+#[pyo3(signature = (config, output, *, seed=0, shard_size="5B", overwrite=false, threads=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn library_build(
+    py: Python<'_>,
+    config: PathBuf,
+    output: PathBuf,
+    seed: u64,
+    shard_size: Option<&str>,
+    overwrite: bool,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let opts = amalgam::library::BuildOptions {
+        existing: existing(overwrite),
+        seed,
+        chunk_elements: 0,
+        input_cache: None,
+        shard_size: shard(shard_size)?,
+    };
+    let bar = PyProgress::new(progress);
+    let manifest = run(py, threads, &bar, || {
+        amalgam::library::build(&config, &output, &opts, &bar)
+    })?;
+    Ok(manifest.summary(&output).to_string())
+}
+
+/// Rebuild task `task` of the library at `library` into `output`.
+#[pyfunction]
+#[pyo3(signature = (library, task, output, *, base=None, dtype=None, out_shard_size="5B", overwrite=false, threads=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn library_rebuild(
+    py: Python<'_>,
+    library: PathBuf,
+    task: String,
+    output: PathBuf,
+    base: Option<PathBuf>,
+    dtype: Option<&str>,
+    out_shard_size: Option<&str>,
+    overwrite: bool,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let opts = amalgam::library::RebuildOptions {
+        base,
+        existing: existing(overwrite),
+        shard_size: shard(out_shard_size)?,
+        out_dtype: float_dtype(dtype)?,
+        chunk_elements: 0,
+    };
+    let bar = PyProgress::new(progress);
+    let out = run(py, threads, &bar, || {
+        amalgam::library::rebuild(&library, &task, &output, &opts, &bar)
+    })?;
+    Ok(out.display().to_string())
+}
+
+/// `library info --json` of the library at `library`.
+#[pyfunction]
+fn library_info_json(py: Python<'_>, library: PathBuf) -> PyResult<String> {
+    let lib = py
+        .detach(|| amalgam::library::Library::open(&library))
+        .map_err(to_py)?;
+    Ok(lib.manifest.summary(&library).to_string())
 }
 
 /// A model opened for reading: a lazy mapping from tensor names to numpy arrays.
@@ -380,6 +451,9 @@ fn _amalgam(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(diff_json, m)?)?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
     m.add_function(wrap_pyfunction!(lora_apply, m)?)?;
+    m.add_function(wrap_pyfunction!(library_build, m)?)?;
+    m.add_function(wrap_pyfunction!(library_rebuild, m)?)?;
+    m.add_function(wrap_pyfunction!(library_info_json, m)?)?;
     m.add_function(wrap_pyfunction!(_is_file, m)?)?;
     m.add_class::<PyModel>()?;
     Ok(())
