@@ -161,3 +161,39 @@ def test_library_build_rebuild_info_match_the_cli(tmp_path):
     assert files(tmp_path / "ft2-py") == files(tmp_path / "ft2-cli")
     with pytest.raises(amalgam.AmalgamError, match="nope"):
         amalgam.library.rebuild(tmp_path / "py", "nope", tmp_path / "x")
+
+
+def test_a_raising_progress_callback_stops_the_merge(tmp_path):
+    def stop(done, total):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        amalgam.merge("examples/ties.yml", tmp_path / "out", progress=stop)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".amalgam-tmp")]
+    # The next call runs normally: the cancellation does not outlive its call.
+    amalgam.merge("examples/ties.yml", tmp_path / "out")
+
+
+def test_ctrl_c_interrupts_and_leaves_no_output(tmp_path):
+    import signal
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    # A callback that sleeps makes the tiny merge last seconds.
+    script = (
+        "import time, amalgam\n"
+        f"amalgam.merge('examples/ties.yml', {str(out)!r}, threads=1,\n"
+        "              progress=lambda d, t: (print('started', flush=True), time.sleep(0.2)))\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "started"
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert "KeyboardInterrupt" in err, err
+    assert not out.exists()
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".amalgam-tmp")]

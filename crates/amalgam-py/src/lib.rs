@@ -86,9 +86,10 @@ impl Progress for PyProgress {
 fn run<T: Send>(
     py: Python<'_>,
     threads: Option<usize>,
-    progress: &PyProgress,
-    f: impl FnOnce() -> amalgam::Result<T> + Send,
+    progress: Option<Py<PyAny>>,
+    f: impl FnOnce(&dyn Progress) -> amalgam::Result<T> + Send,
 ) -> PyResult<T> {
+    let progress = &PyProgress::new(progress);
     amalgam::cancel::reset();
     let result = std::thread::scope(|s| {
         let worker = s.spawn(move || -> amalgam::Result<T> {
@@ -99,7 +100,7 @@ fn run<T: Send>(
             let pool = pool
                 .build()
                 .map_err(|e| amalgam::Error::argument("threads", e.to_string()))?;
-            pool.install(f)
+            pool.install(|| f(progress))
         });
         let mut interrupted = None;
         while !worker.is_finished() {
@@ -175,9 +176,8 @@ fn merge(
         },
         ..Default::default()
     };
-    let bar = PyProgress::new(progress);
-    let out = run(py, threads, &bar, || {
-        merge_op::merge(&config, &output, &opts, &bar)
+    let out = run(py, threads, progress, |bar| {
+        merge_op::merge(&config, &output, &opts, bar)
     })?;
     Ok(out.display().to_string())
 }
@@ -217,9 +217,8 @@ fn convert(
         shard_size: shard(out_shard_size)?,
         existing: existing(overwrite),
     };
-    let bar = PyProgress::new(progress);
-    let out = run(py, threads, &bar, || {
-        convert_op::convert(&input, &output, &opts, &bar)
+    let out = run(py, threads, progress, |bar| {
+        convert_op::convert(&input, &output, &opts, bar)
     })?;
     Ok(out.display().to_string())
 }
@@ -244,9 +243,8 @@ fn lora_apply(
         shard_size: shard(out_shard_size)?,
         existing: existing(overwrite),
     };
-    let bar = PyProgress::new(progress);
-    let out = run(py, threads, &bar, || {
-        amalgam::ops::lora::apply(&base, &adapter, &output, &opts, &bar)
+    let out = run(py, threads, progress, |bar| {
+        amalgam::ops::lora::apply(&base, &adapter, &output, &opts, bar)
     })?;
     Ok(out.display().to_string())
 }
@@ -273,9 +271,8 @@ fn library_build(
         input_cache: None,
         shard_size: shard(shard_size)?,
     };
-    let bar = PyProgress::new(progress);
-    let manifest = run(py, threads, &bar, || {
-        amalgam::library::build(&config, &output, &opts, &bar)
+    let manifest = run(py, threads, progress, |bar| {
+        amalgam::library::build(&config, &output, &opts, bar)
     })?;
     Ok(manifest.summary(&output).to_string())
 }
@@ -303,9 +300,8 @@ fn library_rebuild(
         out_dtype: float_dtype(dtype)?,
         chunk_elements: 0,
     };
-    let bar = PyProgress::new(progress);
-    let out = run(py, threads, &bar, || {
-        amalgam::library::rebuild(&library, &task, &output, &opts, &bar)
+    let out = run(py, threads, progress, |bar| {
+        amalgam::library::rebuild(&library, &task, &output, &opts, bar)
     })?;
     Ok(out.display().to_string())
 }
