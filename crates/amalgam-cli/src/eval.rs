@@ -1,10 +1,10 @@
 //! `amalgam eval`: evaluate a model on JSONL tasks and print a summary table or JSON.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use amalgam_eval::{Evaluator, Head, Kind, Metrics, Task, TaskResult, Weighting};
+use amalgam_eval::{Evaluator, Metrics, Task, TaskReport, Weighting};
 use anyhow::{Context, Result, bail};
 
 /// Arguments of `amalgam eval`.
@@ -49,19 +49,6 @@ pub struct EvalArgs {
     route: crate::route::RouteArgs,
 }
 
-/// One task's line of the report.
-#[derive(serde::Serialize)]
-struct Row {
-    #[serde(flatten)]
-    result: TaskResult,
-    /// Routed: the fraction of rows whose top expert is the task's own.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    router_accuracy: Option<f64>,
-    /// An MoE model: per layer, the fraction of this task's routed tokens each expert received.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expert_fractions: Option<Vec<Vec<f64>>>,
-}
-
 /// Run `amalgam eval`.
 pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
     if args.batch_size == 0 {
@@ -85,7 +72,7 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
     }
     .with_context(|| format!("loading {}", args.model.display()))?;
     ev.batch_size = args.batch_size;
-    let heads = heads_for(&tasks, &args.heads, ev.hidden_size())?;
+    let heads = amalgam_eval::head::heads_for(&tasks, &args.heads, ev.hidden_size())?;
     let say = |msg: String| {
         if !quiet {
             eprintln!("{msg}");
@@ -128,9 +115,9 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
                 b.inc(n as u64);
             }
         };
-        let counts_before = ev.expert_counts();
-        let (result, router_accuracy) = match &routing {
+        let row = match &routing {
             Some(r) => {
+                let before = ev.expert_counts();
                 let rows = r.weights(&ev, task)?;
                 let w = match &rows {
                     None => Weighting::Token,
@@ -148,12 +135,13 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
                     routed.top.iter().filter(|&&t| t == e).count() as f64
                         / routed.top.len().max(1) as f64
                 });
-                (routed.result, acc)
+                TaskReport {
+                    result: routed.result,
+                    router_accuracy: acc,
+                    expert_fractions: ev.expert_fractions_since(before),
+                }
             }
-            None => match head {
-                Some(h) => (ev.classify(task, h, &tick)?, None),
-                None => (ev.perplexity(task, &tick)?, None),
-            },
+            None => ev.evaluate(task, head.as_ref(), &tick)?,
         };
         if let Some(b) = bar {
             b.finish_and_clear();
@@ -161,25 +149,12 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
         say(format!(
             "eval: {}: {}{} in {:.1} s",
             task.name,
-            describe(&result.metrics),
-            router_accuracy.map_or(String::new(), |a| format!(", router accuracy {a:.4}")),
+            describe(&row.result.metrics),
+            row.router_accuracy
+                .map_or(String::new(), |a| format!(", router accuracy {a:.4}")),
             t0.elapsed().as_secs_f64()
         ));
-        let expert_fractions = counts_before.zip(ev.expert_counts()).map(|(a, b)| {
-            a.iter()
-                .zip(&b)
-                .map(|(before, after)| {
-                    let d: Vec<u64> = after.iter().zip(before).map(|(x, y)| x - y).collect();
-                    let total = d.iter().sum::<u64>().max(1) as f64;
-                    d.iter().map(|&c| c as f64 / total).collect()
-                })
-                .collect()
-        });
-        results.push(Row {
-            result,
-            router_accuracy,
-            expert_fractions,
-        });
+        results.push(row);
     }
     if args.json {
         let mut out = serde_json::json!({ "tasks": results });
@@ -190,69 +165,6 @@ pub fn run(args: EvalArgs, quiet: bool) -> Result<()> {
     } else {
         print_table(&results)
     }
-}
-
-/// The head of each task (`None` for language modelling), checked against the model.
-fn heads_for(
-    tasks: &[Task],
-    given: &[PathBuf],
-    hidden: Option<usize>,
-) -> Result<Vec<Option<Head>>> {
-    let classification: Vec<&Task> = tasks
-        .iter()
-        .filter(|t| t.kind == Kind::Classification)
-        .collect();
-    if classification.is_empty() {
-        if !given.is_empty() {
-            bail!("--head given, but no task has labels (language-modelling tasks need no head)");
-        }
-        return Ok(tasks.iter().map(|_| None).collect());
-    }
-    let Some(hidden) = hidden else {
-        bail!(
-            "{} has labels, which asks for classification with a head, but the model is a \
-             decoder LM; classification needs an encoder (BERT family)",
-            classification[0].path.display()
-        );
-    };
-    let dir = match given {
-        [one] if one.is_dir() => Some(one.as_path()),
-        _ => None,
-    };
-    if dir.is_none() && given.len() != classification.len() {
-        bail!(
-            "{} classification task(s) but {} --head file(s): give one head per labelled task, \
-             in order, or one folder of NAME.safetensors heads",
-            classification.len(),
-            given.len()
-        );
-    }
-    let mut files = given.iter();
-    tasks
-        .iter()
-        .map(|t| {
-            if t.kind != Kind::Classification {
-                return Ok(None);
-            }
-            let path = match dir {
-                Some(d) => head_in(d, &t.name)?,
-                None => files.next().expect("counted above").clone(),
-            };
-            Ok(Some(Head::load(&path, hidden)?))
-        })
-        .collect()
-}
-
-fn head_in(dir: &Path, name: &str) -> Result<PathBuf> {
-    let path = dir.join(format!("{name}.safetensors"));
-    if !path.is_file() {
-        bail!(
-            "{}: no head for task {name} (expected {})",
-            dir.display(),
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 fn describe(m: &Metrics) -> String {
@@ -268,7 +180,7 @@ fn describe(m: &Metrics) -> String {
     }
 }
 
-fn print_table(rows: &[Row]) -> Result<()> {
+fn print_table(rows: &[TaskReport]) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let routed = rows.iter().any(|r| r.router_accuracy.is_some());
     let width = rows
@@ -277,7 +189,7 @@ fn print_table(rows: &[Row]) -> Result<()> {
         .max()
         .unwrap_or(4)
         .max(4);
-    let router = |r: &Row| match (routed, r.router_accuracy) {
+    let router = |r: &TaskReport| match (routed, r.router_accuracy) {
         (false, _) => String::new(),
         (true, Some(a)) => format!("  {a:>6.4}"),
         (true, None) => format!("  {:>6}", "-"),

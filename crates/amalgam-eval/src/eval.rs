@@ -48,6 +48,20 @@ pub enum Metrics {
     },
 }
 
+/// One task's line of `amalgam eval`'s report (what `--json` prints per task).
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskReport {
+    /// The task's result.
+    #[serde(flatten)]
+    pub result: TaskResult,
+    /// Routed: the fraction of rows whose top expert is the task's own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_accuracy: Option<f64>,
+    /// An MoE model: per layer, the fraction of this task's routed tokens each expert received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_fractions: Option<Vec<Vec<f64>>>,
+}
+
 /// One task's result.
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskResult {
@@ -177,6 +191,44 @@ impl Evaluator {
             Net::Decoder(d) => d.expert_counts(),
             Net::Bert(_) => None,
         }
+    }
+
+    /// For an MoE model: per layer, the fraction of the tokens routed since `before` (what
+    /// [`expert_counts`](Self::expert_counts) said then) that each expert received.
+    pub fn expert_fractions_since(&self, before: Option<Vec<Vec<u64>>>) -> Option<Vec<Vec<f64>>> {
+        let after = self.expert_counts()?;
+        let before = before?;
+        Some(
+            before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| {
+                    let d: Vec<u64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+                    let total = d.iter().sum::<u64>().max(1) as f64;
+                    d.iter().map(|&c| c as f64 / total).collect()
+                })
+                .collect(),
+        )
+    }
+
+    /// Evaluate `task`: accuracy of `head` (classification) or loss and perplexity (language
+    /// modelling, `head` `None`), with an MoE model's expert fractions.
+    pub fn evaluate(
+        &self,
+        task: &Task,
+        head: Option<&Head>,
+        progress: Progress,
+    ) -> Result<TaskReport> {
+        let before = self.expert_counts();
+        let result = match head {
+            Some(h) => self.classify(task, h, progress)?,
+            None => self.perplexity(task, progress)?,
+        };
+        Ok(TaskReport {
+            result,
+            router_accuracy: None,
+            expert_fractions: self.expert_fractions_since(before),
+        })
     }
 
     /// Parameters in the model's float tensors (a library task's: its base's).

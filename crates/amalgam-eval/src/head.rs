@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::nn::Linear;
+use crate::task::{Kind, Task};
 
 /// A loaded head.
 pub struct Head {
@@ -90,4 +91,72 @@ impl Head {
     pub fn forward(&self, pooled: &Tensor) -> Result<Tensor> {
         self.linear.forward(pooled)
     }
+}
+
+/// The head of each of `tasks` (`None` for language modelling), checked against an encoder of
+/// width `hidden` (`None`: a decoder): `given` is one head file per classification task, in
+/// order, or one folder of `NAME.safetensors` heads.
+pub fn heads_for(
+    tasks: &[Task],
+    given: &[PathBuf],
+    hidden: Option<usize>,
+) -> Result<Vec<Option<Head>>> {
+    let classification: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| t.kind == Kind::Classification)
+        .collect();
+    if classification.is_empty() {
+        if !given.is_empty() {
+            return Err(Error::Argument(
+                "--head given, but no task has labels (language-modelling tasks need no head)"
+                    .into(),
+            ));
+        }
+        return Ok(tasks.iter().map(|_| None).collect());
+    }
+    let Some(hidden) = hidden else {
+        return Err(Error::Argument(format!(
+            "{} has labels, which asks for classification with a head, but the model is a \
+             decoder LM; classification needs an encoder (BERT family)",
+            classification[0].path.display()
+        )));
+    };
+    let dir = match given {
+        [one] if one.is_dir() => Some(one.as_path()),
+        _ => None,
+    };
+    if dir.is_none() && given.len() != classification.len() {
+        return Err(Error::Argument(format!(
+            "{} classification task(s) but {} --head file(s): give one head per labelled task, \
+             in order, or one folder of NAME.safetensors heads",
+            classification.len(),
+            given.len()
+        )));
+    }
+    let mut files = given.iter();
+    tasks
+        .iter()
+        .map(|t| {
+            if t.kind != Kind::Classification {
+                return Ok(None);
+            }
+            let path = match dir {
+                Some(d) => head_in(d, &t.name)?,
+                None => files.next().expect("counted above").clone(),
+            };
+            Ok(Some(Head::load(&path, hidden)?))
+        })
+        .collect()
+}
+
+fn head_in(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}.safetensors"));
+    if !path.is_file() {
+        return Err(Error::Argument(format!(
+            "{}: no head for task {name} (expected {})",
+            dir.display(),
+            path.display()
+        )));
+    }
+    Ok(path)
 }

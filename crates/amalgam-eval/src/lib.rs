@@ -21,6 +21,6 @@ pub mod tokenize;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use eval::{Evaluator, Metrics, Routed, TaskResult, Weighting};
+pub use eval::{Evaluator, Metrics, Routed, TaskReport, TaskResult, Weighting};
 pub use head::Head;
 pub use task::{Kind, Task};
