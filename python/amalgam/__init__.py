@@ -16,12 +16,14 @@ import builtins
 import json
 import os
 import tempfile
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from . import _amalgam
 from ._amalgam import AmalgamError, Model
 
-__all__ = ["AmalgamError", "Model", "merge", "open", "inspect", "diff", "convert", "lora", "library"]
+__all__ = [
+    "AmalgamError", "Model", "merge", "open", "inspect", "diff", "convert", "eval", "lora", "library",
+]
 
 Progress = Optional[Callable[[int, int], Any]]
 
@@ -106,6 +108,39 @@ def convert(
         overwrite=overwrite,
         threads=threads,
         progress=progress,
+    )
+
+
+def eval(  # noqa: A001 (amalgam.eval, the CLI's `amalgam eval`)
+    model: Union[str, os.PathLike],
+    tasks: Union[str, os.PathLike, List[Union[str, os.PathLike]]],
+    *,
+    heads: Optional[List[Union[str, os.PathLike]]] = None,
+    max_len: Optional[int] = None,
+    limit: Optional[int] = None,
+    batch_size: int = 32,
+    library_task: Optional[str] = None,
+    base: Optional[Union[str, os.PathLike]] = None,
+    threads: Optional[int] = None,
+) -> Dict[str, Any]:
+    """`amalgam eval --json`: each JSONL task's accuracy (classification, with one head per
+    labelled task or a folder of NAME.safetensors heads) or loss and perplexity (language
+    modelling), on the model folder or, with `library_task`, a task of a library rebuilt in
+    memory."""
+    if isinstance(tasks, (str, os.PathLike)):
+        tasks = [tasks]
+    return json.loads(
+        _amalgam.eval_json(
+            os.fspath(model),
+            [os.fspath(t) for t in tasks],
+            heads=[os.fspath(h) for h in heads or []],
+            max_len=max_len,
+            limit=limit,
+            batch_size=batch_size,
+            library_task=library_task,
+            base=None if base is None else os.fspath(base),
+            threads=threads,
+        )
     )
 
 

@@ -197,3 +197,25 @@ def test_ctrl_c_interrupts_and_leaves_no_output(tmp_path):
     assert "KeyboardInterrupt" in err, err
     assert not out.exists()
     assert not [q for q in tmp_path.iterdir() if q.name.startswith(".amalgam-tmp")]
+
+
+def test_eval_is_the_clis_json(tmp_path):
+    fx = ROOT / "crates" / "amalgam-eval" / "tests" / "fixtures"
+    moe = ROOT / "crates" / "amalgam-cli" / "tests" / "fixtures" / "moe" / "mixtral_cheap.out"
+    cases = [
+        (fx / "bert", [fx / "bert" / "task.jsonl"], [fx / "bert" / "head.safetensors"]),
+        (fx / "llama", [fx / "llama" / "lm.jsonl"], []),
+        (moe, [fx / "llama" / "lm.jsonl"], []),
+    ]
+    for model, tasks, heads in cases:
+        args = [a for t in tasks for a in ("--task", t)] + [a for h in heads for a in ("--head", h)]
+        r = cli("eval", model, *args, "--json", "-q")
+        assert r.returncode == 0, r.stderr
+        assert amalgam.eval(model, tasks, heads=heads) == json.loads(r.stdout), model
+    # The same error as the CLI's: a labelled task without a head.
+    r = cli("eval", fx / "bert", "--task", fx / "bert" / "task.jsonl")
+    with pytest.raises(amalgam.AmalgamError) as e:
+        amalgam.eval(fx / "bert", fx / "bert" / "task.jsonl")
+    assert "error: " + str(e.value) == r.stderr.strip()
+    with pytest.raises(amalgam.AmalgamError, match="--limit"):
+        amalgam.eval(fx / "llama", fx / "llama" / "lm.jsonl", limit=0)

@@ -83,24 +83,22 @@ impl Progress for PyProgress {
 /// Run `f` on a thread of its own, on a pool of `threads` workers (default: all cores), without
 /// the GIL; the calling thread checks for signals (Ctrl-C) every 50 ms and cancels the work,
 /// which then removes its partial output.
-fn run<T: Send>(
+fn run<T: Send, E: std::fmt::Display + Send>(
     py: Python<'_>,
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
-    f: impl FnOnce(&dyn Progress) -> amalgam::Result<T> + Send,
+    f: impl FnOnce(&dyn Progress) -> Result<T, E> + Send,
 ) -> PyResult<T> {
     let progress = &PyProgress::new(progress);
     amalgam::cancel::reset();
     let result = std::thread::scope(|s| {
-        let worker = s.spawn(move || -> amalgam::Result<T> {
+        let worker = s.spawn(move || -> Result<T, String> {
             let mut pool = rayon::ThreadPoolBuilder::new();
             if let Some(n) = threads {
                 pool = pool.num_threads(n);
             }
-            let pool = pool
-                .build()
-                .map_err(|e| amalgam::Error::argument("threads", e.to_string()))?;
-            pool.install(|| f(progress))
+            let pool = pool.build().map_err(|e| format!("invalid threads: {e}"))?;
+            pool.install(|| f(progress)).map_err(|e| e.to_string())
         });
         let mut interrupted = None;
         while !worker.is_finished() {
@@ -117,7 +115,7 @@ fn run<T: Send>(
             .expect("the worker does not panic");
         match interrupted {
             Some(e) => Err(e),
-            None => out.map_err(to_py),
+            None => out.map_err(AmalgamError::new_err),
         }
     });
     amalgam::cancel::reset();
@@ -315,6 +313,58 @@ fn library_info_json(py: Python<'_>, library: PathBuf) -> PyResult<String> {
     Ok(lib.manifest.summary(&library).to_string())
 }
 
+/// `amalgam eval --json` (without routing) as a JSON string: each task's accuracy (with a
+/// head) or loss and perplexity, and an MoE's expert fractions.
+#[pyfunction]
+#[pyo3(signature = (model, tasks, *, heads=Vec::new(), max_len=None, limit=None, batch_size=32, library_task=None, base=None, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn eval_json(
+    py: Python<'_>,
+    model: PathBuf,
+    tasks: Vec<PathBuf>,
+    heads: Vec<PathBuf>,
+    max_len: Option<usize>,
+    limit: Option<usize>,
+    batch_size: usize,
+    library_task: Option<String>,
+    base: Option<PathBuf>,
+    threads: Option<usize>,
+) -> PyResult<String> {
+    use amalgam_eval::{Evaluator, Task};
+    // The CLI's checks and messages.
+    if batch_size == 0 {
+        return Err(AmalgamError::new_err("--batch-size must be at least 1"));
+    }
+    if limit == Some(0) {
+        return Err(AmalgamError::new_err("--limit must be at least 1"));
+    }
+    if tasks.is_empty() {
+        return Err(AmalgamError::new_err("no task given"));
+    }
+    let rows = run(py, threads, None, |_| -> Result<_, String> {
+        let tasks = tasks
+            .iter()
+            .map(|p| Task::load(p, limit))
+            .collect::<amalgam_eval::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        let mut ev = match &library_task {
+            Some(t) => Evaluator::open_library(&model, t, base.as_deref(), max_len),
+            None => Evaluator::open(&model, max_len),
+        }
+        .map_err(|e| format!("loading {}: {e}", model.display()))?;
+        ev.batch_size = batch_size;
+        let heads = amalgam_eval::head::heads_for(&tasks, &heads, ev.hidden_size())
+            .map_err(|e| e.to_string())?;
+        tasks
+            .iter()
+            .zip(&heads)
+            .map(|(t, h)| ev.evaluate(t, h.as_ref(), &|_| {}))
+            .collect::<amalgam_eval::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())
+    })?;
+    Ok(serde_json::json!({ "tasks": rows }).to_string())
+}
+
 /// A model opened for reading: a lazy mapping from tensor names to numpy arrays.
 #[pyclass(name = "Model", module = "amalgam", frozen)]
 struct PyModel {
@@ -450,6 +500,7 @@ fn _amalgam(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(library_build, m)?)?;
     m.add_function(wrap_pyfunction!(library_rebuild, m)?)?;
     m.add_function(wrap_pyfunction!(library_info_json, m)?)?;
+    m.add_function(wrap_pyfunction!(eval_json, m)?)?;
     m.add_function(wrap_pyfunction!(_is_file, m)?)?;
     m.add_class::<PyModel>()?;
     Ok(())
