@@ -193,13 +193,23 @@ impl Weights {
             return Ok(t.index_select(&idx, 0)?);
         }
         let entry = self.model.entry(&full)?;
-        if entry.shape != shape || shape.len() != 2 || !entry.dtype.is_float() {
+        if entry.shape != shape || shape.len() != 2 {
             return Err(Error::Shape {
                 path: self.model.path.clone(),
                 name: full,
                 expected: shape.to_vec(),
                 found: entry.shape.clone(),
             });
+        }
+        if !entry.dtype.is_float() {
+            return Err(amalgam::Error::argument(
+                format!("{}: tensor {full}", self.model.path.display()),
+                format!(
+                    "has dtype {:?}; evaluation needs floating-point weights",
+                    entry.dtype
+                ),
+            )
+            .into());
         }
         let width = shape[1];
         let row_bytes = width * entry.dtype.size();
