@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use amalgam::moe::{self, Layout, PromptEncoder};
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Args, ValueEnum};
 
 use crate::progress;
@@ -54,7 +54,6 @@ pub struct MoeArgs {
 
 /// Run `amalgam moe`.
 pub fn run(args: MoeArgs, quiet: bool) -> Result<()> {
-    let started = std::time::Instant::now();
     let layout = match args.layout {
         LayoutArg::V5 => Layout::V5,
         LayoutArg::Legacy => Layout::Legacy,
@@ -66,74 +65,35 @@ pub fn run(args: MoeArgs, quiet: bool) -> Result<()> {
             allow_identical: args.allow_identical_experts,
         },
     )?;
-    let bar = progress::Bar::new("moe", quiet);
-    use amalgam::progress::Progress as _;
-    prepared.warnings.iter().for_each(|w| bar.warn(w));
     if args.dry_run {
+        use amalgam::progress::Progress as _;
+        let bar = progress::Bar::new("moe", quiet);
+        prepared.warnings.iter().for_each(|w| bar.warn(w));
         print!("{}", prepared.describe());
         return Ok(());
-    }
-    let mode = prepared.config.gate_mode;
-    let gated = prepared.config.gated();
-    let prompts: usize = gated
-        .iter()
-        .map(|e| e.positive().len() + e.negative().len())
-        .sum();
-    let gates_started = std::time::Instant::now();
-    let gates = if mode.is_random() {
-        moe::gates::compute(
-            &prepared.config,
-            prepared.layers,
-            prepared.hidden,
-            None,
-            args.seed,
-        )?
-    } else {
-        let mut encoder = encoder(&prepared, quiet)?;
-        moe::gates::compute(
-            &prepared.config,
-            prepared.layers,
-            prepared.hidden,
-            Some(encoder.as_mut()),
-            args.seed,
-        )?
-    };
-    let gate_seconds = gates_started.elapsed().as_secs_f64();
-    let degenerate = moe::gates::degenerate_layers(&gates);
-    if let Some(w) = moe::gates::degenerate_warning(&degenerate, prepared.layers) {
-        bar.warn(&w);
     }
     let opts = moe::MoeOptions {
         shard_size: Some(args.out_shard_size),
         existing: crate::existing(args.overwrite),
         seed: args.seed,
     };
-    let out = moe::write(&prepared, &gates, &args.output, &opts, &bar)?;
+    let bar = progress::Bar::new("moe", quiet);
+    let report = moe::build(
+        &prepared,
+        &args.output,
+        &opts,
+        &mut |p| encoder(p, quiet),
+        &bar,
+    )?;
     if args.json {
-        crate::print_json(&serde_json::json!({
-            "output": out,
-            "architecture": prepared.arch.name(),
-            "model_type": prepared.arch.model_type(),
-            "layout": format!("{layout:?}").to_lowercase(),
-            "experts": prepared.config.experts.len(),
-            "shared_experts": prepared.config.shared().len(),
-            "experts_per_token": prepared.config.experts_per_token,
-            "gate_mode": mode.name(),
-            "prompts": if mode.is_random() { 0 } else { prompts },
-            "layers": prepared.layers,
-            "tensors": prepared.tensors.len(),
-            "degenerate_layers": degenerate,
-            "warnings": prepared.warnings,
-            "gate_seconds": gate_seconds,
-            "seconds": started.elapsed().as_secs_f64(),
-        }))?;
+        crate::print_json(&report)?;
     } else if !quiet {
         eprintln!(
             "wrote {} ({}, {} experts, gate_mode {})",
-            out.display(),
-            prepared.arch.name(),
-            prepared.config.experts.len(),
-            mode.name()
+            report.output.display(),
+            report.architecture,
+            report.experts,
+            report.gate_mode
         );
     }
     Ok(())
@@ -141,14 +101,7 @@ pub fn run(args: MoeArgs, quiet: bool) -> Result<()> {
 
 /// The base model's prompt encoder, with a counter of the forward pass's layers on stderr.
 #[cfg(feature = "eval")]
-fn encoder(prepared: &moe::Prepared, quiet: bool) -> Result<Box<dyn PromptEncoder>> {
-    if prepared.set.adapters[0].is_some() {
-        bail!(
-            "{}: gate_mode {} runs the base model, and a base_model with +adapter is not supported there; bake the adapter with `amalgam lora apply` first",
-            prepared.config.path.display(),
-            prepared.config.gate_mode.name()
-        );
-    }
+fn encoder(prepared: &moe::Prepared, quiet: bool) -> amalgam::Result<Box<dyn PromptEncoder>> {
     let what = if prepared.config.gate_mode == moe::GateMode::CheapEmbed {
         "moe (gates: token embeddings)"
     } else {
@@ -163,17 +116,13 @@ fn encoder(prepared: &moe::Prepared, quiet: bool) -> Result<Box<dyn PromptEncode
             }
         }
     });
-    Ok(Box::new(amalgam_eval::moe_gate::BaseEncoder::open(
-        &prepared.set.models[0].path,
-        report,
-    )?))
+    amalgam_eval::moe_gate::encoder_for(prepared, report)
 }
 
 #[cfg(not(feature = "eval"))]
-fn encoder(prepared: &moe::Prepared, _: bool) -> Result<Box<dyn PromptEncoder>> {
-    bail!(
-        "{}: gate_mode {} needs the base model's forward pass; this amalgam was built without the `eval` feature",
-        prepared.config.path.display(),
+fn encoder(prepared: &moe::Prepared, _: bool) -> amalgam::Result<Box<dyn PromptEncoder>> {
+    Err(prepared.config.error(format!(
+        "gate_mode {} needs the base model's forward pass; this amalgam was built without the `eval` feature",
         prepared.config.gate_mode.name()
-    )
+    )))
 }

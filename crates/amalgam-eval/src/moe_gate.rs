@@ -173,6 +173,25 @@ impl BaseEncoder {
     }
 }
 
+/// The prompt encoder of `prepared`'s base (what [`amalgam::moe::build`] asks for): errors
+/// name the config (a base given as `+adapter`, which this forward does not apply) or the base.
+pub fn encoder_for(
+    prepared: &amalgam::moe::Prepared,
+    progress: Box<dyn FnMut(usize) + Send>,
+) -> amalgam::Result<Box<dyn PromptEncoder>> {
+    if prepared.set.adapters[0].is_some() {
+        return Err(prepared.config.error(format!(
+            "gate_mode {} runs the base model, and a base_model with +adapter is not supported there; bake the adapter with `amalgam lora apply` first",
+            prepared.config.gate_mode.name()
+        )));
+    }
+    let path = &prepared.set.models[0].path;
+    let enc = BaseEncoder::open(path, progress).map_err(|e| {
+        amalgam::Error::argument(format!("base model {}", path.display()), e.to_string())
+    })?;
+    Ok(Box::new(enc))
+}
+
 impl BaseEncoder {
     fn error(&self, e: Error) -> amalgam::Error {
         amalgam::Error::argument(format!("base model {}", self.path.display()), e.to_string())

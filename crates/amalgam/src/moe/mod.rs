@@ -578,6 +578,100 @@ impl Planner<'_> {
     }
 }
 
+/// What [`build`] did (what `amalgam moe --json` prints).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    /// The output directory.
+    pub output: std::path::PathBuf,
+    /// The output architecture's name.
+    pub architecture: &'static str,
+    /// Its `model_type`.
+    pub model_type: &'static str,
+    /// `v5` or `legacy`.
+    pub layout: String,
+    /// Routed experts.
+    pub experts: usize,
+    /// Shared experts.
+    pub shared_experts: usize,
+    /// Experts per token.
+    pub experts_per_token: usize,
+    /// The gate mode.
+    pub gate_mode: &'static str,
+    /// Prompts encoded (0 for random gates).
+    pub prompts: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Output tensors.
+    pub tensors: usize,
+    /// Layers whose gate matrix is ill-conditioned.
+    pub degenerate_layers: Vec<usize>,
+    /// Warnings given.
+    pub warnings: Vec<String>,
+    /// Seconds computing the router weights.
+    pub gate_seconds: f64,
+    /// Seconds in all.
+    pub seconds: f64,
+}
+
+/// Build the MoE `prepared` describes into `output`: router weights (random, or from the
+/// prompt encoder `encoder` makes for the base when the gate mode needs one), mergekit's
+/// warnings through `progress`, then the streamed write.
+pub fn build(
+    prepared: &Prepared,
+    output: &Path,
+    opts: &MoeOptions,
+    encoder: &mut dyn FnMut(&Prepared) -> Result<Box<dyn PromptEncoder>>,
+    progress: &dyn crate::progress::Progress,
+) -> Result<Report> {
+    let started = std::time::Instant::now();
+    prepared.warnings.iter().for_each(|w| progress.warn(w));
+    let mode = prepared.config.gate_mode;
+    let prompts: usize = prepared
+        .config
+        .gated()
+        .iter()
+        .map(|e| e.positive().len() + e.negative().len())
+        .sum();
+    let (layers, hidden) = (prepared.layers, prepared.hidden);
+    let gates = if mode.is_random() {
+        gates::compute(&prepared.config, layers, hidden, None, opts.seed)?
+    } else {
+        let mut enc = encoder(prepared)?;
+        gates::compute(
+            &prepared.config,
+            layers,
+            hidden,
+            Some(enc.as_mut()),
+            opts.seed,
+        )?
+    };
+    let gate_seconds = started.elapsed().as_secs_f64();
+    let degenerate = gates::degenerate_layers(&gates);
+    let mut warnings = prepared.warnings.clone();
+    if let Some(w) = gates::degenerate_warning(&degenerate, layers) {
+        progress.warn(&w);
+        warnings.push(w);
+    }
+    let out = write(prepared, &gates, output, opts, progress)?;
+    Ok(Report {
+        output: out,
+        architecture: prepared.arch.name(),
+        model_type: prepared.arch.model_type(),
+        layout: format!("{:?}", prepared.layout).to_lowercase(),
+        experts: prepared.config.experts.len(),
+        shared_experts: prepared.config.shared().len(),
+        experts_per_token: prepared.config.experts_per_token,
+        gate_mode: mode.name(),
+        prompts: if mode.is_random() { 0 } else { prompts },
+        layers,
+        tensors: prepared.tensors.len(),
+        degenerate_layers: degenerate,
+        warnings,
+        gate_seconds,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
 impl Prepared {
     /// The plan as text (`--dry-run`): architecture, then each output tensor and its sources.
     pub fn describe(&self) -> String {
