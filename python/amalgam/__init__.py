@@ -22,7 +22,8 @@ from . import _amalgam
 from ._amalgam import AmalgamError, Model
 
 __all__ = [
-    "AmalgamError", "Model", "merge", "open", "inspect", "diff", "convert", "eval", "lora", "library",
+    "AmalgamError", "Model", "merge", "moe", "open", "inspect", "diff", "convert", "eval", "lora",
+    "library",
 ]
 
 Progress = Optional[Callable[[int, int], Any]]
@@ -70,6 +71,38 @@ def merge(
             overwrite=overwrite,
             allow_crimes=allow_crimes,
             progress=progress,
+        )
+
+
+def moe(
+    config: Union[str, os.PathLike, Dict[str, Any]],
+    out: Union[str, os.PathLike],
+    *,
+    layout: str = "v5",
+    seed: int = 0,
+    allow_identical_experts: bool = False,
+    out_shard_size: str = "5B",
+    overwrite: bool = False,
+    threads: Optional[int] = None,
+    progress: Progress = None,
+) -> Dict[str, Any]:
+    """Build a mixture-of-experts model from a mergekit-moe config (a path, YAML text or a dict);
+    returns what `amalgam moe --json` prints. `layout` is "v5" (fused experts, mergekit 0.1.5's)
+    or "legacy" (one tensor per expert)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _config_file(config, tmp)
+        return json.loads(
+            _amalgam.moe(
+                path,
+                os.fspath(out),
+                layout=layout,
+                seed=seed,
+                allow_identical_experts=allow_identical_experts,
+                out_shard_size=out_shard_size,
+                overwrite=overwrite,
+                threads=threads,
+                progress=progress,
+            )
         )
 
 

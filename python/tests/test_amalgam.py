@@ -219,3 +219,19 @@ def test_eval_is_the_clis_json(tmp_path):
     assert "error: " + str(e.value) == r.stderr.strip()
     with pytest.raises(amalgam.AmalgamError, match="--limit"):
         amalgam.eval(fx / "llama", fx / "llama" / "lm.jsonl", limit=0)
+
+
+def test_moe_writes_the_bytes_the_cli_writes(tmp_path):
+    fx = ROOT / "crates" / "amalgam-cli" / "tests" / "fixtures" / "moe"
+    for case in ["mixtral_cheap", "llama_hidden"]:
+        config = fx / f"{case}.yml"
+        report = amalgam.moe(config, tmp_path / f"{case}-py", layout="legacy")
+        r = cli("moe", config, tmp_path / f"{case}-cli", "--layout", "legacy", "--json", "-q")
+        assert r.returncode == 0, r.stderr
+        want = json.loads(r.stdout)
+        for k in ("output", "gate_seconds", "seconds"):
+            report.pop(k), want.pop(k)
+        assert report == want
+        assert files(tmp_path / f"{case}-py") == files(tmp_path / f"{case}-cli")
+    with pytest.raises(amalgam.AmalgamError, match="layout"):
+        amalgam.moe(fx / "mixtral_cheap.yml", tmp_path / "x", layout="v4")

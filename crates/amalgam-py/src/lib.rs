@@ -365,6 +365,57 @@ fn eval_json(
     Ok(serde_json::json!({ "tasks": rows }).to_string())
 }
 
+/// Build a mixture-of-experts model from a mergekit-moe config; returns `amalgam moe --json`'s
+/// report as a JSON string.
+#[pyfunction]
+#[pyo3(signature = (config, output, *, layout="v5", seed=0, allow_identical_experts=false, out_shard_size="5B", overwrite=false, threads=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn moe(
+    py: Python<'_>,
+    config: PathBuf,
+    output: PathBuf,
+    layout: &str,
+    seed: u64,
+    allow_identical_experts: bool,
+    out_shard_size: Option<&str>,
+    overwrite: bool,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    use amalgam::moe::{Layout, MoeOptions, PrepareOptions};
+    let layout = match layout {
+        "v5" => Layout::V5,
+        "legacy" => Layout::Legacy,
+        other => {
+            return Err(AmalgamError::new_err(format!(
+                "invalid layout: '{other}' (v5 or legacy)"
+            )));
+        }
+    };
+    let opts = MoeOptions {
+        shard_size: shard(out_shard_size)?,
+        existing: existing(overwrite),
+        seed,
+    };
+    let report = run(py, threads, progress, |bar| {
+        let prepared = amalgam::moe::prepare(
+            &config,
+            PrepareOptions {
+                layout,
+                allow_identical: allow_identical_experts,
+            },
+        )?;
+        amalgam::moe::build(
+            &prepared,
+            &output,
+            &opts,
+            &mut |p| amalgam_eval::moe_gate::encoder_for(p, Box::new(|_| {})),
+            bar,
+        )
+    })?;
+    Ok(serde_json::to_string(&report).expect("json"))
+}
+
 /// A model opened for reading: a lazy mapping from tensor names to numpy arrays.
 #[pyclass(name = "Model", module = "amalgam", frozen)]
 struct PyModel {
@@ -501,6 +552,7 @@ fn _amalgam(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(library_rebuild, m)?)?;
     m.add_function(wrap_pyfunction!(library_info_json, m)?)?;
     m.add_function(wrap_pyfunction!(eval_json, m)?)?;
+    m.add_function(wrap_pyfunction!(moe, m)?)?;
     m.add_function(wrap_pyfunction!(_is_file, m)?)?;
     m.add_class::<PyModel>()?;
     Ok(())
