@@ -181,6 +181,69 @@ class lora:  # noqa: N801 (a namespace: amalgam.lora.apply)
     """LoRA adapters (PEFT format)."""
 
     @staticmethod
+    def extract(
+        base: Union[str, os.PathLike],
+        model: Union[str, os.PathLike],
+        out: Union[str, os.PathLike],
+        *,
+        rank: int = 128,
+        energy: Optional[float] = None,
+        distribute_scale: bool = True,
+        embed_lora: bool = False,
+        save_modules: Optional[List[str]] = None,
+        include: Optional[List[str]] = None,
+        exclude: Optional[List[str]] = None,
+        sv_epsilon: float = 0.0,
+        skip_undecomposable: bool = False,
+        exact: bool = False,
+        seed: int = 0,
+        overwrite: bool = False,
+        threads: Optional[int] = None,
+        progress: Progress = None,
+    ) -> Dict[str, Any]:
+        """A PEFT adapter approximating `model − base` by truncated SVDs (mergekit-extract-lora's
+        conventions); returns `lora extract --json`'s report."""
+        return json.loads(
+            _amalgam.lora_extract(
+                os.fspath(base),
+                os.fspath(model),
+                os.fspath(out),
+                rank=rank,
+                energy=energy,
+                distribute_scale=distribute_scale,
+                embed_lora=embed_lora,
+                save_modules=save_modules or [],
+                include=include or [],
+                exclude=exclude or [],
+                sv_epsilon=sv_epsilon,
+                skip_undecomposable=skip_undecomposable,
+                exact=exact,
+                seed=seed,
+                overwrite=overwrite,
+                threads=threads,
+                progress=progress,
+            )
+        )
+
+    @staticmethod
+    def merge(
+        config: Union[str, os.PathLike, Dict[str, Any]],
+        out: Union[str, os.PathLike],
+        *,
+        overwrite: bool = False,
+        threads: Optional[int] = None,
+        progress: Progress = None,
+    ) -> Dict[str, int]:
+        """Compose adapters as a `lora merge` config says; returns each module's rank."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = _config_file(config, tmp)
+            return json.loads(
+                _amalgam.lora_merge(
+                    path, os.fspath(out), overwrite=overwrite, threads=threads, progress=progress
+                )
+            )
+
+    @staticmethod
     def apply(
         base: Union[str, os.PathLike],
         adapter: Union[str, os.PathLike],
@@ -259,6 +322,39 @@ class library:  # noqa: N801 (a namespace: amalgam.library.build)
             overwrite=overwrite,
             threads=threads,
             progress=progress,
+        )
+
+    @staticmethod
+    def export_lora(
+        lib: Union[str, os.PathLike],
+        task: str,
+        out: Union[str, os.PathLike],
+        *,
+        rank: int,
+        energy: Optional[float] = None,
+        base: Optional[Union[str, os.PathLike]] = None,
+        exact: bool = False,
+        embed_lora: bool = False,
+        overwrite: bool = False,
+        threads: Optional[int] = None,
+        progress: Progress = None,
+    ) -> Dict[str, Any]:
+        """Task `task` of library `lib` as a PEFT adapter of rank at most `rank`; returns the
+        extraction report."""
+        return json.loads(
+            _amalgam.library_export_lora(
+                os.fspath(lib),
+                task,
+                os.fspath(out),
+                rank=rank,
+                energy=energy,
+                base=None if base is None else os.fspath(base),
+                exact=exact,
+                embed_lora=embed_lora,
+                overwrite=overwrite,
+                threads=threads,
+                progress=progress,
+            )
         )
 
     @staticmethod

@@ -235,3 +235,31 @@ def test_moe_writes_the_bytes_the_cli_writes(tmp_path):
         assert files(tmp_path / f"{case}-py") == files(tmp_path / f"{case}-cli")
     with pytest.raises(amalgam.AmalgamError, match="layout"):
         amalgam.moe(fx / "mixtral_cheap.yml", tmp_path / "x", layout="v4")
+
+
+def test_lora_extract_merge_and_export_match_the_cli(tmp_path, monkeypatch):
+    base, ft = "examples/models/llama_base", "examples/models/llama_ft1"
+    report = amalgam.lora.extract(base, ft, tmp_path / "py", rank=4)
+    r = cli("lora", "extract", "--base", base, "--model", ft, "--rank", "4", tmp_path / "cli", "--json")
+    assert r.returncode == 0, r.stderr
+    want = json.loads(r.stdout)
+    report.pop("path"), want.pop("path")
+    assert report == want
+    assert files(tmp_path / "py") == files(tmp_path / "cli")
+    amalgam.library.build("examples/library.yml", tmp_path / "lib")
+    exported = amalgam.library.export_lora(tmp_path / "lib", "ft1", tmp_path / "epy", rank=4)
+    r = cli("library", "export-lora", tmp_path / "lib", "ft1", tmp_path / "ecli", "--rank", "4", "--json")
+    want = json.loads(r.stdout)
+    exported.pop("path"), want.pop("path")
+    assert exported == want
+    # The adapters' README names the task's model, rebuilt in a temporary folder per run.
+    a, b = files(tmp_path / "epy"), files(tmp_path / "ecli")
+    a.pop("README.md"), b.pop("README.md")
+    assert a == b
+    # lora merge configs name their paths relative to the working directory.
+    monkeypatch.chdir(ROOT / "crates" / "amalgam-cli" / "tests" / "fixtures" / "lora")
+    ranks = amalgam.lora.merge("merged/linear.yml", tmp_path / "mpy")
+    r = subprocess.run([BIN, "lora", "merge", "merged/linear.yml", str(tmp_path / "mcli"), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert ranks and files(tmp_path / "mpy") == files(tmp_path / "mcli")

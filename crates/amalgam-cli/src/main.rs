@@ -232,20 +232,7 @@ enum LoraCommand {
 fn print_extract(report: &amalgam::ops::lora::ExtractReport, json: bool) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if json {
-        let modules: Vec<_> = report
-            .modules
-            .iter()
-            .map(|m| {
-                serde_json::json!({
-                    "module": m.module, "rank": m.rank, "norm": m.norm,
-                    "relative_error": m.relative(),
-                })
-            })
-            .collect();
-        let value = serde_json::json!({
-            "path": report.path, "modules": modules, "saved": report.saved,
-            "unchanged": report.unchanged, "overall_relative_error": report.overall(),
-        });
+        let value = report.to_json();
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }

@@ -247,6 +247,103 @@ fn lora_apply(
     Ok(out.display().to_string())
 }
 
+/// `lora extract`: a PEFT adapter approximating `model − base`; returns `lora extract --json`'s
+/// report as a JSON string.
+#[pyfunction]
+#[pyo3(signature = (base, model, output, *, rank=128, energy=None, distribute_scale=true, embed_lora=false, save_modules=Vec::new(), include=Vec::new(), exclude=Vec::new(), sv_epsilon=0.0, skip_undecomposable=false, exact=false, seed=0, overwrite=false, threads=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn lora_extract(
+    py: Python<'_>,
+    base: PathBuf,
+    model: PathBuf,
+    output: PathBuf,
+    rank: usize,
+    energy: Option<f64>,
+    distribute_scale: bool,
+    embed_lora: bool,
+    save_modules: Vec<String>,
+    include: Vec<String>,
+    exclude: Vec<String>,
+    sv_epsilon: f64,
+    skip_undecomposable: bool,
+    exact: bool,
+    seed: u64,
+    overwrite: bool,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let opts = amalgam::ops::lora::ExtractOptions {
+        rank,
+        energy,
+        distribute_scale,
+        embed_lora,
+        save_modules,
+        include,
+        exclude,
+        sv_epsilon,
+        skip_undecomposable,
+        exact,
+        seed,
+        existing: existing(overwrite),
+    };
+    let report = run(py, threads, progress, |bar| {
+        amalgam::ops::lora::extract(&base, &model, &output, &opts, bar)
+    })?;
+    Ok(report.to_json().to_string())
+}
+
+/// `lora merge`: compose adapters as the YAML config at `config` says; returns each module's
+/// rank as a JSON object.
+#[pyfunction]
+#[pyo3(signature = (config, output, *, overwrite=false, threads=None, progress=None))]
+fn lora_merge(
+    py: Python<'_>,
+    config: PathBuf,
+    output: PathBuf,
+    overwrite: bool,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let ranks = run(py, threads, progress, |bar| {
+        let cfg = amalgam::ops::lora::LoraMergeConfig::load(&config)?;
+        amalgam::ops::lora::merge(&config, &cfg, &output, existing(overwrite), bar)
+    })?;
+    Ok(serde_json::to_string(&ranks).expect("json"))
+}
+
+/// `library export-lora`: task `task` of a library as a PEFT adapter; returns the extraction
+/// report as a JSON string.
+#[pyfunction]
+#[pyo3(signature = (library, task, output, *, rank, energy=None, base=None, exact=false, embed_lora=false, overwrite=false, threads=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn library_export_lora(
+    py: Python<'_>,
+    library: PathBuf,
+    task: String,
+    output: PathBuf,
+    rank: usize,
+    energy: Option<f64>,
+    base: Option<PathBuf>,
+    exact: bool,
+    embed_lora: bool,
+    overwrite: bool,
+    threads: Option<usize>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<String> {
+    let opts = amalgam::ops::lora::ExtractOptions {
+        rank,
+        energy,
+        exact,
+        embed_lora,
+        existing: existing(overwrite),
+        ..Default::default()
+    };
+    let report = run(py, threads, progress, |bar| {
+        amalgam::library::export_lora(&library, &task, base.as_deref(), &output, &opts, bar)
+    })?;
+    Ok(report.to_json().to_string())
+}
+
 /// Build a task library from its YAML config into `output`; returns the library's summary as
 /// JSON (what `library info --json` prints).
 #[pyfunction]
@@ -553,6 +650,9 @@ fn _amalgam(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(library_info_json, m)?)?;
     m.add_function(wrap_pyfunction!(eval_json, m)?)?;
     m.add_function(wrap_pyfunction!(moe, m)?)?;
+    m.add_function(wrap_pyfunction!(lora_extract, m)?)?;
+    m.add_function(wrap_pyfunction!(lora_merge, m)?)?;
+    m.add_function(wrap_pyfunction!(library_export_lora, m)?)?;
     m.add_function(wrap_pyfunction!(_is_file, m)?)?;
     m.add_class::<PyModel>()?;
     Ok(())

@@ -121,6 +121,25 @@ pub struct ExtractReport {
 }
 
 impl ExtractReport {
+    /// What `lora extract --json` prints: each factored module's rank, norm and relative
+    /// error, the tensors saved whole, the unchanged modules and the overall error.
+    pub fn to_json(&self) -> serde_json::Value {
+        let modules: Vec<_> = self
+            .modules
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "module": m.module, "rank": m.rank, "norm": m.norm,
+                    "relative_error": m.relative(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "path": self.path, "modules": modules, "saved": self.saved,
+            "unchanged": self.unchanged, "overall_relative_error": self.overall(),
+        })
+    }
+
     /// `‖Δ − B·A‖_F / ‖Δ‖_F` over all factored modules together.
     pub fn overall(&self) -> f64 {
         let (n, r) = self.modules.iter().fold((0.0, 0.0), |(n, r), m| {
