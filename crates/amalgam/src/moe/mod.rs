@@ -120,11 +120,6 @@ pub struct Prepared {
     pub warnings: Vec<String>,
 }
 
-/// Model `i`'s `config.json`.
-fn config_of(set: &ModelSet, i: usize) -> Option<Value> {
-    set.models[i].config()
-}
-
 /// Read `config_path`, open its models and plan every output tensor; nothing is computed or
 /// written. Errors name the expert and tensor at fault.
 pub fn prepare(config_path: &Path, opts: PrepareOptions) -> Result<Prepared> {
@@ -163,7 +158,7 @@ pub fn prepare(config_path: &Path, opts: PrepareOptions) -> Result<Prepared> {
     let mut types = Vec::new();
     let mut configs = Vec::new();
     for &(what, m) in &who {
-        let cfg = config_of(&set, m).ok_or_else(|| {
+        let cfg = set.models[m].config().ok_or_else(|| {
             config.error(format!(
                 "{what} has no config.json; an MoE is built from Hugging Face decoder folders"
             ))
