@@ -515,8 +515,9 @@ fn start_slow_convert(d: &tempfile::TempDir, src: &Path, out: &Path) -> std::pro
     start_slow(d, &["convert", s(src), s(out), "--dtype", "f64"])
 }
 
-/// Start `amalgam --threads 1 ARGS --overwrite -q` and wait until a staging directory exists in
-/// `d`.
+/// Start `amalgam --threads 1 ARGS --overwrite -q` and wait until a staging directory with its
+/// owner record exists in `d` (the record is written just after the directory is made: a kill
+/// between the two would leave a directory no later run may claim).
 fn start_slow(d: &tempfile::TempDir, args: &[&str]) -> std::process::Child {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_amalgam"))
         .args(["--threads", "1"])
@@ -526,10 +527,9 @@ fn start_slow(d: &tempfile::TempDir, args: &[&str]) -> std::process::Child {
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
-    while !listing(d.path())
-        .iter()
-        .any(|n| n.starts_with(".amalgam-tmp-"))
-    {
+    while !listing(d.path()).iter().any(|n| {
+        n.starts_with(".amalgam-tmp-") && d.path().join(n).join(".amalgam-staging.json").exists()
+    }) {
         assert!(started.elapsed().as_secs() < 30, "output never started");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }

@@ -88,11 +88,14 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// Write `owner`'s record into staging directory `dir`.
+/// Write `owner`'s record into staging directory `dir`: whole or not at all (written beside, then
+/// renamed), so a reader never sees a partial record.
 pub fn mark(dir: &Path, owner: &Owner) -> Result<()> {
     let path = dir.join(MARKER);
+    let part = dir.join(format!("{MARKER}.part"));
     let text = serde_json::to_string(owner).expect("json");
-    std::fs::write(&path, text).at(&path)
+    std::fs::write(&part, text).at(&part)?;
+    std::fs::rename(&part, &path).at(&path)
 }
 
 /// The owner record of staging directory `dir`, if it has a readable one.
