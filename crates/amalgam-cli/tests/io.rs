@@ -5,6 +5,7 @@ mod common;
 
 use amalgam::DType;
 use amalgam::io::Model;
+use amalgam::io::staging::{MARKER, STAGING_PREFIX};
 use common::*;
 use std::path::{Path, PathBuf};
 
@@ -527,9 +528,10 @@ fn start_slow(d: &tempfile::TempDir, args: &[&str]) -> std::process::Child {
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
-    while !listing(d.path()).iter().any(|n| {
-        n.starts_with(".amalgam-tmp-") && d.path().join(n).join(".amalgam-staging.json").exists()
-    }) {
+    while !listing(d.path())
+        .iter()
+        .any(|n| n.starts_with(STAGING_PREFIX) && d.path().join(n).join(MARKER).exists())
+    {
         assert!(started.elapsed().as_secs() < 30, "output never started");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
@@ -567,7 +569,7 @@ fn a_killed_merge_leaves_a_staging_directory_the_next_run_removes() {
     child.wait().unwrap();
     let stale: Vec<String> = listing(d.path())
         .into_iter()
-        .filter(|n| n.starts_with(".amalgam-tmp-"))
+        .filter(|n| n.starts_with(STAGING_PREFIX))
         .collect();
     assert_eq!(stale.len(), 1, "{:?}", listing(d.path()));
     assert_eq!(listing(&out), ["old.txt"], "old output untouched");
