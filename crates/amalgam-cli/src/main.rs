@@ -8,6 +8,8 @@ mod moe;
 mod progress;
 #[cfg(feature = "eval")]
 mod route;
+#[cfg(feature = "eval")]
+mod search;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -103,6 +105,11 @@ enum Command {
     /// Mistral, Qwen2, Qwen3).
     #[cfg(feature = "eval")]
     Eval(eval::EvalArgs),
+    /// Search a merge's parameters (CMA-ES over mergekit-evolve's genome: per-layer-group and
+    /// per-filter weights and densities) against evaluation tasks; every trial is recorded in
+    /// a results file that resumes the search, the best written as a merge config.
+    #[cfg(feature = "eval")]
+    Search(search::SearchArgs),
     /// Build a mixture-of-experts model from dense fine-tunes of one base, from a
     /// mergekit-moe YAML config: Mixtral, Qwen2-MoE (one gated shared expert) or Qwen3-MoE,
     /// router weights from prompts (hidden states or token embeddings) or random.
@@ -492,6 +499,11 @@ fn run() -> Result<ExitCode> {
         }
         Command::Library(cmd) => {
             library::run(cmd, cli.quiet)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "eval")]
+        Command::Search(args) => {
+            search::run(args, cli.threads, cli.quiet)?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "eval")]
