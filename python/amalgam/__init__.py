@@ -23,7 +23,7 @@ from ._amalgam import AmalgamError, Model
 
 __all__ = [
     "AmalgamError", "Model", "merge", "moe", "open", "inspect", "diff", "convert", "eval", "lora",
-    "library",
+    "library", "search",
 ]
 
 Progress = Optional[Callable[[int, int], Any]]
@@ -361,3 +361,64 @@ class library:  # noqa: N801 (a namespace: amalgam.library.build)
     def info(lib: Union[str, os.PathLike]) -> Dict[str, Any]:
         """`library info --json`."""
         return json.loads(_amalgam.library_info_json(os.fspath(lib)))
+
+
+def search(
+    config: Union[str, os.PathLike, Dict[str, Any]],
+    *,
+    results: Optional[Union[str, os.PathLike]] = None,
+    best: Optional[Union[str, os.PathLike]] = None,
+    plot: Optional[Union[str, os.PathLike]] = None,
+    backend: str = "local",
+    address: Optional[str] = None,
+    jobs: int = 1,
+    threads: Optional[int] = None,
+    scratch: Optional[Union[str, os.PathLike]] = None,
+    max_retries: int = 3,
+    progress: Optional[Callable[[Dict[str, Any]], Any]] = None,
+) -> Dict[str, Any]:
+    """`amalgam search`: CMA-ES over a merge genome, each trial a merge scored by evaluation
+    tasks. `config` is a search config (a path, YAML text or a dict); every trial is appended to
+    `results` (JSON lines; an existing file of the same config resumes the search), the best
+    trial's merge config written to `best` and a plot of the objective to `plot` (SVG).
+
+    `backend="local"` runs `jobs` trials at a time here; `backend="ray"` runs each trial as a
+    Ray task (on the cluster at `address`, in `RAY_ADDRESS`, or a local one), retried up to
+    `max_retries` times if its worker dies, with the same trials and best config as a local
+    run. `progress(record)` is called after each trial. Returns what `amalgam search --json`
+    prints."""
+    if backend not in ("local", "ray"):
+        raise AmalgamError(f"backend {backend!r}: use 'local' or 'ray'")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _config_file(config, tmp)
+        stem = os.path.splitext(path)[0] if path != os.path.join(tmp, "config.yml") else "search"
+        results = os.fspath(results) if results is not None else stem + ".results.jsonl"
+        best = os.fspath(best) if best is not None else stem + ".best.yml"
+        plot = os.fspath(plot) if plot is not None else os.path.splitext(results)[0] + ".svg"
+        s = _amalgam.Search(path, results)
+        for w in s.warnings:
+            import warnings
+
+            warnings.warn(w)
+        if scratch is None:
+            scratch = os.path.join(tempfile.gettempdir(), f"amalgam-search-{s.config_hash}")
+        scratch = os.path.abspath(os.fspath(scratch))
+        try:
+            if backend == "local":
+                cb = None if progress is None else (lambda line: progress(json.loads(line)))
+                s.run_local(scratch=scratch, jobs=jobs, threads=threads, progress=cb)
+            else:
+                from . import _ray
+
+                with builtins.open(path, encoding="utf-8") as f:
+                    text = f.read()
+                _ray.run(s, text, path, os.getcwd(), scratch, address=address, threads=threads,
+                         max_retries=max_retries, progress=progress)
+        finally:
+            # What finished is kept whatever happened.
+            wrote = s.write_best(best)
+            s.write_plot(plot)
+        summary = json.loads(s.summary_json())
+        summary["best_config"] = best if wrote else None
+        summary["plot"] = plot
+        return summary

@@ -637,6 +637,176 @@ fn _is_file(p: &str) -> bool {
     Path::new(p).is_file()
 }
 
+/// A search in progress (`amalgam search`'s driver): CMA-ES replayed from its results file.
+/// Backends ask it for the pending trials of the current generation, run them anywhere
+/// (`search_trial`), and record each outcome; only this object writes the results file.
+#[pyclass(name = "Search", module = "amalgam._amalgam")]
+struct PySearch {
+    inner: amalgam_search::Search,
+}
+
+fn search_err(e: amalgam_search::Error) -> PyErr {
+    AmalgamError::new_err(e.to_string())
+}
+
+#[pymethods]
+impl PySearch {
+    /// Start, or resume, the search of the config file `config` recorded in `results`.
+    #[new]
+    fn new(py: Python<'_>, config: PathBuf, results: PathBuf) -> PyResult<PySearch> {
+        let inner = py
+            .detach(|| {
+                let cfg = amalgam_search::SearchConfig::load(&config)?;
+                amalgam_search::Search::open(cfg, &results)
+            })
+            .map_err(search_err)?;
+        Ok(PySearch { inner })
+    }
+
+    /// Whether every generation has run.
+    #[getter]
+    fn finished(&self) -> bool {
+        self.inner.finished()
+    }
+
+    /// Trials the search runs in all.
+    #[getter]
+    fn total_trials(&self) -> usize {
+        self.inner.total_trials()
+    }
+
+    /// The config's hash (what the results file is tied to).
+    #[getter]
+    fn config_hash(&self) -> String {
+        self.inner.config.hash()
+    }
+
+    /// Warnings from opening the results file (a torn last line dropped).
+    #[getter]
+    fn warnings(&self) -> Vec<String> {
+        self.inner.warnings.clone()
+    }
+
+    /// The current generation's trials still to run: `[(trial, genotype)]`.
+    fn pending(&self) -> Vec<(usize, Vec<f64>)> {
+        self.inner
+            .pending()
+            .into_iter()
+            .map(|t| (t.trial, t.x))
+            .collect()
+    }
+
+    /// Record trial `trial`'s outcome (`search_trial`'s JSON); returns the record as JSON.
+    fn record(&mut self, trial: usize, outcome: &str) -> PyResult<String> {
+        let outcome: amalgam_search::Outcome = serde_json::from_str(outcome)
+            .map_err(|e| AmalgamError::new_err(format!("trial {trial}: bad outcome: {e}")))?;
+        let r = self.inner.record(trial, outcome).map_err(search_err)?;
+        Ok(serde_json::to_string(r).expect("json"))
+    }
+
+    /// Every recorded trial as JSON lines' objects, in trial order (a JSON array).
+    fn records_json(&self) -> String {
+        serde_json::to_string(&self.inner.records().collect::<Vec<_>>()).expect("json")
+    }
+
+    /// The merge config of genotype `x` (JSON).
+    fn merge_config_json(&self, x: Vec<f64>) -> PyResult<String> {
+        if x.len() != self.inner.layout().dimension() {
+            return Err(AmalgamError::new_err(format!(
+                "a genotype of this search has {} values, not {}",
+                self.inner.layout().dimension(),
+                x.len()
+            )));
+        }
+        Ok(self.inner.merge_config(&x).to_string())
+    }
+
+    /// Write the best trial's merge config (YAML); returns whether there was one.
+    fn write_best(&self, path: PathBuf) -> PyResult<bool> {
+        self.inner.write_best(&path).map_err(search_err)
+    }
+
+    /// Write the SVG plot of the objective against trials.
+    fn write_plot(&self, path: PathBuf) -> PyResult<()> {
+        self.inner.write_plot(&path).map_err(search_err)
+    }
+
+    /// The summary `amalgam search --json` prints (JSON).
+    fn summary_json(&self) -> String {
+        self.inner.summary().to_string()
+    }
+
+    /// Run the rest of the search here, `jobs` trials at a time; `progress(record_json)` is
+    /// called after each trial.
+    #[pyo3(signature = (*, scratch, jobs=1, threads=None, progress=None))]
+    fn run_local(
+        &mut self,
+        py: Python<'_>,
+        scratch: PathBuf,
+        jobs: usize,
+        threads: Option<usize>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<()> {
+        if jobs == 0 {
+            return Err(AmalgamError::new_err("--jobs must be at least 1"));
+        }
+        let inner = &mut self.inner;
+        let failed: Mutex<Option<PyErr>> = Mutex::new(None);
+        let result = run(py, threads, None, |_| {
+            let opts = amalgam_search::LocalOptions {
+                jobs,
+                threads,
+                scratch,
+            };
+            amalgam_search::run_local(inner, &opts, &mut |_, r| {
+                let Some(cb) = &progress else { return };
+                let line = serde_json::to_string(r).expect("json");
+                Python::attach(|py| {
+                    if let Err(e) = cb.call1(py, (line,)) {
+                        amalgam::cancel::cancel();
+                        failed.lock().expect("not poisoned").get_or_insert(e);
+                    }
+                });
+            })
+        });
+        if let Some(e) = failed.lock().expect("not poisoned").take() {
+            return Err(e);
+        }
+        result
+    }
+}
+
+/// Run one trial of the search config `config` (YAML text; `name` names it in errors, `cwd`
+/// is where its relative paths start): merge genotype `x` into `scratch`, evaluate, delete;
+/// returns the outcome as JSON for `Search.record`. What a Ray task runs.
+#[pyfunction]
+#[pyo3(signature = (config, name, cwd, trial, x, scratch, *, threads=None))]
+#[allow(clippy::too_many_arguments)]
+fn search_trial(
+    py: Python<'_>,
+    config: String,
+    name: PathBuf,
+    cwd: PathBuf,
+    trial: usize,
+    x: Vec<f64>,
+    scratch: PathBuf,
+    threads: Option<usize>,
+) -> PyResult<String> {
+    let outcome = run(py, threads, None, |_| -> Result<_, amalgam_search::Error> {
+        let cfg = amalgam_search::SearchConfig::parse(&name, &config)?.absolute(&cwd);
+        let layout = amalgam_search::genome::Layout::new(&cfg.genome)?;
+        if x.len() != layout.dimension() {
+            return Err(amalgam_search::Error::new(format!(
+                "trial {trial}: a genotype of this search has {} values, not {}",
+                layout.dimension(),
+                x.len()
+            )));
+        }
+        amalgam_search::trial::run(&cfg, &layout, trial, &x, &scratch)
+    })?;
+    Ok(serde_json::to_string(&outcome).expect("json"))
+}
+
 #[pymodule]
 fn _amalgam(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("AmalgamError", m.py().get_type::<AmalgamError>())?;
@@ -654,6 +824,8 @@ fn _amalgam(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lora_merge, m)?)?;
     m.add_function(wrap_pyfunction!(library_export_lora, m)?)?;
     m.add_function(wrap_pyfunction!(_is_file, m)?)?;
+    m.add_function(wrap_pyfunction!(search_trial, m)?)?;
+    m.add_class::<PySearch>()?;
     m.add_class::<PyModel>()?;
     Ok(())
 }
