@@ -225,7 +225,7 @@ impl Search {
             })
     }
 
-    /// The merge config of trial record `r`.
+    /// The merge config genotype `x` stands for.
     pub fn merge_config(&self, x: &[f64]) -> Value {
         self.layout.merge_config(x)
     }
