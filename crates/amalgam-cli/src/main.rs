@@ -4,6 +4,8 @@
 #[cfg(feature = "eval")]
 mod eval;
 mod library;
+#[cfg(feature = "eval")]
+mod measure;
 mod moe;
 mod progress;
 #[cfg(feature = "eval")]
@@ -110,6 +112,11 @@ enum Command {
     /// a results file that resumes the search, the best written as a merge config.
     #[cfg(feature = "eval")]
     Search(search::SearchArgs),
+    /// Measure a model's statistics on data for the data-driven merges: the Gram matrices of
+    /// its linear layers' inputs (regmean) or the diagonal Fisher of its parameters (fisher),
+    /// written as a stats file the merge config names per model (`stats:`).
+    #[cfg(feature = "eval")]
+    Measure(measure::MeasureArgs),
     /// Build a mixture-of-experts model from dense fine-tunes of one base, from a
     /// mergekit-moe YAML config: Mixtral, Qwen2-MoE (one gated shared expert) or Qwen3-MoE,
     /// router weights from prompts (hidden states or token embeddings) or random.
@@ -504,6 +511,11 @@ fn run() -> Result<ExitCode> {
         #[cfg(feature = "eval")]
         Command::Search(args) => {
             search::run(args, cli.threads, cli.quiet)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "eval")]
+        Command::Measure(args) => {
+            measure::run(args, cli.quiet)?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "eval")]

@@ -159,12 +159,16 @@ impl Bert {
             let k = split(l.key.forward_routed(&x, route)?)?;
             let v = split(l.value.forward_routed(&x, route)?)?;
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let attn = softmax(&scores)?.matmul(&v)?;
+            let attn = softmax(&scores, route)?.matmul(&v)?;
             let attn = attn.transpose(1, 2)?.reshape((b, t, h))?;
             let a = l
                 .attn_norm
                 .forward_routed(&(l.attn_out.forward_routed(&attn, route)? + &x)?, route)?;
-            let inter = activate(&l.inter.forward_routed(&a, route)?, self.cfg.hidden_act)?;
+            let inter = activate(
+                &l.inter.forward_routed(&a, route)?,
+                self.cfg.hidden_act,
+                route,
+            )?;
             x = l
                 .out_norm
                 .forward_routed(&(l.out.forward_routed(&inter, route)? + a)?, route)?;

@@ -93,8 +93,13 @@ impl Layer {
         let q = heads_of(&self.q, heads, &self.q_norm)?;
         let k = heads_of(&self.k, kv_heads, &self.k_norm)?;
         let v = heads_of(&self.v, kv_heads, &None)?;
-        let q = candle_nn::rotary_emb::rope(&q, &attn.cos, &attn.sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &attn.cos, &attn.sin)?;
+        let rope = if route.grad {
+            candle_nn::rotary_emb::rope_slow
+        } else {
+            candle_nn::rotary_emb::rope
+        };
+        let q = rope(&q, &attn.cos, &attn.sin)?;
+        let k = rope(&k, &attn.cos, &attn.sin)?;
         // Grouped-query attention without copying keys: the `group` query heads that share
         // a key/value head are stacked along the sequence axis.
         let q = q.reshape((b, kv_heads, group * t, hd))?;
@@ -102,7 +107,9 @@ impl Layer {
             .reshape((b, kv_heads, group, t, t))?
             .broadcast_add(&attn.mask)?
             .reshape((b, kv_heads, group * t, t))?;
-        let mut out = softmax(&scores)?.matmul(&v)?.reshape((b, heads, t, hd))?;
+        let mut out = softmax(&scores, route)?
+            .matmul(&v)?
+            .reshape((b, heads, t, hd))?;
         if let Some(keep) = &attn.keep {
             out = out.broadcast_mul(keep)?;
         }
@@ -111,7 +118,7 @@ impl Layer {
         let y = self.post_norm.forward_routed(&x, route)?;
         let out = match &self.mlp {
             Mlp::Dense(f) => {
-                let gated = (activate(&f.gate.forward_routed(&y, route)?, c.hidden_act)?
+                let gated = (activate(&f.gate.forward_routed(&y, route)?, c.hidden_act, route)?
                     * f.up.forward_routed(&y, route)?)?;
                 f.down.forward_routed(&gated, route)?
             }

@@ -72,7 +72,7 @@ pub struct TaskResult {
     pub metrics: Metrics,
 }
 
-enum Net {
+pub(crate) enum Net {
     Bert(Box<Bert>),
     Decoder(Box<Decoder>),
 }
@@ -85,16 +85,19 @@ pub struct Evaluator {
     pub max_len: usize,
     /// Rows per forward pass.
     pub batch_size: usize,
-    net: Net,
+    pub(crate) net: Net,
     tok: Tok,
     vocab_size: usize,
     device: Device,
     /// The name prefix of the model's tensors (`"bert."`, `"model."`, ...).
-    prefix: String,
+    pub(crate) prefix: String,
     /// Parameters in the model's float tensors.
     parameters: usize,
     /// The experts on the routed layers, if any.
     routed: Option<Attached>,
+    /// Every parameter as a candle `Var`, by stored name, when opened for gradients
+    /// ([`open_trainable`](Self::open_trainable)).
+    pub(crate) vars: Vec<(String, candle_core::Var)>,
 }
 
 /// How the experts of a routed model are weighted for an evaluation.
@@ -124,6 +127,14 @@ impl Evaluator {
     /// encoders, and [`DEFAULT_DECODER_MAX_LEN`] for decoders.
     pub fn open(path: &Path, max_len: Option<usize>) -> Result<Evaluator> {
         Evaluator::from_weights(path, Weights::open(path)?, max_len)
+    }
+
+    /// [`open`](Self::open) with every parameter a candle `Var`, so that backward passes give
+    /// each a gradient (`amalgam measure --stats fisher`).
+    pub fn open_trainable(path: &Path, max_len: Option<usize>) -> Result<Evaluator> {
+        let mut w = Weights::open(path)?;
+        w.set_trainable();
+        Evaluator::from_weights(path, w, max_len)
     }
 
     /// [`open`](Self::open) for task `task` of the library at `lib`, rebuilt in memory from
@@ -162,6 +173,7 @@ impl Evaluator {
             Arch::Decoder(c) => Net::Decoder(Box::new(Decoder::load(&mut weights, c)?)),
         };
         let prefix = weights.prefix().to_string();
+        let vars = weights.take_vars();
         let parameters = weights
             .model()
             .tensors()
@@ -180,6 +192,7 @@ impl Evaluator {
             prefix,
             parameters,
             routed: None,
+            vars,
         })
     }
 
@@ -341,7 +354,16 @@ impl Evaluator {
 
     /// Tokenize `texts` and yield right-padded batches in order of decreasing length (less
     /// padding), with the original index of each row.
-    fn batches(&self, texts: &[String]) -> Result<Vec<(Vec<usize>, Batch)>> {
+    pub(crate) fn batches(&self, texts: &[String]) -> Result<Vec<(Vec<usize>, Batch)>> {
+        self.batches_of(texts, self.batch_size)
+    }
+
+    /// [`batches`](Self::batches) of `size` rows.
+    pub(crate) fn batches_of(
+        &self,
+        texts: &[String],
+        size: usize,
+    ) -> Result<Vec<(Vec<usize>, Batch)>> {
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let encoded = self.tok.encode(&refs)?;
         if let Some(id) = encoded
@@ -362,7 +384,7 @@ impl Evaluator {
         order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].0.len()));
         let pad_id = self.tok.pad_id();
         order
-            .chunks(self.batch_size.max(1))
+            .chunks(size.max(1))
             .map(|idx| {
                 let rows: Vec<_> = idx.iter().map(|&i| &encoded[i]).collect();
                 Ok((idx.to_vec(), pad(&rows, pad_id, &self.device)?))

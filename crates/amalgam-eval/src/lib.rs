@@ -12,6 +12,7 @@ pub mod decoder;
 pub mod error;
 pub mod eval;
 pub mod head;
+pub mod measure;
 pub mod moe_block;
 pub mod moe_gate;
 pub mod nn;

@@ -11,6 +11,7 @@ use candle_core::Tensor;
 use crate::config::{Activation, MoeSpec};
 use crate::error::Result;
 use crate::nn::{Linear, activate};
+use crate::route::side::Ctx;
 use crate::weights::Weights;
 
 /// A gated MLP: `down(act(gate(x)) · up(x))`.
@@ -23,7 +24,7 @@ pub struct Ffn {
 impl Ffn {
     /// Apply to `x` `[..., hidden]`.
     pub fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        let gated = (activate(&self.gate.forward(x)?, act)? * self.up.forward(x)?)?;
+        let gated = (activate(&self.gate.forward(x)?, act, &Ctx::none())? * self.up.forward(x)?)?;
         self.down.forward(&gated)
     }
 }
@@ -105,7 +106,8 @@ impl SparseMoe {
         let dims = x.dims().to_vec();
         let h = *dims.last().expect("a hidden axis");
         let flat = x.reshape(((), h))?;
-        let probs = crate::nn::softmax(&flat.matmul(&self.router_t)?)?.to_vec2::<f32>()?;
+        let probs =
+            crate::nn::softmax(&flat.matmul(&self.router_t)?, &Ctx::none())?.to_vec2::<f32>()?;
         let n = probs.len();
         // Per expert: the tokens routed to it and their weights.
         let mut rows: Vec<Vec<u32>> = vec![Vec::new(); self.experts.len()];

@@ -85,6 +85,11 @@ impl Linear {
         let inp = dims[dims.len() - 1];
         let rows = x.elem_count() / inp.max(1);
         let x2 = x.reshape((rows, inp))?;
+        if let Some(tap) = &ctx.tap
+            && !self.name.is_empty()
+        {
+            tap.borrow_mut().observe(&self.name, x, &x2)?;
+        }
         let y = x2.matmul(&self.weight_t)?;
         let mut y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -213,6 +218,14 @@ impl LayerNorm {
             merged(&self.weight_side, &self.weight)?,
             merged(&self.bias_side, &self.bias)?,
         );
+        if w.is_none() && b.is_none() && ctx.grad {
+            return Ok(candle_nn::ops::layer_norm_slow(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?);
+        }
         if w.is_none() && b.is_none() {
             return Ok(candle_nn::ops::layer_norm(
                 &x.contiguous()?,
@@ -283,6 +296,9 @@ impl RmsNorm {
             Some(d) => d.merged(&self.weight, ctx)?,
             None => None,
         };
+        if merged.is_none() && ctx.grad {
+            return Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?);
+        }
         let Some(w) = merged else {
             return Ok(candle_nn::ops::rms_norm(
                 &x.contiguous()?,
@@ -308,9 +324,11 @@ impl RmsNorm {
     }
 }
 
-/// Apply an activation.
-pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+/// Apply an activation (differentiable forms with `ctx.grad`).
+pub fn activate(x: &Tensor, act: Activation, ctx: &Ctx) -> Result<Tensor> {
     Ok(match act {
+        // candle's own exact GELU has a backward; the fast one below does not.
+        Activation::Gelu if ctx.grad => x.gelu_erf()?,
         Activation::Gelu => gelu_erf(x)?,
         Activation::GeluTanh => x.gelu()?,
         Activation::Relu => x.relu()?,
@@ -339,8 +357,12 @@ fn erf(x: f32) -> f32 {
     (1.0 - poly * (-a * a).exp()).copysign(x)
 }
 
-/// Softmax over the last dimension of attention scores.
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
+/// Softmax over the last dimension of attention scores (composed of differentiable ops with
+/// `ctx.grad`).
+pub fn softmax(x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    if ctx.grad {
+        return Ok(candle_nn::ops::softmax(x, D::Minus1)?);
+    }
     Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use amalgam::io::Model;
 use amalgam::library::{Library, TaskModule};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 
 use crate::error::{Error, Result};
 
@@ -27,6 +27,9 @@ pub struct Weights {
     prefix: String,
     device: Device,
     single_pass: bool,
+    /// When set, every tensor loaded is a candle `Var` (a leaf that backward passes give a
+    /// gradient), recorded here by name; a tensor loaded twice (a tied head) is one `Var`.
+    vars: Option<std::cell::RefCell<Vec<(String, Var)>>>,
 }
 
 impl Weights {
@@ -38,6 +41,7 @@ impl Weights {
             prefix: String::new(),
             device: Device::Cpu,
             single_pass: false,
+            vars: None,
         })
     }
 
@@ -66,6 +70,7 @@ impl Weights {
             prefix: String::new(),
             device: Device::Cpu,
             single_pass: false,
+            vars: None,
         })
     }
 
@@ -74,6 +79,17 @@ impl Weights {
     /// repeated multiplication.
     pub fn set_single_pass(&mut self, on: bool) {
         self.single_pass = on;
+    }
+
+    /// Load every tensor from here on as a `Var`, for gradients ([`take_vars`](Self::take_vars)).
+    pub fn set_trainable(&mut self) {
+        self.vars = Some(Default::default());
+    }
+
+    /// The `Var`s loaded since [`set_trainable`](Self::set_trainable), by stored name, in load
+    /// order.
+    pub fn take_vars(&mut self) -> Vec<(String, Var)> {
+        self.vars.take().map(|v| v.into_inner()).unwrap_or_default()
     }
 
     /// See [`set_single_pass`](Self::set_single_pass).
@@ -179,7 +195,18 @@ impl Weights {
             .into());
         }
         self.model.release(name);
-        Ok(Tensor::from_vec(values, shape, &self.device)?)
+        let t = Tensor::from_vec(values, shape, &self.device)?;
+        let Some(vars) = &self.vars else {
+            return Ok(t);
+        };
+        let mut vars = vars.borrow_mut();
+        if let Some((_, v)) = vars.iter().find(|(n, _)| n == name) {
+            return Ok(v.as_tensor().clone());
+        }
+        let v = Var::from_tensor(&t)?;
+        let out = v.as_tensor().clone();
+        vars.push((name.to_string(), v));
+        Ok(out)
     }
 
     /// Rows `ids` of the 2-D tensor `name` (under the prefix), checked to have `shape`, as f32

@@ -106,6 +106,10 @@ pub struct InputModel {
     /// Its parameters.
     #[serde(default)]
     pub parameters: Parameters,
+    /// Statistics measured on it (`amalgam measure`), for the data-driven methods (`regmean`,
+    /// `fisher`).
+    #[serde(default)]
+    pub stats: Option<PathBuf>,
 }
 
 /// One source of an output slice.

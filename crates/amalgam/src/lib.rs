@@ -25,6 +25,7 @@ pub mod ops;
 pub mod plan;
 pub mod progress;
 pub mod simd;
+pub mod stats;
 pub mod sums;
 
 pub use dtype::DType;

@@ -31,7 +31,7 @@ pub fn rows_mut(data: &mut [f32], m: usize, n: usize) -> MatMut<'_, f32> {
     MatMut::from_row_major_slice_mut(data, m, n)
 }
 
-fn par() -> Par {
+pub(crate) fn par() -> Par {
     Par::rayon(0)
 }
 

@@ -28,6 +28,8 @@ pub struct ModelSet {
     /// The LoRA adapter of a `model+adapter` reference, parallel to `refs`: its delta is added
     /// to the model's tensors as they are read (mergekit's syntax).
     pub adapters: Vec<Option<crate::lora::Adapter>>,
+    /// The statistics file given for each model (`stats:` in `models:`), parallel to `refs`.
+    pub stats: Vec<Option<crate::stats::Stats>>,
 }
 
 impl ModelSet {
@@ -60,7 +62,21 @@ impl ModelSet {
     /// Open every model `config` references. Paths are relative to the working directory, as
     /// with mergekit.
     pub fn open(config: &MergeConfig) -> Result<ModelSet> {
-        ModelSet::open_refs(config.referenced_models(), |reason| config.error(reason))
+        let mut set =
+            ModelSet::open_refs(config.referenced_models(), |reason| config.error(reason))?;
+        for m in config.models.iter().flatten() {
+            let Some(path) = &m.stats else { continue };
+            let i = set.index(&m.model);
+            if set.adapters[i].is_some() {
+                return Err(config.error(format!(
+                    "model '{}': statistics of a model+adapter input are not supported; bake the \
+                     adapter with `amalgam lora apply` and measure that model",
+                    m.model.0
+                )));
+            }
+            set.stats[i] = Some(crate::stats::Stats::open(path)?);
+        }
+        Ok(set)
     }
 
     /// Open the models `refs` names (a folder or `.safetensors` file, or `model+adapter`);
@@ -108,11 +124,13 @@ impl ModelSet {
             adapters.push(adapter);
         }
         let layouts = models.iter().map(Layout::of).collect();
+        let stats = refs.iter().map(|_| None).collect();
         Ok(ModelSet {
             refs,
             models,
             layouts,
             adapters,
+            stats,
         })
     }
 
@@ -281,6 +299,7 @@ pub fn build_with(
     method: &'static dyn Method,
 ) -> Result<Plan> {
     check_unsupported(config)?;
+    check_stats(config, set, method)?;
     if !opts.allow_crimes {
         check_same_architecture(config, set)?;
     }
@@ -350,6 +369,58 @@ pub fn build_with(
         out_config,
         warnings: planner.warnings,
     })
+}
+
+/// Statistics are given for every non-base model of a data-driven method, of the kind it reads,
+/// and for no other method.
+fn check_stats(config: &MergeConfig, set: &ModelSet, method: &dyn Method) -> Result<()> {
+    let name = &method.spec().name;
+    let models = config.models.iter().flatten();
+    match method.stats_kind() {
+        None => {
+            if let Some(m) = config.models.iter().flatten().find(|m| m.stats.is_some()) {
+                return Err(config.error(format!(
+                    "model '{}' has stats:, which only the data-driven methods read (regmean, \
+                     fisher); {name} does not",
+                    m.model.0
+                )));
+            }
+        }
+        Some(kind) => {
+            if config.slices.is_some() {
+                return Err(config.error(format!(
+                    "{name} reads statistics per model: list the models under models:, each \
+                     with its stats: file, not slices:"
+                )));
+            }
+            for m in models {
+                if config.base_model.as_ref() == Some(&m.model) && m.stats.is_none() {
+                    continue;
+                }
+                let Some(s) = &set.stats[set.index(&m.model)] else {
+                    return Err(config.error(format!(
+                        "model '{}' has no stats: file; {name} needs {} statistics of every \
+                         model it merges (amalgam measure MODEL --data FILE --stats {} OUT)",
+                        m.model.0,
+                        kind.name(),
+                        kind.name()
+                    )));
+                };
+                if s.meta.kind != kind {
+                    return Err(crate::Error::Config {
+                        path: s.path.clone(),
+                        reason: format!(
+                            "holds {} statistics; {name} needs {} (amalgam measure --stats {})",
+                            s.meta.kind.name(),
+                            kind.name(),
+                            kind.name()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_same_architecture(config: &MergeConfig, set: &ModelSet) -> Result<()> {

@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 
 use super::gate;
 use crate::error::{Error, Result};
+use crate::measure::Tap;
 
 /// One expert's factors for one layer, row-major f32.
 #[derive(Clone, Debug)]
@@ -67,6 +68,11 @@ pub struct Ctx {
     pub record: RefCell<Vec<f64>>,
     /// When set, every routed layer's weights (`rows × experts`) in the order the layers run.
     pub trace: Option<RefCell<Vec<Vec<f32>>>>,
+    /// When set, every named linear layer's input is observed ([`Tap`]: `amalgam measure`).
+    pub tap: Option<RefCell<Tap>>,
+    /// Compute with differentiable forms only (candle's fused softmax, norm and rotary kernels
+    /// record no backward op, so gradients would silently stop at them): for backward passes.
+    pub grad: bool,
 }
 
 impl Ctx {
@@ -79,6 +85,8 @@ impl Ctx {
             plain: true,
             record: RefCell::new(Vec::new()),
             trace: None,
+            tap: None,
+            grad: false,
         }
     }
 
@@ -91,6 +99,8 @@ impl Ctx {
             plain: false,
             record: RefCell::new(vec![0.0; batch * experts]),
             trace: None,
+            tap: None,
+            grad: false,
         }
     }
 }

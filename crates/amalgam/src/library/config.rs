@@ -145,6 +145,7 @@ impl LibraryConfig {
                         } else {
                             Parameters::default()
                         },
+                        stats: None,
                     })
                     .collect(),
             ),

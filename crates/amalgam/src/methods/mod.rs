@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 pub mod arcee_fusion;
 pub mod consensus;
 pub mod emr;
+pub mod fisher;
 pub mod gta;
 mod gta_global;
 mod gta_kernel;
@@ -23,6 +24,7 @@ pub mod nuslerp;
 pub mod passthrough;
 pub mod pcb;
 pub mod ram;
+pub mod regmean;
 pub mod rng;
 pub mod sce;
 pub mod select;
@@ -323,6 +325,12 @@ pub trait Method: Sync + Send {
     fn lazy(&self) -> Option<&dyn Lazy> {
         None
     }
+    /// The statistics this method reads per input model (`stats:` in the config), if any: the
+    /// planner then requires them of every model it merges, and the method reads them through
+    /// [`Inputs::stat`].
+    fn stats_kind(&self) -> Option<crate::stats::Kind> {
+        None
+    }
     /// The streamed form of this method, if it has one: the executor then feeds the inputs in
     /// chunks, so a worker holds a few chunks instead of a few whole tensors.
     fn streaming(&self, _job: &MergeJob) -> Option<&dyn Streaming> {
@@ -334,6 +342,21 @@ pub trait Method: Sync + Send {
 pub trait Inputs {
     /// Decode input `k` (in config order) into `buf`, resized to the tensor's length.
     fn read(&self, k: usize, buf: &mut Vec<f32>) -> Result<()>;
+    /// Statistic `kind` of this tensor in input `k`'s stats file, checked to have `shape` and to
+    /// have been measured on this input's stored tensor; `None` where the file does not
+    /// describe the tensor (or the input has no stats file).
+    fn stat(
+        &self,
+        _k: usize,
+        _kind: crate::stats::Kind,
+        _shape: &[usize],
+    ) -> Result<Option<Vec<f64>>> {
+        Ok(None)
+    }
+    /// The metadata of input `k`'s stats file, if it has one.
+    fn stat_meta(&self, _k: usize) -> Option<&crate::stats::Meta> {
+        None
+    }
 }
 
 impl Inputs for Vec<&[f32]> {
@@ -515,6 +538,8 @@ pub fn registry() -> &'static [Box<dyn Method>] {
             Box::new(emr::Emr::default()),
             Box::new(consensus::Consensus::default()),
             Box::new(pcb::Pcb::default()),
+            Box::new(regmean::RegMean::default()),
+            Box::new(fisher::Fisher::default()),
         ];
         v.extend(
             gta::all()

@@ -137,6 +137,29 @@ impl Inputs for WholeInputs<'_, '_> {
     fn read(&self, k: usize, buf: &mut Vec<f32>) -> Result<()> {
         self.source.read_input(k, 0..self.n, buf, true)
     }
+
+    fn stat(
+        &self,
+        k: usize,
+        kind: crate::stats::Kind,
+        shape: &[usize],
+    ) -> Result<Option<Vec<f64>>> {
+        let source = self.source;
+        let input = &source.inputs[k];
+        let Some(stats) = &source.set.stats[input.model] else {
+            return Ok(None);
+        };
+        if !stats.has(&input.tensor, kind) {
+            return Ok(None);
+        }
+        let stored = source.views[k].bytes;
+        stats.get(&input.tensor, kind, shape, stored)
+    }
+
+    fn stat_meta(&self, k: usize) -> Option<&crate::stats::Meta> {
+        let input = &self.source.inputs[k];
+        self.source.set.stats[input.model].as_ref().map(|s| &s.meta)
+    }
 }
 
 impl<'a> Source<'a> {
