@@ -27,9 +27,10 @@ It writes under crates/amalgam-eval/tests/fixtures/datadriven/:
   authors' `_compute_exact_fisher_for_batch`), and `{tensor}:fisher:batch`, FusionBench's
   (`Σ_rows Σ_c √p_c·log p_c` over the whole file as one padded batch, `p` detached, gradient
   squared); both divided by the rows.
-- `fisher_llama.safetensors`: `{tensor}:fisher`, the empirical Fisher of `fixtures/llama` on the
-  first 6 rows of its `lm.jsonl`: per row, the squared gradient of the row's summed next-token
-  log-likelihood, divided by 6.
+- `fisher_llama.safetensors`, `fisher_qwen2.safetensors`: `{tensor}:fisher`, the empirical
+  Fisher of `fixtures/llama` (separate output projection) and `fixtures/qwen2` (tied
+  embeddings: one parameter for both ends) on the first 6 rows of their `lm.jsonl`: per row,
+  the squared gradient of the row's summed next-token log-likelihood, divided by 6.
 - `fisher_merge.safetensors`: FusionBench's `merging_with_fisher_weights` of bert_a and bert_b
   with the exact Fishers above (equal scaling coefficients, minimal weight 1e-6), normalised
   (`{tensor}`) and not (`unnormalized/{tensor}`).
@@ -211,10 +212,10 @@ def fisher_batch(model, head, encs):
     return {n: v / len(encs) for n, v in acc.items()}
 
 
-def fisher_llama():
-    from transformers import LlamaForCausalLM
-    folder = os.path.join(FIX, "llama")
-    model = LlamaForCausalLM.from_pretrained(folder).double().eval()
+def fisher_lm(name):
+    from transformers import AutoModelForCausalLM
+    folder = os.path.join(FIX, name)
+    model = AutoModelForCausalLM.from_pretrained(folder).double().eval()
     tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     tok.enable_truncation(MAX_LEN)
     with open(os.path.join(folder, "lm.jsonl")) as f:
@@ -228,7 +229,7 @@ def fisher_llama():
         s = logp.gather(1, ids[0, 1:].unsqueeze(1)).sum()
         sq_grads(model, s, acc, 1.0)
     tensors = {f"{n}:fisher": (v / len(texts)).contiguous() for n, v in acc.items()}
-    save_file(tensors, os.path.join(OUT, "fisher_llama.safetensors"))
+    save_file(tensors, os.path.join(OUT, f"fisher_{name}.safetensors"))
 
 
 def main():
@@ -280,7 +281,8 @@ def main():
             ref[f"{prefix}{n}"] = v.detach().contiguous()
     save_file(ref, os.path.join(OUT, "fisher_merge.safetensors"))
 
-    fisher_llama()
+    fisher_lm("llama")
+    fisher_lm("qwen2")
 
 
 if __name__ == "__main__":

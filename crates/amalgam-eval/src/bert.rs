@@ -121,7 +121,7 @@ impl Bert {
         let hd = h / heads;
         let table = |table: &Tensor, side: &Option<Deltas>, ids: &Tensor| -> Result<Tensor> {
             let ids = ids.flatten_all()?;
-            let mut rows = table.embedding(&ids)?;
+            let mut rows = crate::route::side::Gathered::lookup(table, &ids, route)?;
             if let Some(d) = side
                 && let Some(delta) = d.rows(&ids, h, route)?
             {

@@ -312,7 +312,7 @@ impl Decoder {
         let device = ids.device();
         let attn = Attention::new(&self.cfg, &self.inv_freq, t, None, device)?;
         let flat = ids.flatten_all()?;
-        let mut x = self.embed.embedding(&flat)?;
+        let mut x = crate::route::side::Gathered::lookup(&self.embed, &flat, route)?;
         if let Some(d) = &self.embed_side
             && let Some(delta) = d.rows(&flat, h, route)?
         {

@@ -326,9 +326,21 @@ fn fisher_matches_the_reference() {
 
 #[test]
 fn fisher_of_a_decoder_lm_matches_the_reference() {
+    fisher_of_lm("llama");
+}
+
+#[test]
+fn fisher_of_a_decoder_lm_with_tied_embeddings_matches_the_reference() {
+    // The table gets a dense gradient as the output projection and rows looked up as the
+    // input embedding: the Fisher is of their sum.
+    fisher_of_lm("qwen2");
+}
+
+fn fisher_of_lm(name: &str) {
+    let folder = llama().with_file_name(name);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("lm6.jsonl");
-    let rows: Vec<String> = std::fs::read_to_string(llama().join("lm.jsonl"))
+    let rows: Vec<String> = std::fs::read_to_string(folder.join("lm.jsonl"))
         .unwrap()
         .lines()
         .take(6)
@@ -336,10 +348,10 @@ fn fisher_of_a_decoder_lm_matches_the_reference() {
         .collect();
     std::fs::write(&data, rows.join("\n") + "\n").unwrap();
     let out = dir.path().join("f.safetensors");
-    measure_fisher(&llama(), &data, None, FisherVariant::Empirical, &out);
+    measure_fisher(&folder, &data, None, FisherVariant::Empirical, &out);
     compare_stats(
         &out,
-        &fixtures().join("fisher_llama.safetensors"),
+        &fixtures().join(format!("fisher_{name}.safetensors")),
         ":fisher",
         "",
         1e-5,

@@ -135,21 +135,46 @@ impl Evaluator {
             .iter()
             .map(|(_, v)| vec![0f64; v.elem_count()])
             .collect();
-        let work = |i: usize| -> Result<Vec<Option<Vec<f32>>>> {
+        let work = |i: usize| -> Result<Vec<Acc>> {
             let (idx, b) = &batches[i];
             let mut ctx = Ctx::none();
             ctx.grad = true;
-            let mut acc: Vec<Option<Vec<f32>>> = vec![None; self.vars.len()];
+            ctx.gather = Some(std::cell::RefCell::new(Vec::new()));
+            let mut acc: Vec<Acc> = (0..self.vars.len()).map(|_| Acc::None).collect();
+            let ctx_ref = &ctx;
             let mut add = |scalar: &Tensor, weight: f32| -> Result<()> {
                 let grads = scalar.backward()?;
+                let gathered = ctx_ref.gather.as_ref().expect("set above").borrow();
                 for (slot, (_, var)) in acc.iter_mut().zip(&self.vars) {
-                    let Some(g) = grads.get(var.as_tensor()) else {
-                        continue;
-                    };
-                    let g = g.flatten_all()?.to_vec1::<f32>()?;
-                    let slot = slot.get_or_insert_with(|| vec![0f32; g.len()]);
-                    for (s, v) in slot.iter_mut().zip(g) {
-                        *s += weight * v * v;
+                    let dense = grads.get(var.as_tensor());
+                    let width = var.dims().last().copied().unwrap_or(1);
+                    // The gradient of the rows looked up, by row: Σ over positions of that row.
+                    let mut rows: std::collections::BTreeMap<u32, Vec<f32>> = Default::default();
+                    for g in gathered.iter().filter(|g| g.table == var.id()) {
+                        let Some(rg) = grads.get(g.rows.as_tensor()) else {
+                            continue;
+                        };
+                        let rg = rg.flatten_all()?.to_vec1::<f32>()?;
+                        for (&id, r) in g.ids.iter().zip(rg.chunks_exact(width)) {
+                            let row = rows.entry(id).or_insert_with(|| vec![0f32; width]);
+                            for (a, &v) in row.iter_mut().zip(r) {
+                                *a += v;
+                            }
+                        }
+                    }
+                    match dense {
+                        Some(g) => {
+                            let mut g = g.flatten_all()?.to_vec1::<f32>()?;
+                            for (id, r) in &rows {
+                                let at = *id as usize * width;
+                                for (a, v) in g[at..at + width].iter_mut().zip(r) {
+                                    *a += v;
+                                }
+                            }
+                            slot.add_dense(&g, weight);
+                        }
+                        None if !rows.is_empty() => slot.add_rows(&rows, width, weight),
+                        None => {}
                     }
                 }
                 Ok(())
@@ -197,9 +222,20 @@ impl Evaluator {
         };
         in_order(batches.len(), work, |_, acc| {
             for (s, a) in sums.iter_mut().zip(acc) {
-                if let Some(a) = a {
-                    for (x, v) in s.iter_mut().zip(a) {
-                        *x += f64::from(v);
+                match a {
+                    Acc::None => {}
+                    Acc::Dense(a) => {
+                        for (x, v) in s.iter_mut().zip(a) {
+                            *x += f64::from(v);
+                        }
+                    }
+                    Acc::Rows(rows, width) => {
+                        for (id, r) in rows {
+                            let at = id as usize * width;
+                            for (x, &v) in s[at..at + width].iter_mut().zip(&r) {
+                                *x += f64::from(v);
+                            }
+                        }
                     }
                 }
             }
@@ -239,5 +275,64 @@ impl Evaluator {
             opts,
             out,
         )
+    }
+}
+
+/// One batch's weighted squared gradients of one parameter.
+enum Acc {
+    /// No gradient reached it.
+    None,
+    /// Every element.
+    Dense(Vec<f32>),
+    /// Only these rows (of the given width) of an embedding table are nonzero.
+    Rows(std::collections::BTreeMap<u32, Vec<f32>>, usize),
+}
+
+impl Acc {
+    /// Add `weight · g²`.
+    fn add_dense(&mut self, g: &[f32], weight: f32) {
+        if let Acc::Rows(rows, width) = self {
+            let mut dense = vec![0f32; g.len()];
+            for (id, r) in std::mem::take(rows) {
+                let at = id as usize * *width;
+                dense[at..at + *width].copy_from_slice(&r);
+            }
+            *self = Acc::Dense(dense);
+        }
+        if let Acc::None = self {
+            *self = Acc::Dense(vec![0f32; g.len()]);
+        }
+        let Acc::Dense(d) = self else {
+            unreachable!("made dense above")
+        };
+        for (s, &v) in d.iter_mut().zip(g) {
+            *s += weight * v * v;
+        }
+    }
+
+    /// Add `weight · g²` for a gradient nonzero only on `rows`.
+    fn add_rows(&mut self, rows: &std::collections::BTreeMap<u32, Vec<f32>>, width: usize, weight: f32) {
+        match self {
+            Acc::None => *self = Acc::Rows(Default::default(), width),
+            Acc::Dense(d) => {
+                for (id, r) in rows {
+                    let at = *id as usize * width;
+                    for (s, &v) in d[at..at + width].iter_mut().zip(r) {
+                        *s += weight * v * v;
+                    }
+                }
+                return;
+            }
+            Acc::Rows(..) => {}
+        }
+        let Acc::Rows(acc, _) = self else {
+            unreachable!("rows above")
+        };
+        for (id, r) in rows {
+            let row = acc.entry(*id).or_insert_with(|| vec![0f32; width]);
+            for (s, &v) in row.iter_mut().zip(r) {
+                *s += weight * v * v;
+            }
+        }
     }
 }

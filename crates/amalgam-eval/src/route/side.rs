@@ -73,6 +73,39 @@ pub struct Ctx {
     /// Compute with differentiable forms only (candle's fused softmax, norm and rotary kernels
     /// record no backward op, so gradients would silently stop at them): for backward passes.
     pub grad: bool,
+    /// When set (with `grad`), embedding tables are looked up detached, into a fresh `Var` per
+    /// lookup recorded here: a backward pass then gives the gradient of the rows looked up, not
+    /// a dense gradient the size of the whole table (a 30k-word table's 47 MB per pass).
+    pub gather: Option<RefCell<Vec<Gathered>>>,
+}
+
+/// Rows of an embedding table looked up under [`Ctx::gather`].
+pub struct Gathered {
+    /// The table (a `Var` of the model).
+    pub table: candle_core::TensorId,
+    /// The row looked up for each position.
+    pub ids: Vec<u32>,
+    /// The rows looked up (`positions × width`), a leaf of the graph.
+    pub rows: candle_core::Var,
+}
+
+impl Gathered {
+    /// Look up `ids` (flat, u32) in `table`: recorded in `ctx.gather` when set, else plainly.
+    pub fn lookup(table: &Tensor, ids: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        match &ctx.gather {
+            Some(g) if ctx.grad => {
+                let rows = candle_core::Var::from_tensor(&table.detach().embedding(ids)?)?;
+                let t = rows.as_tensor().clone();
+                g.borrow_mut().push(Gathered {
+                    table: table.id(),
+                    ids: ids.to_vec1::<u32>()?,
+                    rows,
+                });
+                Ok(t)
+            }
+            _ => table.embedding(ids),
+        }
+    }
 }
 
 impl Ctx {
@@ -87,6 +120,7 @@ impl Ctx {
             trace: None,
             tap: None,
             grad: false,
+            gather: None,
         }
     }
 
@@ -101,6 +135,7 @@ impl Ctx {
             trace: None,
             tap: None,
             grad: false,
+            gather: None,
         }
     }
 }
