@@ -31,6 +31,12 @@ It writes under crates/amalgam-eval/tests/fixtures/datadriven/:
   Fisher of `fixtures/llama` (separate output projection) and `fixtures/qwen2` (tied
   embeddings: one parameter for both ends) on the first 6 rows of their `lm.jsonl`: per row,
   the squared gradient of the row's summed next-token log-likelihood, divided by 6.
+- `ada_task.safetensors`, `ada_layer.safetensors`: AdaMerging of bert_a and bert_b onto
+  `fixtures/bert` (task vectors θₖ − θ₀, coefficients clamped to [0, 1] in the merge, initial
+  0.3), each step every row of data_a (bert_a's head) and data_b (bert_b's head), loss the sum
+  over tasks of FusionBench 0.2.33's `entropy_loss`, torch's Adam: `grad` (the coefficients'
+  gradient at the start, `[2, 1]` task-wise, `grad/{tensor}` `[2]` layer-wise) and
+  `lambda_lr{lr}` after 20 steps at lr 0.001 and 0.05.
 - `fisher_merge.safetensors`: FusionBench's `merging_with_fisher_weights` of bert_a and bert_b
   with the exact Fishers above (equal scaling coefficients, minimal weight 1e-6), normalised
   (`{tensor}`) and not (`unnormalized/{tensor}`).
@@ -232,6 +238,69 @@ def fisher_lm(name):
     save_file(tensors, os.path.join(OUT, f"fisher_{name}.safetensors"))
 
 
+def adamerging(layer_wise):
+    """AdaMerging restated from FusionBench 0.2.33 (`LayerWiseMergedModel.merge_weights`,
+    `entropy_loss`, the test-time adaptation loop) for the tiny BERT, in float64."""
+    from torch.func import functional_call
+    from transformers import BertModel
+    tok = tokenizer()
+    base = BertModel.from_pretrained(os.path.join(FIX, "bert"), add_pooling_layer=False).double()
+    names = [n for n, _ in base.named_parameters()]
+    theta0 = {n: p.detach().clone() for n, p in base.named_parameters()}
+    taus, heads, batches = [], [], []
+    for m in ("a", "b"):
+        folder = os.path.join(OUT, f"bert_{m}")
+        ft = BertModel.from_pretrained(folder, add_pooling_layer=False).double()
+        taus.append({n: p.detach() - theta0[n] for n, p in ft.named_parameters()})
+        from safetensors.torch import load_file
+        h = load_file(os.path.join(folder, "head.safetensors"))
+        heads.append((h["weight"].double(), h["bias"].double()))
+        with open(os.path.join(OUT, f"data_{m}.jsonl")) as f:
+            texts = [json.loads(line)["text"] for line in f]
+        batches.append(padded([tok.encode(t) for t in texts]))
+    groups = len(names) if layer_wise else 1
+
+    def loss_and_grad(lam):
+        lam = lam.detach().requires_grad_(True)
+        c = lam.clamp(0, 1)
+        params = {n: theta0[n] + sum(c[k, i if layer_wise else 0] * taus[k][n]
+                                     for k in range(2))
+                  for i, n in enumerate(names)}
+        total = 0.0
+        for (ids, types, mask), (w, b) in zip(batches, heads):
+            hidden = functional_call(base, params, (), dict(
+                input_ids=ids, token_type_ids=types, attention_mask=mask)).last_hidden_state
+            mm = mask.unsqueeze(-1).double()
+            pooled = (hidden * mm).sum(1) / mm.sum(1)
+            p = torch.softmax(pooled @ w.T + b, dim=-1)
+            total = total + (-(p * torch.log(p + 1e-8)).sum(-1).mean())
+        total.backward()
+        return total.item(), lam.grad.detach()
+
+    out = {}
+    init = torch.full((2, groups), 0.3, dtype=torch.float64)
+    _, g = loss_and_grad(init)
+    if layer_wise:
+        for i, n in enumerate(names):
+            out[f"grad/{n}"] = g[:, i].contiguous()
+    else:
+        out["grad"] = g.contiguous()
+    for lr in (0.001, 0.05):
+        lam = torch.nn.Parameter(init.clone())
+        opt = torch.optim.Adam([lam], lr=lr)
+        for _ in range(20):
+            _, g = loss_and_grad(lam)
+            lam.grad = g
+            opt.step()
+        final = lam.detach().clamp(0, 1)
+        if layer_wise:
+            for i, n in enumerate(names):
+                out[f"lambda_lr{lr}/{n}"] = final[:, i].contiguous()
+        else:
+            out[f"lambda_lr{lr}"] = final.contiguous()
+    save_file(out, os.path.join(OUT, "ada_layer.safetensors" if layer_wise else "ada_task.safetensors"))
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     models, heads, data = make_models()
@@ -283,6 +352,8 @@ def main():
 
     fisher_lm("llama")
     fisher_lm("qwen2")
+    adamerging(False)
+    adamerging(True)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@
 //! LMs (Llama, Mistral, Qwen2, Qwen3). The heavy inference dependencies live only in this crate,
 //! so the core library builds without them.
 
+pub mod adamerge;
 pub mod bert;
 pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod eval;
+pub mod grad;
 pub mod head;
 pub mod measure;
 pub mod moe_block;

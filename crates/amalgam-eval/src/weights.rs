@@ -92,9 +92,10 @@ impl Weights {
         self.vars.take().map(|v| v.into_inner()).unwrap_or_default()
     }
 
-    /// See [`set_single_pass`](Self::set_single_pass).
+    /// See [`set_single_pass`](Self::set_single_pass). A trainable model's layers too keep the
+    /// tensors as loaded: a copy laid out otherwise would not follow `Var::set`.
     pub fn single_pass(&self) -> bool {
-        self.single_pass
+        self.single_pass || self.vars.is_some()
     }
 
     /// The underlying model (a library task's base).

@@ -468,3 +468,189 @@ fn measure_refuses_what_it_cannot_measure() {
     assert!(e.contains("--overwrite"), "{e}");
     assert_eq!(std::fs::read(&out).unwrap(), b"keep");
 }
+
+/// AdaMerging of bert_a and bert_b onto fixtures/bert, every row of each task per step.
+fn adamerge_setup(
+    granularity: amalgam_eval::adamerge::Granularity,
+    lr: f64,
+) -> (
+    Evaluator,
+    amalgam_eval::adamerge::Options,
+    Vec<Task>,
+    Vec<Head>,
+) {
+    let base = fixtures().with_file_name("bert");
+    let ev = Evaluator::open_trainable(&base, Some(MAX_LEN)).unwrap();
+    let opts = amalgam_eval::adamerge::Options {
+        granularity,
+        lr,
+        steps: 20,
+        batch_size: 32,
+        ..Default::default()
+    };
+    let tasks: Vec<Task> = ["a", "b"]
+        .iter()
+        .map(|m| Task::load(&fixtures().join(format!("data_{m}.jsonl")), None).unwrap())
+        .collect();
+    let heads = ["a", "b"]
+        .iter()
+        .map(|m| Head::load(&fixtures().join(format!("bert_{m}/head.safetensors")), 32).unwrap())
+        .collect();
+    (ev, opts, tasks, heads)
+}
+
+fn ada_models() -> Vec<PathBuf> {
+    vec![fixtures().join("bert_a"), fixtures().join("bert_b")]
+}
+
+/// The reference's `[model][group]` values under `key` (`key/{tensor}` layer-wise).
+fn ada_reference(file: &str, key: &str, groups: &[String]) -> Vec<Vec<f64>> {
+    let r = Model::open(fixtures().join(file)).unwrap();
+    let per: Vec<Vec<f64>> = groups
+        .iter()
+        .map(|g| {
+            if g == "*" {
+                values(&r, key)
+            } else {
+                values(&r, &format!("{key}/{g}"))
+            }
+        })
+        .collect();
+    (0..2).map(|k| per.iter().map(|v| v[k]).collect()).collect()
+}
+
+#[test]
+fn adamerging_gradients_and_steps_match_torch() {
+    use amalgam_eval::adamerge::{AdaMerge, Granularity};
+    for (g, file) in [
+        (Granularity::Task, "ada_task.safetensors"),
+        (Granularity::Layer, "ada_layer.safetensors"),
+    ] {
+        for lr in [0.001, 0.05] {
+            let (ev, opts, tasks, heads) = adamerge_setup(g, lr);
+            let mut ada = AdaMerge::new(&ev, &ada_models(), opts).unwrap();
+            let groups = ada.groups().to_vec();
+            // 37 tensors, every one changed by both fine-tunes.
+            assert_eq!(groups.len(), if g == Granularity::Task { 1 } else { 37 });
+            let t: Vec<&Task> = tasks.iter().collect();
+            let h: Vec<&Head> = heads.iter().collect();
+            let all: Vec<Vec<usize>> = tasks.iter().map(|t| (0..t.texts.len()).collect()).collect();
+            let (_, grad) = ada.gradient(&t, &h, &all).unwrap();
+            let want = ada_reference(file, "grad", &groups);
+            let top = want.iter().flatten().fold(0.0, |m: f64, v| m.max(v.abs()));
+            for (k, (ours, theirs)) in grad.iter().zip(&want).enumerate() {
+                for (gi, (a, b)) in ours.iter().zip(theirs).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * top,
+                        "{g:?} gradient of ({k}, {}): {a} vs torch {b}",
+                        groups[gi]
+                    );
+                }
+            }
+            let learned = ada.run(&t, &h, &|_, _| {}).unwrap();
+            let want = ada_reference(file, &format!("lambda_lr{lr}"), &groups);
+            for (k, (ours, theirs)) in learned.lambdas.iter().zip(&want).enumerate() {
+                for (gi, (a, b)) in ours.iter().zip(theirs).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-3,
+                        "{g:?} lr {lr}: coefficient ({k}, {}) after 20 steps: {a} vs torch {b}",
+                        groups[gi]
+                    );
+                }
+            }
+            assert!(learned.losses.iter().all(|l| l.is_finite()));
+        }
+    }
+}
+
+#[test]
+fn adamerging_config_reproduces_the_learned_model() {
+    use amalgam_eval::adamerge::{AdaMerge, Granularity, merge_config};
+    let dir = tempfile::tempdir().unwrap();
+    let (ev, mut opts, tasks, heads) = adamerge_setup(Granularity::Layer, 0.05);
+    opts.steps = 3;
+    let mut ada = AdaMerge::new(&ev, &ada_models(), opts.clone()).unwrap();
+    let t: Vec<&Task> = tasks.iter().collect();
+    let h: Vec<&Head> = heads.iter().collect();
+    let learned = ada.run(&t, &h, &|_, _| {}).unwrap();
+    let base = fixtures().with_file_name("bert");
+    let names: Vec<String> = ada_models()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let yaml = merge_config(
+        &base.display().to_string(),
+        &names,
+        &learned,
+        opts.init,
+        Some("float32"),
+    );
+    let cfg = dir.path().join("ada.yml");
+    std::fs::write(&cfg, &yaml).unwrap();
+    let out = merge(
+        &cfg,
+        &dir.path().join("out"),
+        &MergeOptions::default(),
+        &amalgam::progress::Silent,
+    )
+    .unwrap();
+    let merged = Model::open(&out).unwrap();
+    let b = Model::open(&base).unwrap();
+    let fts: Vec<Model> = ada_models()
+        .iter()
+        .map(|p| Model::open(p).unwrap())
+        .collect();
+    for (gi, name) in learned.groups.iter().enumerate() {
+        let want: Vec<f64> = values(&b, name)
+            .iter()
+            .enumerate()
+            .map(|(i, &x0)| {
+                x0 + fts
+                    .iter()
+                    .enumerate()
+                    .map(|(k, m)| learned.lambdas[k][gi] * (values(m, name)[i] - x0))
+                    .sum::<f64>()
+            })
+            .collect();
+        let r = rel(&values(&merged, name), &want);
+        assert!(r < 1e-6, "{name}: {r:e}");
+    }
+}
+
+#[test]
+fn adamerging_gradients_match_finite_differences() {
+    use amalgam_eval::adamerge::{AdaMerge, Granularity};
+    let (ev, opts, tasks, heads) = adamerge_setup(Granularity::Task, 0.001);
+    let mut ada = AdaMerge::new(&ev, &ada_models(), opts).unwrap();
+    let t: Vec<&Task> = tasks.iter().collect();
+    let h: Vec<&Head> = heads.iter().collect();
+    let all: Vec<Vec<usize>> = tasks.iter().map(|t| (0..t.texts.len()).collect()).collect();
+    let at = vec![vec![0.4], vec![0.6]];
+    ada.set_lambdas(at.clone()).unwrap();
+    let (_, grad) = ada.gradient(&t, &h, &all).unwrap();
+    for k in 0..2 {
+        let mut central = |step: f64| {
+            let mut loss = [0.0; 2];
+            for (i, s) in [-step, step].iter().enumerate() {
+                let mut l = at.clone();
+                l[k][0] += s;
+                ada.set_lambdas(l).unwrap();
+                loss[i] = ada.gradient(&t, &h, &all).unwrap().0;
+            }
+            (loss[1] - loss[0]) / (2.0 * step)
+        };
+        // Richardson's extrapolation of central differences at 0.02 and 0.01: O(step⁴)
+        // truncation (~1e-7 here); the f32 losses add ~1e-5.
+        let fd = (4.0 * central(1e-2) - central(2e-2)) / 3.0;
+        assert!(grad[k][0].is_finite());
+        assert!(
+            (fd - grad[k][0]).abs() <= 1e-3 * grad[k][0].abs().max(1e-2),
+            "model {k}: backward {} vs finite differences {fd}",
+            grad[k][0]
+        );
+    }
+    // Outside [0, 1] the clamp passes no gradient.
+    ada.set_lambdas(vec![vec![1.2], vec![-0.1]]).unwrap();
+    let (_, grad) = ada.gradient(&t, &h, &all).unwrap();
+    assert_eq!(grad, vec![vec![0.0], vec![0.0]]);
+}

@@ -22,6 +22,7 @@ use candle_core::{D, Tensor};
 use super::{Options, Summary, in_order};
 use crate::error::{Error, Result};
 use crate::eval::{Evaluator, Net, Progress};
+use crate::grad::ParamGrad;
 use crate::head::Head;
 use crate::route::side::Ctx;
 use crate::task::{Kind, Task};
@@ -146,34 +147,9 @@ impl Evaluator {
                 let grads = scalar.backward()?;
                 let gathered = ctx_ref.gather.as_ref().expect("set above").borrow();
                 for (slot, (_, var)) in acc.iter_mut().zip(&self.vars) {
-                    let dense = grads.get(var.as_tensor());
-                    let width = var.dims().last().copied().unwrap_or(1);
-                    // The gradient of the rows looked up, by row: Σ over positions of that row.
-                    let mut rows: std::collections::BTreeMap<u32, Vec<f32>> = Default::default();
-                    for g in gathered.iter().filter(|g| g.table == var.id()) {
-                        let Some(rg) = grads.get(g.rows.as_tensor()) else {
-                            continue;
-                        };
-                        let rg = rg.flatten_all()?.to_vec1::<f32>()?;
-                        for (&id, r) in g.ids.iter().zip(rg.chunks_exact(width)) {
-                            let row = rows.entry(id).or_insert_with(|| vec![0f32; width]);
-                            for (a, &v) in row.iter_mut().zip(r) {
-                                *a += v;
-                            }
-                        }
-                    }
-                    match dense {
-                        Some(g) => {
-                            let mut g = g.flatten_all()?.to_vec1::<f32>()?;
-                            for (id, r) in &rows {
-                                let at = *id as usize * width;
-                                for (a, v) in g[at..at + width].iter_mut().zip(r) {
-                                    *a += v;
-                                }
-                            }
-                            slot.add_dense(&g, weight);
-                        }
-                        None if !rows.is_empty() => slot.add_rows(&rows, width, weight),
+                    match crate::grad::param_grad(&grads, &gathered, var)? {
+                        Some(ParamGrad::Dense(g)) => slot.add_dense(&g, weight),
+                        Some(ParamGrad::Rows(rows, width)) => slot.add_rows(&rows, width, weight),
                         None => {}
                     }
                 }
@@ -311,7 +287,12 @@ impl Acc {
     }
 
     /// Add `weight · g²` for a gradient nonzero only on `rows`.
-    fn add_rows(&mut self, rows: &std::collections::BTreeMap<u32, Vec<f32>>, width: usize, weight: f32) {
+    fn add_rows(
+        &mut self,
+        rows: &std::collections::BTreeMap<u32, Vec<f32>>,
+        width: usize,
+        weight: f32,
+    ) {
         match self {
             Acc::None => *self = Acc::Rows(Default::default(), width),
             Acc::Dense(d) => {
