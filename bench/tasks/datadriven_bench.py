@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Data-driven merges on the MiniLM task benchmark (issue #19): RegMean and Fisher merging,
 from statistics `amalgam measure` takes on the train files, against task arithmetic, TIES and
-Iso-C, every setting of every method chosen on validation and then reported on the test rows.
+Iso-C, every setting of every method chosen on validation and then reported on the test rows;
+and AdaMerging task- and layer-wise, coefficients learned on the same calibration rows' texts.
 
 Validation is the last VAL_ROWS rows of each TASK.train.jsonl (library_sweep.py's split); the
 statistics come from the first --rows rows of the same train files (never the validation or
 test rows; the fine-tunes trained on every train row, as for the other sweeps).
 
-    python3 bench/tasks/datadriven_bench.py --work /tmp/amalgam-tasks [--rows 256] [--reuse]
+    python3 bench/tasks/datadriven_bench.py --work /tmp/amalgam-tasks [--rows 256] [--ada-steps 500] [--reuse]
 
 Also times each step and its peak RSS (/usr/bin/time), and `measure --stats gram` against
 `amalgam eval` over the same rows (the issue's ≤ 1.3× target). Writes WORK/datadriven/results.json
@@ -80,11 +81,13 @@ class Bench:
         key = f"{name}|{split}"
         if key not in self.cache["evals"]:
             cmd = self.amalgam("eval", model, "--max-len", str(self.args.max_len), "--json", "-q")
-            for t in ms.TASKS:
+            tasks = [t for t in ms.TASKS if t in files]
+            for t in tasks:
                 cmd += ["--task", files[t]]
-            cmd += ["--head", os.path.join(self.args.work, "heads")]
+            for t in tasks:
+                cmd += ["--head", os.path.join(self.args.work, "heads", f"{t}.safetensors")]
             out = json.loads(ms.run(cmd))
-            self.cache["evals"][key] = {t["name"]: t["accuracy"] for t in out["tasks"]}
+            self.cache["evals"][key] = {t: r["accuracy"] for t, r in zip(tasks, out["tasks"])}
             self.save()
         return self.cache["evals"][key]
 
@@ -118,6 +121,7 @@ def main():
     ap.add_argument("--rows", type=int, default=256, help="train rows measured per task")
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ada-steps", type=int, default=500, help="AdaMerging steps")
     ap.add_argument("--reuse", action="store_true", help="reuse cached steps and evaluations")
     args = ap.parse_args()
     args.limit = None
@@ -133,7 +137,7 @@ def main():
     ft = {"val": {}, "test": {}}
     for t in ms.TASKS:
         for split, files in (("val", val), ("test", test)):
-            accs = bench.evaluate(f"ft:{t}", split, fts[t], {u: files[t] for u in ms.TASKS})
+            accs = bench.evaluate(f"ft:{t}", split, fts[t], {t: files[t]})
             ft[split][t] = accs[t]
 
     # Statistics, with time and memory; `eval` over the same rows for the ratio.
@@ -182,6 +186,26 @@ def main():
         rows.append({"label": label, "params": ms.describe(gp, mp), "val": v, "test": te,
                      "val_norm": normalized(v, ft["val"]), "test_norm": normalized(te, ft["test"]),
                      "merge": merge})
+    # AdaMerging: coefficients learned on the calibration rows' texts (labels unused), its
+    # defaults but --ada-steps steps; nothing to choose on validation.
+    cfg = os.path.join(configs, "adamerge_base.yml")
+    with open(cfg, "w") as f:
+        f.write(ms.config_text("task_arithmetic", base, [fts[t] for t in ms.TASKS], {}, {}))
+    for granularity in ("task", "layer"):
+        label = f"AdaMerging {granularity}-wise"
+        out = os.path.join(models, f"adamerge_{granularity}")
+        cmd = bench.amalgam("adamerge", cfg, out, "--granularity", granularity,
+                            "--steps", str(args.ada_steps), "--max-len", str(args.max_len),
+                            "--head", heads, "--overwrite", "-q")
+        for t in ms.TASKS:
+            cmd += ["--data", f"{t}={calib[t]}"]
+        step = bench.step(f"adamerge:{granularity}:{args.ada_steps}", cmd)
+        name = f"adamerge {granularity} {args.ada_steps}"
+        v = bench.evaluate(name, "val", out, val)
+        te = bench.evaluate(name, "test", out, test)
+        rows.append({"label": label, "params": f"{args.ada_steps} steps", "val": v, "test": te,
+                     "val_norm": normalized(v, ft["val"]), "test_norm": normalized(te, ft["test"]),
+                     "merge": step})
     bench.cache["table"] = rows
     bench.cache["timing"] = timing
     bench.save()

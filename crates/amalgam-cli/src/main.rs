@@ -2,6 +2,8 @@
 //! work happens in the `amalgam` library.
 
 #[cfg(feature = "eval")]
+mod adamerge;
+#[cfg(feature = "eval")]
 mod eval;
 mod library;
 #[cfg(feature = "eval")]
@@ -117,6 +119,11 @@ enum Command {
     /// written as a stats file the merge config names per model (`stats:`).
     #[cfg(feature = "eval")]
     Measure(measure::MeasureArgs),
+    /// AdaMerging: learn task arithmetic's coefficients (per task, or per task and tensor) by
+    /// minimising the merged model's prediction entropy on unlabelled rows of every task; writes
+    /// the merged model and the merge config that reproduces it.
+    #[cfg(feature = "eval")]
+    Adamerge(adamerge::AdaMergeArgs),
     /// Build a mixture-of-experts model from dense fine-tunes of one base, from a
     /// mergekit-moe YAML config: Mixtral, Qwen2-MoE (one gated shared expert) or Qwen3-MoE,
     /// router weights from prompts (hidden states or token embeddings) or random.
@@ -516,6 +523,11 @@ fn run() -> Result<ExitCode> {
         #[cfg(feature = "eval")]
         Command::Measure(args) => {
             measure::run(args, cli.quiet)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "eval")]
+        Command::Adamerge(args) => {
+            adamerge::run(args, cli.quiet)?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "eval")]

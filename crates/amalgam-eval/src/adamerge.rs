@@ -320,20 +320,20 @@ impl<'a> AdaMerge<'a> {
         self.t += 1;
         let c1 = 1.0 - b1.powi(self.t);
         let c2 = (1.0 - b2.powi(self.t)).sqrt();
-        for k in 0..self.lambda.len() {
-            for g in 0..self.groups.len() {
-                let d = grad[k][g];
-                if !d.is_finite() {
-                    return Err(Error::Argument(format!(
-                        "the gradient of coefficient ({k}, {}) is not finite",
-                        self.groups[g]
-                    )));
-                }
-                let m = &mut self.m[k][g];
-                let v = &mut self.v[k][g];
+        for (k, row) in grad.iter().enumerate() {
+            if let Some(g) = row.iter().position(|d| !d.is_finite()) {
+                return Err(Error::Argument(format!(
+                    "the gradient of model {k}'s coefficient for {} is not finite",
+                    self.groups[g]
+                )));
+            }
+        }
+        let rows = self.lambda.iter_mut().zip(&mut self.m).zip(&mut self.v);
+        for (((lambda, m), v), grad) in rows.zip(grad) {
+            for (((l, m), v), &d) in lambda.iter_mut().zip(m).zip(v).zip(grad) {
                 *m = b1 * *m + (1.0 - b1) * d;
                 *v = b2 * *v + (1.0 - b2) * d * d;
-                self.lambda[k][g] -= self.opts.lr / c1 * *m / (v.sqrt() / c2 + eps);
+                *l -= self.opts.lr / c1 * *m / (v.sqrt() / c2 + eps);
             }
         }
         self.load()

@@ -654,3 +654,31 @@ fn adamerging_gradients_match_finite_differences() {
     let (_, grad) = ada.gradient(&t, &h, &all).unwrap();
     assert_eq!(grad, vec![vec![0.0], vec![0.0]]);
 }
+
+#[test]
+fn too_few_rows_for_a_gram_matrix_is_an_error_unless_alpha_regularises() {
+    let dir = tempfile::tempdir().unwrap();
+    // One short row: 3 token positions, far fewer than the 32 input features.
+    let one = dir.path().join("one.jsonl");
+    std::fs::write(&one, "{\"text\": \"x\"}\n").unwrap();
+    let g: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .map(|m| {
+            let out = dir.path().join(format!("one_{m}.safetensors"));
+            let mut ev =
+                Evaluator::open(&fixtures().join(format!("bert_{m}")), Some(MAX_LEN)).unwrap();
+            ev.batch_size = 4;
+            let task = Task::load(&one, None).unwrap();
+            ev.measure_gram(&task, &Options::default(), &out, &|_| {})
+                .unwrap();
+            out
+        })
+        .collect();
+    let e = merge_with(dir.path(), "regmean", [&g[0], &g[1]], "{alpha: 1.0}")
+        .expect_err("a rank-deficient Gram cannot be inverted")
+        .to_string();
+    assert!(e.contains("singular"), "{e}");
+    assert!(e.contains(".weight"), "names the tensor: {e}");
+    // Shrinking the off-diagonal leaves a positive diagonal: a well-posed system.
+    merge_with(dir.path(), "regmean", [&g[0], &g[1]], "{alpha: 0.5}").unwrap();
+}

@@ -7,7 +7,10 @@
 //! `Wᵀ = (Σᵢ wᵢ G̃ᵢ)⁻¹ Σᵢ wᵢ G̃ᵢ Wᵢᵀ` with `G̃ = α·G + (1 − α)·diag(G)` (the references'
 //! "reduce non-diagonal elements"; `alpha: 1` is plain RegMean). Every other tensor (biases,
 //! norms, embeddings, layers the measurement did not run) is the `w`-weighted mean, as in the
-//! references. The system is solved by Cholesky in f64 (the references invert the sum in f32).
+//! references. The system is solved by Cholesky in f64 (the references invert the sum in f32);
+//! a singular sum (fewer measured token positions than input features, or a feature that is
+//! always zero) is an error naming the tensor, not a solution of rounding noise: with
+//! `alpha < 1` only the diagonal must be positive.
 //! The base model, if given, is not merged.
 
 use super::*;
@@ -135,16 +138,24 @@ impl Lazy for RegMean {
             );
             a += &reduced;
         }
-        let llt = a.llt(faer::Side::Lower).map_err(|e| {
-            let index = match e {
-                faer::linalg::cholesky::llt::factor::LltError::NonPositivePivot { index } => index,
-            };
+        let singular = |index: usize| {
             job.error(format!(
                 "regmean: the summed Gram matrices are singular (input feature {index} is \
                  zero or linearly dependent on the others over every measured row); measure \
                  more rows, or lower alpha below 1 so that only the diagonal must be positive"
             ))
+        };
+        let top = (0..cols).map(|i| a[(i, i)]).fold(0.0, f64::max);
+        let llt = a.llt(faer::Side::Lower).map_err(|e| match e {
+            faer::linalg::cholesky::llt::factor::LltError::NonPositivePivot { index } => {
+                singular(index)
+            }
         })?;
+        // Rounding can leave a tiny positive pivot where the matrix is singular: a pivot below
+        // 1e-12 of the largest diagonal entry (relative to f64's 1e-16) is treated as zero.
+        if let Some(i) = (0..cols).find(|&i| llt.L()[(i, i)].powi(2) <= 1e-12 * top) {
+            return Err(singular(i));
+        }
         use faer::linalg::solvers::Solve;
         llt.solve_in_place(b.as_mut());
         for (r, row) in out.chunks_exact_mut(cols).enumerate() {
