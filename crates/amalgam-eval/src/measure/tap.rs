@@ -52,9 +52,38 @@ impl Tap {
             }
             None => x2.clone(),
         };
-        let g = xm.t()?.matmul(&xm)?.flatten_all()?.to_vec1::<f32>()?;
+        let g = gram(&xm)?;
         self.last = Some((x.id(), self.grams.len()));
         self.grams.push((name.to_string(), g));
         Ok(())
     }
+}
+
+/// `xᵀx` of `x` (`rows × in`), row-major `in × in`: only the lower triangle is computed (half
+/// the products of a full matrix product), then mirrored.
+fn gram(x: &Tensor) -> Result<Vec<f32>> {
+    let (rows, width) = x.dims2()?;
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    let x = faer::MatRef::from_row_major_slice(&data, rows, width);
+    let mut g = faer::Mat::<f32>::zeros(width, width);
+    faer::linalg::matmul::triangular::matmul(
+        g.as_mut(),
+        faer::linalg::matmul::triangular::BlockStructure::TriangularLower,
+        faer::Accum::Replace,
+        x.transpose(),
+        faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+        x,
+        faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+        1.0,
+        faer::Par::Seq,
+    );
+    let mut out = vec![0f32; width * width];
+    for i in 0..width {
+        for j in 0..=i {
+            let v = g[(i, j)];
+            out[i * width + j] = v;
+            out[j * width + i] = v;
+        }
+    }
+    Ok(out)
 }
