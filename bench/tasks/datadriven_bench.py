@@ -122,6 +122,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ada-steps", type=int, default=500, help="AdaMerging steps")
+    ap.add_argument("--no-benchmarks-md", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="reuse cached steps and evaluations")
     args = ap.parse_args()
     args.limit = None
@@ -210,33 +211,68 @@ def main():
     bench.cache["timing"] = timing
     bench.save()
 
-    print(f"| method | setting (chosen on val) | " + " | ".join(ms.SHORT[t] for t in ms.TASKS)
-          + " | test norm. avg | val norm. avg | merge s | merge MiB |")
-    print("|" + "---|" * (len(ms.TASKS) + 6))
-    print("| fine-tunes | – | " + " | ".join(f"{100 * ft['test'][t]:.1f}" for t in ms.TASKS)
-          + " | 100.0 % | 100.0 % | – | – |")
+    lines = [f"Accuracy (%) on each task's 500-row test split, max length {args.max_len}; "
+             f"statistics and AdaMerging's rows: the first {args.rows} rows of each train file; "
+             "every setting chosen on validation (the last 500 train rows), its test result "
+             "reported. Normalized: mean over tasks of merged ÷ fine-tuned accuracy.", ""]
+    lines.append("| method | setting (chosen on val) | " + " | ".join(ms.SHORT[t] for t in ms.TASKS)
+                 + " | test norm. avg | val norm. avg | merge s | merge MiB |")
+    lines.append("|" + "---|" * (len(ms.TASKS) + 6))
+    lines.append("| fine-tunes | – | " + " | ".join(f"{100 * ft['test'][t]:.1f}" for t in ms.TASKS)
+                 + " | 100.0 % | 100.0 % | – | – |")
+    best_by = {}
     for label in dict.fromkeys(r["label"] for r in rows):
         best = max((r for r in rows if r["label"] == label), key=lambda r: r["val_norm"])
-        print(f"| {label} | {best['params']} | "
-              + " | ".join(f"{100 * best['test'][t]:.1f}" for t in ms.TASKS)
-              + f" | {100 * best['test_norm']:.1f} % | {100 * best['val_norm']:.1f} % | "
-              f"{best['merge']['seconds']:.1f} | {best['merge']['rss_mib']:.0f} |")
-    print()
-    print("every point (val norm. / test norm.):")
+        best_by[label] = best
+        lines.append(f"| {label} | {best['params']} | "
+                     + " | ".join(f"{100 * best['test'][t]:.1f}" for t in ms.TASKS)
+                     + f" | {100 * best['test_norm']:.1f} % | {100 * best['val_norm']:.1f} % | "
+                     f"{best['merge']['seconds']:.1f} | {best['merge']['rss_mib']:.0f} |")
+    lines += ["", "Every sweep point (val norm. / test norm.):", ""]
     for r in rows:
-        print(f"  {r['label']:16} {r['params']:28} {100 * r['val_norm']:.1f} / "
-              f"{100 * r['test_norm']:.1f}")
-    print()
-    print(f"| step ({args.rows} rows per task) | " + " | ".join(ms.SHORT[t] for t in ms.TASKS)
-          + " |")
-    print("|" + "---|" * (len(ms.TASKS) + 1))
+        lines.append(f"- {r['label']} {r['params']}: {100 * r['val_norm']:.1f} / "
+                     f"{100 * r['test_norm']:.1f}")
+    lines += ["", f"Statistics of {args.rows} rows per task, time (s) / peak RSS (MiB), "
+              f"{args.threads} threads; `eval` is `amalgam eval` over the same rows:", ""]
+    lines.append("| step | " + " | ".join(ms.SHORT[t] for t in ms.TASKS) + " |")
+    lines.append("|" + "---|" * (len(ms.TASKS) + 1))
     for what in ("gram", "fisher", "eval"):
-        print(f"| `{what}` s / MiB | " + " | ".join(
+        lines.append(f"| `{what}` | " + " | ".join(
             f"{timing[f'{what} {t}']['seconds']:.1f} / {timing[f'{what} {t}']['rss_mib']:.0f}"
             for t in ms.TASKS) + " |")
-    print("| gram ÷ eval | " + " | ".join(
+    lines.append("| gram ÷ eval | " + " | ".join(
         f"{timing[f'gram {t}']['seconds'] / timing[f'eval {t}']['seconds']:.2f}"
         for t in ms.TASKS) + " |")
+    md = "\n".join(lines)
+    print(md)
+    plot_rel = None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        labels = list(best_by)
+        vals = [100 * best_by[k]["test_norm"] for k in labels]
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        colors = ["#c0504d" if k.startswith(("RegMean", "Fisher", "AdaMerging")) else "#3572b0"
+                  for k in labels]
+        ax.bar(range(len(vals)), vals, color=colors)
+        ax.axhline(100, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(vals)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("test normalized accuracy (%)")
+        ax.set_ylim(min(vals) - 5, 102)
+        for i, v in enumerate(vals):
+            ax.text(i, v + 0.3, f"{v:.1f}", ha="center", fontsize=7)
+        ax.set_title("all-MiniLM-L6-v2, 5 tasks: data-driven (red) and data-free merges, "
+                     "settings chosen on validation", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(HERE, "datadriven_accuracy.png"), dpi=110)
+        plot_rel = "bench/tasks/datadriven_accuracy.png"
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+    if not args.no_benchmarks_md:
+        ms.update_benchmarks(md, plot_rel, marker="datadriven",
+                             alt="test normalized accuracy per method")
 
 
 if __name__ == "__main__":
