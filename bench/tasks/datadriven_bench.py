@@ -252,21 +252,12 @@ def main():
         import matplotlib.pyplot as plt
         labels = list(best_by)
         vals = [100 * best_by[k]["test_norm"] for k in labels]
-        fig, ax = plt.subplots(figsize=(8, 3.8))
         colors = ["#c0504d" if k.startswith(("RegMean", "Fisher", "AdaMerging")) else "#3572b0"
                   for k in labels]
-        ax.bar(range(len(vals)), vals, color=colors)
-        ax.axhline(100, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xticks(range(len(vals)))
-        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("test normalized accuracy (%)")
-        ax.set_ylim(min(vals) - 5, 102)
-        for i, v in enumerate(vals):
-            ax.text(i, v + 0.3, f"{v:.1f}", ha="center", fontsize=7)
-        ax.set_title("all-MiniLM-L6-v2, 5 tasks: data-driven (red) and data-free merges, "
-                     "settings chosen on validation", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(os.path.join(HERE, "datadriven_accuracy.png"), dpi=110)
+        ms.bar_plot(plt, labels, vals, colors,
+                    "all-MiniLM-L6-v2, 5 tasks: data-driven (red) and data-free merges, "
+                    "settings chosen on validation", "test normalized accuracy (%)",
+                    os.path.join(HERE, "datadriven_accuracy.png"), size=(8, 3.8), rotation=30)
         plot_rel = "bench/tasks/datadriven_accuracy.png"
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)

@@ -185,21 +185,26 @@ def plot(results, path):
     probe = sum(results["probe"][t] / ft[t] for t in TASKS) / len(TASKS) * 100
     labels = ["linear probe"] + list(best)
     values = [probe] + list(best.values())
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    colors = ["#999999"] + ["#3572b0"] * len(best)
+    bar_plot(plt, labels, values, ["#999999"] + ["#3572b0"] * len(best),
+             "all-MiniLM-L6-v2, 5 text tasks: best sweep point per method (100 = fine-tuned)",
+             "normalized accuracy (%)", path, size=(9, 4.2), rotation=35)
+    return True
+
+
+def bar_plot(plt, labels, values, colors, title, ylabel, path, size, rotation):
+    """One bar per method with its value on top and the fine-tunes' 100 % as a dashed line."""
+    fig, ax = plt.subplots(figsize=size)
     ax.bar(range(len(values)), values, color=colors)
     ax.axhline(100, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(values)))
-    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_xticklabels(labels, rotation=rotation, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(min(values) - 5, 102)
     for i, v in enumerate(values):
         ax.text(i, v + 0.3, f"{v:.1f}", ha="center", fontsize=7)
-    ax.set_title("all-MiniLM-L6-v2, 5 text tasks: best sweep point per method (100 = fine-tuned)",
-                 fontsize=9)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    return True
 
 
 def update_benchmarks(md, plot_rel, marker="tasks", alt="normalized accuracy per method",
