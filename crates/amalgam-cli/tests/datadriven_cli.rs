@@ -166,36 +166,22 @@ fn adamerge_writes_a_config_that_merge_reproduces() {
         std::fs::read(again.join("model.safetensors")).unwrap()
     );
     // Not a task_arithmetic config; a --data count that does not match.
-    std::fs::write(
-        &cfg,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("task_arithmetic", "ties"),
-    )
-    .unwrap();
-    let e = fails(&[
-        "adamerge",
-        s(&cfg),
-        s(&dir.path().join("x")),
-        "--data",
-        "f",
-        "--head",
-        "h",
-    ]);
+    let replace = |from: &str, to: &str| {
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(from, to);
+        std::fs::write(&cfg, text).unwrap();
+    };
+    let x = dir.path().join("x");
+    replace("task_arithmetic", "ties");
+    let e = fails(&["adamerge", s(&cfg), s(&x), "--data", "f", "--head", "h"]);
     assert!(e.contains("task_arithmetic"), "{e}");
-    std::fs::write(
-        &cfg,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("ties", "task_arithmetic"),
-    )
-    .unwrap();
+    replace("ties", "task_arithmetic");
+    let data = fx("data_a.jsonl");
     let e = fails(&[
         "adamerge",
         s(&cfg),
-        s(&dir.path().join("x")),
+        s(&x),
         "--data",
-        s(&fx("data_a.jsonl")),
+        s(&data),
         "--head",
         "h",
     ]);

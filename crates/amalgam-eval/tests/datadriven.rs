@@ -431,32 +431,26 @@ fn measure_refuses_what_it_cannot_measure() {
     let data = Task::load(&fixtures().join("data_a.jsonl"), None).unwrap();
     let out = dir.path().join("f.safetensors");
     // The Fisher of an encoder needs its head, and a model opened for gradients.
-    let ev = Evaluator::open_trainable(&model, Some(MAX_LEN)).unwrap();
-    let e = ev
-        .measure_fisher(
+    let fisher_error = |ev: &Evaluator, head: Option<&Head>| {
+        ev.measure_fisher(
             &data,
-            None,
+            head,
             FisherVariant::Exact,
             &Options::default(),
             &out,
             &|_| {},
         )
         .unwrap_err()
-        .to_string();
+        .to_string()
+    };
+    let e = fisher_error(
+        &Evaluator::open_trainable(&model, Some(MAX_LEN)).unwrap(),
+        None,
+    );
     assert!(e.contains("give the task's head"), "{e}");
     let ev = Evaluator::open(&model, Some(MAX_LEN)).unwrap();
     let head = Head::load(&model.join("head.safetensors"), 32).unwrap();
-    let e = ev
-        .measure_fisher(
-            &data,
-            Some(&head),
-            FisherVariant::Exact,
-            &Options::default(),
-            &out,
-            &|_| {},
-        )
-        .unwrap_err()
-        .to_string();
+    let e = fisher_error(&ev, Some(&head));
     assert!(e.contains("opened for gradients"), "{e}");
     assert!(!out.exists());
     // An existing output is kept unless overwriting.
