@@ -31,6 +31,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A GGUF file whose structure is wrong or that amalgam cannot map to a Hugging Face model.
+    #[error("{}: {reason}", path.display())]
+    InvalidGguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the tensor or metadata key when one is involved.
+        reason: String,
+    },
+
     /// A `model.safetensors.index.json` that is malformed or disagrees with its shards.
     #[error("{}: invalid shard index: {reason}", path.display())]
     InvalidIndex {
@@ -144,6 +153,14 @@ impl Error {
     /// An [`Error::InvalidSafetensors`] for `path`.
     pub fn safetensors(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         Error::InvalidSafetensors {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::InvalidGguf`] for `path`.
+    pub fn gguf(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::InvalidGguf {
             path: path.into(),
             reason: reason.into(),
         }

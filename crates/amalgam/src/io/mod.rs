@@ -1,6 +1,7 @@
 //! Reading and writing models as the Hugging Face ecosystem stores them: safetensors files,
 //! sharded directories with an index, and the side files of a model directory.
 
+pub mod gguf;
 pub mod header;
 pub mod index;
 pub mod model;

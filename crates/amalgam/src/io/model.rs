@@ -138,6 +138,15 @@ impl Shard {
     }
 }
 
+/// Shows a GGUF input's one-time conversion on stderr, as the writer shows its notes.
+struct NoteToStderr;
+
+impl crate::progress::Progress for NoteToStderr {
+    fn warn(&self, message: &str) {
+        eprintln!("note: {message}");
+    }
+}
+
 /// Names of index files we recognise, most common first.
 fn find_index(dir: &Path) -> Result<Option<PathBuf>> {
     let standard = dir.join("model.safetensors.index.json");
@@ -204,12 +213,19 @@ impl Model {
         Ok(())
     }
 
-    /// Open a model: a `.safetensors` file, or a directory holding `model.safetensors`, a shard
-    /// index, or `.safetensors` files. Validates every header (and the index against its shards)
+    /// Open a model: a `.safetensors` file, a directory holding `model.safetensors`, a shard
+    /// index, or `.safetensors` files, or a GGUF file (read through its converted copy in the
+    /// cache, [`gguf::convert::cached`](crate::io::gguf::convert::cached)). Validates every header (and the index against its shards)
     /// before returning.
     pub fn open(path: impl AsRef<Path>) -> Result<Model> {
         let path = path.as_ref().to_path_buf();
         let meta = std::fs::metadata(&path).at(&path)?;
+        if meta.is_file() && crate::io::gguf::is_gguf(&path) {
+            let dir = crate::io::gguf::convert::cached(&path, &NoteToStderr)?;
+            let mut model = Model::open(&dir)?;
+            model.path = path;
+            return Ok(model);
+        }
         if meta.is_file() {
             let name = file_name(&path);
             let dir = path

@@ -1,4 +1,5 @@
-//! `convert`: rewrite a model with another float dtype and/or another sharding, streaming.
+//! `convert`: rewrite a model with another float dtype and/or another sharding, streaming; a
+//! GGUF input becomes a Hugging Face model directory ([`crate::io::gguf::convert`]).
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +38,17 @@ pub fn convert(
             "dtype",
             format!("{d} is not a float dtype"),
         ));
+    }
+    if input.is_file() && crate::io::gguf::is_gguf(input) {
+        let g = crate::io::gguf::Gguf::open(input)?;
+        return crate::io::gguf::convert::write(
+            &g,
+            output,
+            opts.dtype,
+            opts.shard_size,
+            opts.existing,
+            progress,
+        );
     }
     let model = Model::open(input)?;
     let specs: Vec<TensorSpec> = model
