@@ -267,7 +267,10 @@ fn config_fields_of_the_base_are_kept() {
     // The experts stay Llama: every input must have the base's model type.
     std::fs::write(&yml, &text).unwrap();
     let e = fails(&["moe", s(&yml), s(&dir.path().join("x"))]);
-    assert!(e.contains("same architecture"), "{e}");
+    assert!(
+        e.contains("expert 0") && e.contains("the base a mistral model"),
+        "{e}"
+    );
     for (i, name) in ["e0", "e1"].iter().enumerate() {
         let d = dir.path().join(format!("m{i}"));
         copy_dir(&fixture(&format!("llama/{name}")), &d);
@@ -338,6 +341,17 @@ fn bad_input_is_refused_with_the_expert_and_tensor() {
         dir.path(),
         &good.replace(s(&e1), s(&other)),
         &["expert 1", "hidden_size 64, the base 32"],
+    );
+    // An expert of another architecture.
+    let qwen = dir.path().join("qwen3-e1");
+    copy_dir(&e1, &qwen);
+    let mut c = config_json(&qwen);
+    c["model_type"] = "qwen3".into();
+    std::fs::write(qwen.join("config.json"), serde_json::to_vec(&c).unwrap()).unwrap();
+    refused(
+        dir.path(),
+        &good.replace(s(&e1), s(&qwen)),
+        &["expert 1", "is a qwen3 model, the base a llama model"],
     );
     // An expert missing an MLP tensor.
     let holed = dir.path().join("holed");

@@ -170,6 +170,14 @@ pub fn prepare(config_path: &Path, opts: PrepareOptions) -> Result<Prepared> {
         types.push(t.to_string());
         configs.push(cfg);
     }
+    // Every output architecture takes inputs of one architecture (mergekit's `all same` check);
+    // name the first model that differs.
+    if let Some(i) = (1..types.len()).find(|&i| types[i] != types[0]) {
+        return Err(config.error(format!(
+            "{} is a {} model, the base a {} model; every expert must have the base's architecture",
+            who[i].0, types[i], types[0]
+        )));
+    }
     let arch = layout::select(&config, &types)?;
     let field = |cfg: &Value, what: &str, key: &str| -> Result<usize> {
         cfg.get(key)
