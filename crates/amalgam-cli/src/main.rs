@@ -76,6 +76,14 @@ enum Command {
         /// result does not depend on the chunking).
         #[arg(long, default_value_t = 0, hide = true)]
         chunk_elements: usize,
+        /// For a multi-stage CONFIG (several YAML documents, mergekit-multi's schema): where
+        /// the named stages' models go, one directory per stage.
+        #[arg(long, short = 'I')]
+        intermediate_dir: Option<PathBuf>,
+        /// Rebuild every stage of a multi-stage CONFIG, even those whose config and inputs are
+        /// unchanged since their last build.
+        #[arg(long)]
+        rebuild_stages: bool,
     },
     /// Summarise a model: architecture, tensors, parameters, dtypes, shards, largest tensors.
     Inspect {
@@ -375,16 +383,13 @@ fn run() -> Result<ExitCode> {
             unsafe_truncate_embeddings,
             input_cache,
             chunk_elements,
+            intermediate_dir,
+            rebuild_stages,
         } => {
             let plan_opts = amalgam::plan::PlanOptions {
                 allow_crimes,
                 truncate_embeddings: unsafe_truncate_embeddings,
             };
-            let (cfg, set, plan) = merge::prepare(&config, plan_opts)?;
-            if dry_run {
-                print!("{}", plan.describe(&set));
-                return Ok(ExitCode::SUCCESS);
-            }
             let opts = merge::MergeOptions {
                 shard_size: Some(out_shard_size),
                 existing: existing(overwrite),
@@ -393,6 +398,53 @@ fn run() -> Result<ExitCode> {
                 chunk_elements,
                 input_cache: Some(input_cache),
             };
+            let multi = std::fs::read_to_string(&config)
+                .is_ok_and(|text| amalgam::ops::stages::is_multi(&text));
+            if multi {
+                let Some(dir) = intermediate_dir else {
+                    bail!(
+                        "{} is a multi-stage config (several documents or named stages); give \
+                         --intermediate-dir DIR for the named stages' models",
+                        config.display()
+                    );
+                };
+                let stages = amalgam::ops::stages::load(&config, &dir, &output)?;
+                if dry_run {
+                    print!("{}", describe_stages(&stages));
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let bar = progress::Bar::new("merge", cli.quiet);
+                let opts = amalgam::ops::stages::StageOptions {
+                    merge: opts,
+                    rebuild: rebuild_stages,
+                };
+                let done = amalgam::ops::stages::run(&stages, &opts, &bar)?;
+                drop(bar);
+                if !cli.quiet {
+                    let built = done
+                        .iter()
+                        .filter(|(_, o)| *o == amalgam::ops::stages::Outcome::Built)
+                        .count();
+                    eprintln!(
+                        "{} stages: {built} built, {} up to date; wrote {}",
+                        done.len(),
+                        done.len() - built,
+                        output.display()
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if intermediate_dir.is_some() || rebuild_stages {
+                bail!(
+                    "--intermediate-dir and --rebuild-stages are for multi-stage configs; {} is one merge",
+                    config.display()
+                );
+            }
+            let (cfg, set, plan) = merge::prepare(&config, plan_opts)?;
+            if dry_run {
+                print!("{}", plan.describe(&set));
+                return Ok(ExitCode::SUCCESS);
+            }
             let bar = progress::Bar::new("merge", cli.quiet);
             plan.warnings
                 .iter()
@@ -569,6 +621,27 @@ fn run() -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// The stages of a multi-stage config in run order: what each reads and where it writes.
+fn describe_stages(stages: &amalgam::ops::stages::Stages) -> String {
+    let mut out = String::new();
+    for (i, s) in stages.stages.iter().enumerate() {
+        let reads: Vec<String> = s.deps.iter().map(|&d| stages.stages[d].label()).collect();
+        out += &format!(
+            "{}. {} ({}) -> {}{}\n",
+            i + 1,
+            s.label(),
+            s.config.merge_method,
+            s.out.display(),
+            if reads.is_empty() {
+                String::new()
+            } else {
+                format!(", reads {}", reads.join(", "))
+            }
+        );
+    }
+    out
 }
 
 pub(crate) fn existing(overwrite: bool) -> Existing {

@@ -79,12 +79,15 @@ impl amalgam::progress::Progress for Bar {
         }
     }
     fn warn(&self, message: &str) {
+        self.note(&format!("warning: {message}"));
+    }
+    fn note(&self, message: &str) {
         if self.quiet {
             return;
         }
         match &self.bar {
-            Some(b) => b.suspend(|| eprintln!("warning: {message}")),
-            None => eprintln!("warning: {message}"),
+            Some(b) => b.suspend(|| eprintln!("{message}")),
+            None => eprintln!("{message}"),
         }
     }
     fn finish(&self) {

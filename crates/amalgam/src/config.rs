@@ -215,6 +215,24 @@ impl MergeConfig {
         Ok(cfg)
     }
 
+    /// A config from an already-parsed document (one stage of a multi-stage file); `path` and
+    /// `what` ("stage 'name'") name it in errors.
+    pub fn from_value(path: &Path, what: &str, value: serde_json::Value) -> Result<MergeConfig> {
+        let mut cfg: MergeConfig = serde_json::from_value(value).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            reason: format!("{what}: {e}"),
+        })?;
+        cfg.path = path.to_path_buf();
+        cfg.check_structure().map_err(|e| match e {
+            Error::Config { path, reason } => Error::Config {
+                path,
+                reason: format!("{what}: {reason}"),
+            },
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
     /// An error about this config.
     pub fn error(&self, reason: impl Into<String>) -> Error {
         Error::Config {

@@ -11,6 +11,8 @@ pub trait Progress: Sync {
     fn stage(&self, _name: &str) {}
     /// A notice worth showing the user (e.g. a skipped tensor).
     fn warn(&self, _message: &str) {}
+    /// A line of information (e.g. a step that had nothing to do), not a warning.
+    fn note(&self, _message: &str) {}
     /// Work is done.
     fn finish(&self) {}
 }

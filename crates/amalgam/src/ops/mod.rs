@@ -6,3 +6,4 @@ pub mod inspect;
 pub mod lora;
 pub mod merge;
 pub(crate) mod source;
+pub mod stages;
