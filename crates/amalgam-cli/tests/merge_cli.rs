@@ -182,7 +182,11 @@ fn structural_problems_are_reported() {
     );
     rejected(
         &format!("{TIES}tokenizer_source: union\n"),
-        &["union", "not supported yet"],
+        &[
+            "tokenizer source 'union'",
+            "llama_base",
+            "no tokenizer.json",
+        ],
     );
     rejected(
         &format!("{TIES}dtype: int8\n"),
@@ -547,12 +551,13 @@ fn sharded_output_matches_single_file() {
 #[test]
 fn vocabulary_mismatch_explains_the_options() {
     rejected(
-        "merge_method: task_arithmetic\nbase_model: $M/llama_base\nmodels: [{model: $M/llama_ft_bigvocab, parameters: {weight: 1}}]\ntokenizer_source: base\n",
+        "merge_method: task_arithmetic\nbase_model: $M/llama_base\nmodels: [{model: $M/llama_ft_bigvocab, parameters: {weight: 1}}]\n",
         &[
             "model.embed_tokens.weight",
             "[64, 16]",
             "[72, 16]",
             "vocabularies differ",
+            "tokenizer_source: union",
             "--unsafe-truncate-embeddings",
         ],
     );

@@ -142,18 +142,82 @@ pub struct OutputSlice {
     pub parameters: Parameters,
 }
 
-/// The `tokenizer:` block.
+/// The `tokenizer:` block (mergekit's `TokenizerConfig`).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerConfig {
-    /// `base`, `union`, or a model.
+    /// `union` (the default), `base`, or a model.
+    #[serde(default = "union")]
     pub source: String,
-    /// Extra token settings (not supported yet).
+    /// Per-token settings of embedding and LM-head rows, in the order written.
     #[serde(default)]
-    pub tokens: Option<serde_json::Value>,
-    /// Pad the vocabulary (not supported yet).
+    pub tokens: Option<TokenEntries>,
+    /// Round the vocabulary up to a multiple of this; the new rows get each model's mean row.
     #[serde(default)]
     pub pad_to_multiple_of: Option<u64>,
+}
+
+fn union() -> String {
+    "union".into()
+}
+
+/// `tokens:` entries in the order written.
+#[derive(Clone, Debug, Default)]
+pub struct TokenEntries(pub Vec<(String, TokenEntry)>);
+
+impl<'de> Deserialize<'de> for TokenEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        map.into_iter()
+            .map(|(k, v)| {
+                serde_json::from_value::<TokenEntry>(v)
+                    .map(|e| (k.clone(), e))
+                    .map_err(|e| serde::de::Error::custom(format!("tokens: '{k}': {e}")))
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map(TokenEntries)
+    }
+}
+
+/// How one token's rows are made (mergekit's `TokenEmbeddingConfig`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// Where the row comes from.
+    #[serde(default)]
+    pub source: Option<TokenSource>,
+    /// Give every model this row, also those that have the token.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The source of a token's row.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TokenSource {
+    /// That model's row of the same token.
+    Model(String),
+    /// `{kind: model_token, model, token | token_id}` or `{kind: zero}`.
+    Kind(TokenKind),
+}
+
+/// A `kind:` token source.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TokenKind {
+    /// A row of a model's own embedding: the row of `token` in its vocabulary, or row `token_id`.
+    ModelToken {
+        /// The model.
+        model: String,
+        /// A token of that model.
+        #[serde(default)]
+        token: Option<String>,
+        /// A row index of that model.
+        #[serde(default)]
+        token_id: Option<i64>,
+    },
+    /// Zeros.
+    Zero,
 }
 
 /// A whole merge configuration.
@@ -264,6 +328,32 @@ impl MergeConfig {
         }
         if self.tokenizer_source.is_some() && self.tokenizer.is_some() {
             return Err(self.error("give either 'tokenizer_source' or 'tokenizer', not both"));
+        }
+        if let Some(t) = &self.tokenizer {
+            if t.pad_to_multiple_of == Some(0) {
+                return Err(self.error("tokenizer: pad_to_multiple_of must be at least 1"));
+            }
+            for (token, e) in t.tokens.iter().flat_map(|t| &t.0) {
+                match &e.source {
+                    None => {
+                        return Err(self.error(format!(
+                            "tokenizer: tokens: '{token}' has no source; give `source: MODEL`, \
+                             `{{kind: model_token, model, token | token_id}}` or `{{kind: zero}}`"
+                        )));
+                    }
+                    Some(TokenSource::Kind(TokenKind::ModelToken {
+                        token: a,
+                        token_id: b,
+                        ..
+                    })) if a.is_some() == b.is_some() => {
+                        return Err(self.error(format!(
+                            "tokenizer: tokens: '{token}': a model_token source takes exactly one \
+                             of 'token' and 'token_id'"
+                        )));
+                    }
+                    _ => {}
+                }
+            }
         }
         for s in self.slices.iter().flatten() {
             if s.sources.is_empty() {

@@ -150,6 +150,9 @@ pub struct Input {
     pub model: usize,
     /// The tensor name in that model.
     pub tensor: String,
+    /// For a vocabulary-indexed tensor whose vocabulary is aligned: the rows every input of
+    /// the tensor supplies (`None`: read as stored).
+    pub rows: Option<std::sync::Arc<crate::vocab::TensorRows>>,
 }
 
 /// What produces an output tensor.
@@ -229,6 +232,8 @@ pub struct Plan {
     pub out_config: Option<serde_json::Value>,
     /// Notices for the user.
     pub warnings: Vec<String>,
+    /// The vocabulary alignment, when the config asks for one (its tokenizer is written).
+    pub alignment: Option<crate::vocab::Alignment>,
 }
 
 /// A normalised slice: sources with their layer ranges and parameters.
@@ -298,7 +303,6 @@ pub fn build_with(
     opts: PlanOptions,
     method: &'static dyn Method,
 ) -> Result<Plan> {
-    check_unsupported(config)?;
     check_stats(config, set, method)?;
     if !opts.allow_crimes {
         check_same_architecture(config, set)?;
@@ -316,10 +320,12 @@ pub fn build_with(
         .unwrap_or(0);
     let reference = &set.models[donor];
     let layout = &set.layouts[donor];
+    let alignment = crate::vocab::Alignment::build(config, set)?;
     let mut planner = Planner {
         config,
         set,
         method,
+        alignment: alignment.as_ref(),
         truncate_embeddings: opts.truncate_embeddings,
         layout,
         out_dtype,
@@ -358,16 +364,23 @@ pub fn build_with(
     for name in &post {
         planner.plan_tensor(name, &inputs_same_name(last, name), last, 0.0)?;
     }
-    let out_config = out_config(reference, config, layout, out_dtype, out_layer);
-    planner
-        .warnings
-        .extend(unused_parameters(config, method.spec()));
+    let mut out_config = out_config(reference, config, layout, out_dtype, out_layer);
+    if let (Some(a), Some(cfg)) = (&alignment, out_config.as_mut()) {
+        a.update_config(cfg);
+    }
+    let mut warnings = alignment
+        .as_ref()
+        .map(|a| a.warnings.clone())
+        .unwrap_or_default();
+    warnings.append(&mut planner.warnings);
+    warnings.extend(unused_parameters(config, method.spec()));
     Ok(Plan {
         method,
         tensors: planner.tensors,
         donor,
         out_config,
-        warnings: planner.warnings,
+        warnings,
+        alignment,
     })
 }
 
@@ -437,27 +450,6 @@ fn check_same_architecture(config: &MergeConfig, set: &ModelSet) -> Result<()> {
             "the models have different architectures ({first} vs {other} in '{}'); merging across architectures is refused unless --allow-crimes",
             set.refs[i].0
         )));
-    }
-    Ok(())
-}
-
-fn check_unsupported(config: &MergeConfig) -> Result<()> {
-    let source = config
-        .tokenizer
-        .as_ref()
-        .map(|t| t.source.as_str())
-        .or(config.tokenizer_source.as_deref());
-    if source == Some("union") {
-        return Err(config.error(
-            "tokenizer source 'union' (building a merged vocabulary) is not supported yet; use 'base' or a model",
-        ));
-    }
-    if let Some(t) = &config.tokenizer
-        && (t.tokens.is_some() || t.pad_to_multiple_of.is_some())
-    {
-        return Err(
-            config.error("tokenizer 'tokens' and 'pad_to_multiple_of' are not supported yet")
-        );
     }
     Ok(())
 }
@@ -556,6 +548,7 @@ struct Planner<'a> {
     config: &'a MergeConfig,
     set: &'a ModelSet,
     method: &'static dyn Method,
+    alignment: Option<&'a crate::vocab::Alignment>,
     truncate_embeddings: bool,
     layout: &'a Layout,
     out_dtype: Option<DType>,
@@ -610,33 +603,44 @@ impl Planner<'_> {
         slice: &Slice,
         t: f64,
     ) -> Result<()> {
-        let inputs: Vec<Input> = inputs
+        let mut inputs: Vec<Input> = inputs
             .iter()
             .map(|(m, n)| {
                 Ok(Input {
                     model: *m,
                     tensor: self.resolve(*m, n)?,
+                    rows: None,
                 })
             })
             .collect::<Result<_>>()?;
-        let entries: Vec<_> = inputs
+        let (dtypes, shapes): (Vec<DType>, Vec<Vec<usize>>) = inputs
             .iter()
-            .map(|i| self.set.entry_of(i))
-            .collect::<Result<_>>()?;
-        let shapes: Vec<&[usize]> = entries.iter().map(|e| &e.shape[..]).collect();
-        let shape = self.common_shape(out_name, &shapes, &inputs)?;
-        if entries.iter().any(|e| !e.dtype.is_float()) {
+            .map(|i| self.set.entry_of(i).map(|e| (e.dtype, e.shape.clone())))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        let shapes: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+        let aligned = self.alignment.filter(|_| {
+            arch::is_vocabulary(out_name)
+                && dtypes.iter().all(|d| d.is_float())
+                && shapes.iter().all(|s| !s.is_empty())
+        });
+        let shape = match aligned {
+            Some(a) => self.align(a, out_name, &shapes, &mut inputs, slice)?,
+            None => self.common_shape(out_name, &shapes, &inputs)?,
+        };
+        if dtypes.iter().any(|d| !d.is_float()) {
             self.tensors.push(PlannedTensor {
                 name: out_name.to_string(),
                 shape,
-                dtype: entries[0].dtype,
+                dtype: dtypes[0],
                 op: Op::CopyBuffer { inputs },
             });
             return Ok(());
         }
         let dtype = self
             .out_dtype
-            .unwrap_or_else(|| promote(entries.iter().map(|e| e.dtype)));
+            .unwrap_or_else(|| promote(dtypes.iter().copied()));
         let base = slice
             .base
             .and_then(|b| inputs.iter().position(|i| i.model == b));
@@ -673,6 +677,60 @@ impl Planner<'_> {
         Ok(())
     }
 
+    /// Align the inputs of vocabulary-indexed tensor `out_name` to the output vocabulary
+    /// (setting each input's rows where it is not read as stored); returns the output shape.
+    fn align(
+        &mut self,
+        a: &crate::vocab::Alignment,
+        out_name: &str,
+        shapes: &[&[usize]],
+        inputs: &mut [Input],
+        slice: &Slice,
+    ) -> Result<Vec<usize>> {
+        let first = shapes[0];
+        if let Some(k) = shapes.iter().position(|s| s.get(1..) != first.get(1..)) {
+            let e = Error::ShapeMismatch {
+                path: self.set.models[inputs[k].model].path.clone(),
+                name: inputs[k].tensor.clone(),
+                expected: first.to_vec(),
+                found: shapes[k].to_vec(),
+            };
+            return Err(self.config.error(format!(
+                "{e}; vocabulary-indexed tensors may differ in rows only"
+            )));
+        }
+        for i in inputs.iter() {
+            if let Some(adapter) = &self.set.adapters[i.model]
+                && (adapter.modules.contains_key(&i.tensor)
+                    || adapter.replaced.contains_key(&i.tensor))
+            {
+                return Err(self.config.error(format!(
+                    "'{}': its adapter changes '{}', and aligning vocabularies of an adapter's \
+                     embeddings is not supported; bake it with `amalgam lora apply` first",
+                    self.set.refs[i.model].0, i.tensor
+                )));
+            }
+        }
+        let cols: usize = first[1..].iter().product();
+        let stored: Vec<usize> = shapes.iter().map(|s| s[0]).collect();
+        let t = crate::vocab::VocabTensor {
+            name: out_name,
+            inputs,
+            stored: &stored,
+            cols,
+            base: slice.base,
+        };
+        let rows = a.tensor_rows(self.config, self.set, &t, &mut self.warnings)?;
+        for (k, i) in inputs.iter_mut().enumerate() {
+            if !rows.is_identity(k, stored[k]) {
+                i.rows = Some(rows.clone());
+            }
+        }
+        let mut shape = first.to_vec();
+        shape[0] = rows.rows;
+        Ok(shape)
+    }
+
     /// The shape all inputs share, or with `truncate_embeddings` the smallest vocabulary of a
     /// vocabulary-indexed tensor whose other dimensions agree.
     fn common_shape(
@@ -702,7 +760,7 @@ impl Planner<'_> {
             return Ok(shape);
         }
         let hint = if arch::is_vocabulary(out_name) {
-            "; the vocabularies differ: aligning them by token (mergekit's tokenizer source) is not supported yet, and --unsafe-truncate-embeddings cuts every input to the smallest vocabulary when the token ids agree"
+            "; the vocabularies differ: align them by token with `tokenizer_source: union` (or base, or a model; mergekit's semantics), or cut every input to the smallest vocabulary with --unsafe-truncate-embeddings when the token ids agree"
         } else {
             "; inputs must agree in shape"
         };

@@ -390,6 +390,7 @@ impl Planner<'_> {
             dtype: self.dtype(dtype),
             make: Make::Parts(vec![Part {
                 input: Input {
+                    rows: None,
                     model,
                     tensor: name.to_string(),
                 },
@@ -413,6 +414,7 @@ impl Planner<'_> {
         slot: usize,
     ) -> Result<(Part, DType)> {
         let input = Input {
+            rows: None,
             model: m,
             tensor: format!("model.layers.{l}.mlp.{proj}.weight"),
         };

@@ -377,34 +377,24 @@ fn write_side_files(config: &MergeConfig, set: &ModelSet, plan: &Plan, dir: &Pat
         let text = serde_json::to_vec_pretty(cfg).expect("json");
         std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
     }
-    let tokenizer_from = tokenizer_source(config, set)?.unwrap_or(plan.donor);
-    let src = &set.models[tokenizer_from].dir;
-    modeldir::copy_present(src, dir, modeldir::TOKENIZER_FILES)?;
+    match &plan.alignment {
+        // The aligned vocabulary's tokenizer; of the source's other files only those that do
+        // not list the vocabulary.
+        Some(a) => {
+            a.write(dir)?;
+            modeldir::copy_present(
+                &a.config_from,
+                dir,
+                &["chat_template.jinja", "chat_template.json"],
+            )?;
+        }
+        None => {
+            modeldir::copy_present(&donor.dir, dir, modeldir::TOKENIZER_FILES)?;
+        }
+    }
     modeldir::copy_present(&donor.dir, dir, &modeldir::CONFIG_FILES[1..])?;
     if let Some(template) = &config.chat_template {
         crate::chat_template::apply(config, set, dir, template)?;
     }
     Ok(())
-}
-
-fn tokenizer_source(config: &MergeConfig, set: &ModelSet) -> Result<Option<usize>> {
-    let source = config
-        .tokenizer
-        .as_ref()
-        .map(|t| t.source.clone())
-        .or(config.tokenizer_source.clone());
-    match source.as_deref() {
-        None => Ok(None),
-        Some("base") => Ok(config.base_model.as_ref().map(|b| set.index(b))),
-        Some(m) => set
-            .refs
-            .iter()
-            .position(|r| r.0 == m)
-            .map(Some)
-            .ok_or_else(|| {
-                config.error(format!(
-                    "tokenizer source '{m}' is not one of the models in the config"
-                ))
-            }),
-    }
 }

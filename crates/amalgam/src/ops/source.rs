@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 use crate::io::{TensorEntry, TensorView};
 use crate::methods::{Inputs, MergeJob};
 use crate::plan::{self, ModelSet};
+use crate::vocab::TensorRows;
+use crate::vocab::rows::{PadCache, RowReader};
 
 /// Open the inputs of a merged tensor and hand them to `f` as a [`Source`] whose raw byte
 /// buffers come from (and go back to) the worker's `pool`.
@@ -69,6 +71,11 @@ pub(crate) struct Source<'a> {
     patches: Vec<Option<Patch<'a>>>,
     /// Scratch rows of a delta.
     rows: std::cell::RefCell<(Vec<f32>, Vec<f32>)>,
+    /// Scratch rows of an aligned input, and the stored rows' bytes and values.
+    aligned: std::cell::RefCell<Vec<f32>>,
+    stored: std::cell::RefCell<(Vec<u8>, Vec<f32>)>,
+    /// Padding rows of aligned inputs, once computed.
+    pads: PadCache,
     /// Per input: the elements read ahead and their raw bytes (u64s, so any dtype's view of
     /// them is aligned).
     raw: std::cell::RefCell<Vec<(std::ops::Range<usize>, Vec<u64>)>>,
@@ -122,6 +129,32 @@ impl Patch<'_> {
         for (x, d) in buf.iter_mut().zip(&delta[skip..]) {
             *x += d;
         }
+    }
+}
+
+/// The stored rows of a tensor's inputs, read for an aligned input.
+struct StoredRows<'s, 'a> {
+    source: &'s Source<'a>,
+    cols: usize,
+}
+
+impl RowReader for StoredRows<'_, '_> {
+    fn read_rows(&self, input: usize, first: usize, count: usize, out: &mut [f32]) -> Result<()> {
+        let s = self.source;
+        let (view, entry) = (&s.views[input], s.entries[input]);
+        let size = view.dtype.size();
+        let mut stored = s.stored.borrow_mut();
+        let (bytes, values) = &mut *stored;
+        bytes.resize(count * self.cols * size, 0);
+        s.model(input).read_at(
+            entry.shard,
+            entry.range.start + first * self.cols * size,
+            bytes,
+        )?;
+        values.clear();
+        decode_f32_append(view.dtype, bytes, values);
+        out[..values.len()].copy_from_slice(values);
+        Ok(())
     }
 }
 
@@ -191,6 +224,9 @@ impl<'a> Source<'a> {
             checked: std::cell::Cell::new(false),
             patches,
             rows: Default::default(),
+            aligned: Default::default(),
+            stored: Default::default(),
+            pads: PadCache::default(),
             raw: std::cell::RefCell::new(raw.into_iter().map(|b| (0..0, b)).collect()),
             held: std::cell::Cell::new(None),
             hash: std::cell::RefCell::new(None),
@@ -201,7 +237,8 @@ impl<'a> Source<'a> {
     /// from the start), for the passes after it, if their raw bytes fit in `budget`.
     pub(crate) fn hold(&self, n: usize, budget: usize) {
         let bytes: usize = self.views.iter().map(|v| n * v.dtype.size()).sum();
-        if bytes > budget {
+        // Aligned inputs are assembled from rows anywhere in their tensors: read again.
+        if bytes > budget || self.any_aligned() {
             return;
         }
         for ((held, raw), view) in self.raw.borrow_mut().iter_mut().zip(self.views) {
@@ -233,6 +270,9 @@ impl<'a> Source<'a> {
         buf: &mut Vec<f32>,
         check: bool,
     ) -> Result<()> {
+        if let Some(rows) = &self.inputs[k].rows {
+            return self.read_aligned(k, rows, range, buf, check);
+        }
         let view = &self.views[k];
         let size = view.dtype.size();
         buf.clear();
@@ -260,6 +300,33 @@ impl<'a> Source<'a> {
             finite = !check || crate::simd::all_finite(buf);
         }
         if !finite {
+            return Err(self.not_finite(k));
+        }
+        Ok(())
+    }
+
+    /// Elements `range` of input `k` aligned to the output vocabulary: its rows assembled from
+    /// the stored rows `rows` names (whole rows, so any chunking gives the same values).
+    fn read_aligned(
+        &self,
+        k: usize,
+        rows: &TensorRows,
+        range: std::ops::Range<usize>,
+        buf: &mut Vec<f32>,
+        check: bool,
+    ) -> Result<()> {
+        buf.clear();
+        let cols = rows.cols.max(1);
+        let (r0, r1) = (range.start / cols, range.end.div_ceil(cols));
+        let mut block = std::mem::take(&mut *self.aligned.borrow_mut());
+        block.clear();
+        block.resize((r1 - r0) * cols, 0.0);
+        let reader = StoredRows { source: self, cols };
+        rows.assemble(k, r0, r1, &reader, &self.pads, &mut block)?;
+        let skip = range.start - r0 * cols;
+        buf.extend_from_slice(&block[skip..skip + range.len()]);
+        *self.aligned.borrow_mut() = block;
+        if check && !crate::simd::all_finite(buf) {
             return Err(self.not_finite(k));
         }
         Ok(())
@@ -318,12 +385,19 @@ impl<'a> Source<'a> {
         (*done == self.views[*k].bytes.len()).then(|| hasher.finalize().to_hex().to_string())
     }
 
-    /// Whether every input is stored as bf16 and read as is (no LoRA delta to add).
+    /// Whether every input is stored as bf16 and read as is (no LoRA delta to add, no
+    /// vocabulary alignment).
     pub(crate) fn all_bf16(&self) -> bool {
         self.views
             .iter()
             .all(|v| v.dtype == crate::dtype::DType::BF16)
             && self.patches.iter().all(Option::is_none)
+            && !self.any_aligned()
+    }
+
+    /// Whether some input is aligned to the output vocabulary.
+    fn any_aligned(&self) -> bool {
+        self.inputs.iter().any(|i| i.rows.is_some())
     }
 
     /// Call `f` with elements `range` of every input as bf16 bits, straight from the read
@@ -394,10 +468,11 @@ impl<'a> Source<'a> {
     /// `model+adapter` input: its values with the delta added, encoded in the model's dtype).
     pub(crate) fn raw_bytes(&self, k: usize, n: usize) -> Result<(crate::DType, Vec<u8>)> {
         let view = &self.views[k];
-        if self.patches[k].is_some() || view.dtype.is_float() {
+        let rewritten = self.patches[k].is_some() || self.inputs[k].rows.is_some();
+        if rewritten || view.dtype.is_float() {
             let mut values = Vec::new();
             self.read_input(k, 0..n, &mut values, true)?;
-            if self.patches[k].is_some() {
+            if rewritten {
                 let mut bytes = Vec::new();
                 crate::dtype::encode_f32(view.dtype, &values, &mut bytes);
                 return Ok((view.dtype, bytes));
