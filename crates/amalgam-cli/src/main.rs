@@ -66,6 +66,15 @@ enum Command {
         /// when the models' token ids agree (mergekit's flag).
         #[arg(long)]
         unsafe_truncate_embeddings: bool,
+        /// For state dicts whose tensor sets differ (mergekit-pytorch's flag): merge every
+        /// tensor any listed model has, over the inputs that have it. Flat: each tensor on its
+        /// own, gradient parameters at their first value.
+        #[arg(long, conflicts_with = "tensor_intersection")]
+        tensor_union: bool,
+        /// For state dicts whose tensor sets differ (mergekit-pytorch's flag): merge only the
+        /// tensors every input has. Flat, as --tensor-union.
+        #[arg(long)]
+        tensor_intersection: bool,
         /// Memory, all threads together, for keeping a tensor's inputs between the passes of
         /// methods that read them more than once (ties, dare_ties, breadcrumbs, slerp,
         /// model_stock, ...); a tensor whose inputs do not fit in its thread's share is read
@@ -381,6 +390,8 @@ fn run() -> Result<ExitCode> {
             overwrite,
             allow_crimes,
             unsafe_truncate_embeddings,
+            tensor_union,
+            tensor_intersection,
             input_cache,
             chunk_elements,
             intermediate_dir,
@@ -389,6 +400,11 @@ fn run() -> Result<ExitCode> {
             let plan_opts = amalgam::plan::PlanOptions {
                 allow_crimes,
                 truncate_embeddings: unsafe_truncate_embeddings,
+                tensors: match (tensor_union, tensor_intersection) {
+                    (true, _) => amalgam::plan::TensorSet::Union,
+                    (_, true) => amalgam::plan::TensorSet::Intersection,
+                    _ => amalgam::plan::TensorSet::Layout,
+                },
             };
             let opts = merge::MergeOptions {
                 shard_size: Some(out_shard_size),

@@ -170,7 +170,7 @@ fn merge(
         seed,
         plan: amalgam::plan::PlanOptions {
             allow_crimes,
-            truncate_embeddings: false,
+            ..Default::default()
         },
         ..Default::default()
     };

@@ -253,6 +253,22 @@ pub struct PlanOptions {
     /// Cut vocabulary-indexed tensors (embeddings, LM head) to the smallest vocabulary among
     /// the inputs (`--unsafe-truncate-embeddings`): only right when the token ids agree.
     pub truncate_embeddings: bool,
+    /// Which tensors are merged when the inputs' tensor sets differ (mergekit-pytorch's
+    /// `--tensor-union` / `--tensor-intersection`).
+    pub tensors: TensorSet,
+}
+
+/// Which tensors a merge writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TensorSet {
+    /// The base's (or first model's) layout; every input must have every tensor of it.
+    #[default]
+    Layout,
+    /// Flat, as mergekit-pytorch: every tensor any listed model has, merged over the inputs
+    /// that have it.
+    Union,
+    /// Flat, as mergekit-pytorch: only the tensors every input has.
+    Intersection,
 }
 
 /// A warning for each parameter name the config sets that the method does not read (a typo, or
@@ -312,6 +328,12 @@ pub fn build_with(
         "dtype",
         config.dtype.as_deref(),
     )?);
+    if opts.tensors != TensorSet::Layout && config.slices.is_some() {
+        return Err(config.error(
+            "--tensor-union and --tensor-intersection merge state dicts tensor by tensor; give \
+             the models under models:, not slices:",
+        ));
+    }
     let slices = normalise(config, set)?;
     let donor = config
         .base_model
@@ -332,38 +354,15 @@ pub fn build_with(
         tensors: Vec::new(),
         warnings: Vec::new(),
     };
-    let mut pre = Vec::new();
-    let mut post = Vec::new();
-    for t in reference.tensors() {
-        match arch::place(&t.name) {
-            Place::Pre => pre.push(t.name.clone()),
-            Place::Post => post.push(t.name.clone()),
-            Place::Layer { .. } => {}
-        }
-    }
-    let first = &slices[0];
-    let last = slices.last().expect("at least one slice");
-    // A tied LM head is written only if some input stores one (mergekit's optional weight);
-    // inputs that tie it then contribute their embeddings.
-    if layout.tied_head
-        && !post.iter().any(|n| n == LM_HEAD)
-        && last
-            .sources
-            .iter()
-            .any(|s| set.models[s.0].contains(LM_HEAD))
-    {
-        post.push(LM_HEAD.to_string());
-    }
-    for name in &pre {
-        planner.plan_tensor(name, &inputs_same_name(first, name), first, 0.0)?;
-    }
-    let mut out_layer = 0usize;
-    for slice in &slices {
-        out_layer = planner.plan_slice(slice, out_layer)?;
-    }
-    for name in &post {
-        planner.plan_tensor(name, &inputs_same_name(last, name), last, 0.0)?;
-    }
+    let out_layer = match opts.tensors {
+        TensorSet::Layout => planner.plan_layout(&slices, reference, layout)?,
+        which => planner.plan_flat(config, &slices[0], which)?,
+    };
+    let Planner {
+        tensors,
+        warnings: mut planned_warnings,
+        ..
+    } = planner;
     let mut out_config = out_config(reference, config, layout, out_dtype, out_layer);
     if let (Some(a), Some(cfg)) = (&alignment, out_config.as_mut()) {
         a.update_config(cfg);
@@ -372,11 +371,11 @@ pub fn build_with(
         .as_ref()
         .map(|a| a.warnings.clone())
         .unwrap_or_default();
-    warnings.append(&mut planner.warnings);
+    warnings.append(&mut planned_warnings);
     warnings.extend(unused_parameters(config, method.spec()));
     Ok(Plan {
         method,
-        tensors: planner.tensors,
+        tensors,
         donor,
         out_config,
         warnings,
@@ -557,6 +556,90 @@ struct Planner<'a> {
 }
 
 impl Planner<'_> {
+    /// Plan the output layout read off `reference`: its embeddings and other tensors before
+    /// the layers, the slices' layers, then the tensors after them. Returns the layer count.
+    fn plan_layout(
+        &mut self,
+        slices: &[Slice],
+        reference: &Model,
+        layout: &Layout,
+    ) -> Result<usize> {
+        let set = self.set;
+        let mut pre = Vec::new();
+        let mut post = Vec::new();
+        for t in reference.tensors() {
+            match arch::place(&t.name) {
+                Place::Pre => pre.push(t.name.clone()),
+                Place::Post => post.push(t.name.clone()),
+                Place::Layer { .. } => {}
+            }
+        }
+        let first = &slices[0];
+        let last = slices.last().expect("at least one slice");
+        // A tied LM head is written only if some input stores one (mergekit's optional weight);
+        // inputs that tie it then contribute their embeddings.
+        if layout.tied_head
+            && !post.iter().any(|n| n == LM_HEAD)
+            && last
+                .sources
+                .iter()
+                .any(|s| set.models[s.0].contains(LM_HEAD))
+        {
+            post.push(LM_HEAD.to_string());
+        }
+        for name in &pre {
+            self.plan_tensor(name, &inputs_same_name(first, name), first, 0.0)?;
+        }
+        let mut out_layer = 0usize;
+        for slice in slices {
+            out_layer = self.plan_slice(slice, out_layer)?;
+        }
+        for name in &post {
+            self.plan_tensor(name, &inputs_same_name(last, name), last, 0.0)?;
+        }
+        Ok(out_layer)
+    }
+
+    /// Plan every tensor on its own, as mergekit-pytorch does (parameters at t = 0): the names
+    /// of the listed models in order of first appearance; with `Union` each merged over the
+    /// inputs that have it, with `Intersection` only those every input has. Returns the layer
+    /// count the output config keeps.
+    fn plan_flat(
+        &mut self,
+        config: &MergeConfig,
+        slice: &Slice,
+        which: TensorSet,
+    ) -> Result<usize> {
+        let listed: Vec<usize> = config
+            .models
+            .iter()
+            .flatten()
+            .map(|m| self.set.index(&m.model))
+            .collect();
+        let mut names: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for &m in &listed {
+            for t in self.set.models[m].tensors() {
+                if seen.insert(t.name.clone()) {
+                    names.push(t.name.clone());
+                }
+            }
+        }
+        for name in &names {
+            let inputs: Vec<(usize, String)> = slice
+                .sources
+                .iter()
+                .filter(|s| self.resolve(s.0, name).is_ok())
+                .map(|s| (s.0, name.clone()))
+                .collect();
+            if which == TensorSet::Intersection && inputs.len() < slice.sources.len() {
+                continue;
+            }
+            self.plan_tensor(name, &inputs, slice, 0.0)?;
+        }
+        Ok(self.layout.num_layers)
+    }
+
     fn plan_slice(&mut self, slice: &Slice, mut out_layer: usize) -> Result<usize> {
         let (first_model, range, _) = slice.sources[0];
         let n = range[1] - range[0];
@@ -591,7 +674,7 @@ impl Planner<'_> {
             return Ok(EMBED_TOKENS.to_string());
         }
         Err(self.config.error(format!(
-            "tensor '{name}' is missing from model '{}'; every input must have the tensors of the output layout",
+            "tensor '{name}' is missing from model '{}'; every input must have the tensors of the output layout (for state dicts whose tensor sets differ: --tensor-union or --tensor-intersection)",
             self.set.refs[m].0
         )))
     }

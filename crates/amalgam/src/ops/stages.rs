@@ -529,6 +529,7 @@ fn stage_key(stage: &Stage, inputs: &[Print], opts: &StageOptions) -> String {
         "shard_size": m.shard_size,
         "allow_crimes": m.plan.allow_crimes,
         "truncate_embeddings": m.plan.truncate_embeddings,
+        "tensors": format!("{:?}", m.plan.tensors),
         "inputs": inputs,
     });
     blake3::hash(key.to_string().as_bytes())
