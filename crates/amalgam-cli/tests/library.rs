@@ -394,7 +394,7 @@ fn bad_configs_are_clear_errors_and_write_nothing() {
         ),
         (
             config("ternary", "{density: 1.5}", ""),
-            "parameter 'density' is 1.5",
+            "parameter 'density' = 1.5 is outside [0, 1]",
         ),
         (config("quant", "{bits: 5}", ""), "it must be 2, 3, 4 or 8"),
         (

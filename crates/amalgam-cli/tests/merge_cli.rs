@@ -188,6 +188,19 @@ fn structural_problems_are_reported() {
             "no tokenizer.json",
         ],
     );
+    // Parameters outside their range name the model, the parameter and the range.
+    rejected(
+        &TIES.replacen("density: 0.5", "density: 1.5", 1),
+        &["llama_ft1", "parameter 'density' = 1.5 is outside [0, 1]"],
+    );
+    rejected(
+        "merge_method: slerp\nbase_model: $M/llama_base\nmodels:\n  - {model: $M/llama_ft1}\n  - {model: $M/llama_base}\nparameters: {t: [0, 1.4]}\n",
+        &["parameter 't' = 1.4 is outside [0, 1]", "layers.3"],
+    );
+    rejected(
+        "merge_method: della\nbase_model: $M/llama_base\nmodels:\n  - {model: $M/llama_ft1, parameters: {weight: 1, density: 0.9, epsilon: 0.2}}\n",
+        &["llama_ft1", "density ± epsilon must lie in (0, 1)"],
+    );
     rejected(
         &format!("{TIES}dtype: int8\n"),
         &["'int8' is not a float dtype"],

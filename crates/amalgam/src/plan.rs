@@ -871,6 +871,8 @@ impl Planner<'_> {
             let v = self.lookup(p, &shared_scopes, out_name, t, None)?;
             shared.values.push((p.name, v));
         }
+        methods::ranges::check(spec.name, &shared.values)
+            .map_err(|e| self.config.error(format!("tensor '{out_name}': {e}")))?;
         let mut per_input = Vec::with_capacity(inputs.len());
         for (k, input) in inputs.iter().enumerate() {
             let mut scopes: Vec<&Parameters> = slice
@@ -889,6 +891,14 @@ impl Planner<'_> {
                 let v = self.lookup(p, &scopes, &input.tensor, t, Some(input.model))?;
                 params.values.push((p.name, v));
             }
+            let mut all = shared.values.clone();
+            all.extend(params.values.iter().cloned());
+            methods::ranges::check(spec.name, &all).map_err(|e| {
+                self.config.error(format!(
+                    "model '{}', tensor '{}': {e}",
+                    self.set.refs[input.model].0, input.tensor
+                ))
+            })?;
             per_input.push(params);
         }
         Ok((shared, per_input))

@@ -24,6 +24,7 @@ pub mod nuslerp;
 pub mod passthrough;
 pub mod pcb;
 pub mod ram;
+pub mod ranges;
 pub mod regmean;
 pub mod rng;
 pub mod sce;
