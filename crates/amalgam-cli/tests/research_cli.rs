@@ -96,7 +96,7 @@ fn bad_research_settings_are_clear_errors() {
     );
     rejected(
         "merge_method: iso_cts\nbase_model: $M/llama_base\nmodels:\n  - model: $M/llama_ft1\nparameters: {common_space_fraction: 1.5}\n",
-        &["common_space_fraction must be in [0, 1]"],
+        &["parameter 'common_space_fraction' = 1.5 is outside [0, 1]"],
     );
     rejected(
         "merge_method: pcb\nbase_model: $M/llama_base\nmodels:\n  - model: $M/llama_ft1\nparameters: {pcb_ratio: 0}\n",
