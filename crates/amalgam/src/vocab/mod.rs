@@ -172,9 +172,11 @@ impl Alignment {
                 (t.clone(), set.models[m].dir.clone())
             }
         };
+        let mut present = out.vocab();
         for (token, _) in &entries {
-            if !out.vocab().contains_key(token) {
+            if !present.contains_key(token) {
                 out.add(token, Added::plain_flags());
+                present = out.vocab();
             }
         }
         let by_id = out.vocab_by_id();
@@ -468,6 +470,7 @@ fn union(
     let mut seen = std::collections::HashSet::new();
     let mut regular: Vec<String> = Vec::new();
     let mut added: Vec<Added> = Vec::new();
+    let mut added_contents = std::collections::HashSet::new();
     for &m in order {
         let Some(t) = &toks[m] else { continue };
         for (tok, id) in t.vocab_by_id() {
@@ -476,7 +479,7 @@ fn union(
             }
         }
         for a in t.added() {
-            if (a.id as usize) < sizes[m] && !added.iter().any(|b| b.content == a.content) {
+            if (a.id as usize) < sizes[m] && added_contents.insert(a.content.clone()) {
                 added.push(a.clone());
             }
         }
@@ -484,7 +487,7 @@ fn union(
     let mut out = base.clone();
     let base_vocab = base.vocab();
     for tok in &regular {
-        if !added.iter().any(|a| &a.content == tok) && !base_vocab.contains_key(tok) {
+        if !added_contents.contains(tok) && !base_vocab.contains_key(tok) {
             out.add(tok, Added::plain_flags());
         }
     }

@@ -3,7 +3,7 @@
 //! added tokens, mergekit's stripping of ids past a model's `vocab_size` (BPE only, as there),
 //! and adding tokens with the library's id rule. Everything else in the file is kept as it is.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -54,6 +54,9 @@ pub struct Tokenizer {
     model: Vec<(String, u32)>,
     /// Added tokens, by id.
     added: Vec<Added>,
+    /// Lookups: the model's tokens by content, the added tokens' contents.
+    model_ids: HashMap<String, u32>,
+    added_contents: HashSet<String>,
     /// Whether `model.vocab` and `model.merges` must be written back (after stripping).
     stripped: bool,
 }
@@ -129,13 +132,23 @@ impl Tokenizer {
             added.push(Added { id, content, flags });
         }
         added.sort_by_key(|a| a.id);
-        Ok(Tokenizer {
+        let mut t = Tokenizer {
             path: path.to_path_buf(),
             json,
             model,
             added,
+            model_ids: HashMap::new(),
+            added_contents: HashSet::new(),
             stripped: false,
-        })
+        };
+        t.index();
+        Ok(t)
+    }
+
+    /// Rebuild the lookups from `model` and `added`.
+    fn index(&mut self) {
+        self.model_ids = self.model.iter().cloned().collect();
+        self.added_contents = self.added.iter().map(|a| a.content.clone()).collect();
     }
 
     /// The model type (`BPE`, `Unigram`, `WordPiece`, `WordLevel`).
@@ -208,6 +221,7 @@ impl Tokenizer {
             });
         }
         self.stripped = true;
+        self.index();
         Ok(())
     }
 
@@ -215,11 +229,11 @@ impl Tokenizer {
     /// as it is; content that is a model token becomes an added token at that id; anything
     /// else gets the next id (the model's token count, or one past the largest added id).
     pub fn add(&mut self, content: &str, flags: Map<String, Value>) {
-        if content.is_empty() || self.added.iter().any(|a| a.content == content) {
+        if content.is_empty() || self.added_contents.contains(content) {
             return;
         }
-        let id = match self.model.iter().find(|(t, _)| t == content) {
-            Some((_, id)) => *id,
+        let id = match self.model_ids.get(content) {
+            Some(id) => *id,
             None => {
                 let count = self.model.len() as u32;
                 match self.added.iter().map(|a| a.id).max() {
@@ -228,12 +242,16 @@ impl Tokenizer {
                 }
             }
         };
-        self.added.push(Added {
-            id,
-            content: content.to_string(),
-            flags,
-        });
-        self.added.sort_by_key(|a| a.id);
+        let at = self.added.partition_point(|a| a.id <= id);
+        self.added.insert(
+            at,
+            Added {
+                id,
+                content: content.to_string(),
+                flags,
+            },
+        );
+        self.added_contents.insert(content.to_string());
     }
 
     /// The file's JSON with the added tokens (and, if stripped, the model's vocab) as they are
