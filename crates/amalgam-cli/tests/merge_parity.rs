@@ -13,18 +13,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/merge")
 }
 
-macro_rules! parity {
-    ($($case:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $case() {
-                check(&fixtures(), stringify!($case), 1e-5);
-            }
-        )*
-    };
-}
-
-parity!(
+parity_cases!(
+    fixtures(), 1e-5;
     linear,
     linear_gradient_filter,
     task_arithmetic,

@@ -8,22 +8,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::parity_cases;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/research")
 }
 
-macro_rules! parity {
-    ($($case:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $case() {
-                common::check(&fixtures(), stringify!($case), 1e-4);
-            }
-        )*
-    };
-}
-
-parity!(
+parity_cases!(
+    fixtures(), 1e-4;
     iso_c,
     iso_c_exclude_lm_head,
     iso_cts,

@@ -296,3 +296,18 @@ pub fn same_safetensors(a: &Path, b: &Path) -> bool {
     let (fa, fb) = (files(a), files(b));
     !fa.is_empty() && fa == fb
 }
+
+/// One `#[test]` per case: [`check`] of `case` under the fixture directory `$dir` at `$rtol`.
+#[allow(unused_macros)]
+macro_rules! parity_cases {
+    ($dir:expr, $rtol:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::common::check(&$dir, stringify!($case), $rtol);
+            }
+        )*
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use parity_cases;
