@@ -14,6 +14,7 @@ mod progress;
 mod route;
 #[cfg(feature = "eval")]
 mod search;
+mod tokensurgeon;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -151,6 +152,10 @@ enum Command {
     /// Task libraries: one base plus a compact module per task, any task rebuilt on demand.
     #[command(subcommand)]
     Library(library::LibraryCommand),
+    /// Give MODEL the DONOR's tokenizer (mergekit-tokensurgeon): rows of tokens MODEL has are
+    /// kept, the others approximated from the shared tokens (orthogonal matching pursuit by
+    /// default); writes MODEL's weights with the donor's tokenizer files.
+    Tokensurgeon(tokensurgeon::SurgeonArgs),
     /// Remove the staging directories that killed runs left under DIR (hidden
     /// `.amalgam-tmp-*` directories whose owner process is gone); a live run's, or one with no
     /// owner record, is listed and left alone.
@@ -601,6 +606,10 @@ fn run() -> Result<ExitCode> {
         #[cfg(feature = "eval")]
         Command::Eval(args) => {
             eval::run(args, cli.quiet)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tokensurgeon(args) => {
+            tokensurgeon::run(args, cli.quiet)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Clean { dir, dry_run, json } => {

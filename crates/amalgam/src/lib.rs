@@ -27,6 +27,7 @@ pub mod progress;
 pub mod simd;
 pub mod stats;
 pub mod sums;
+pub mod surgeon;
 pub mod vocab;
 
 pub use dtype::DType;

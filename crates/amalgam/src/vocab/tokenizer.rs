@@ -151,6 +151,11 @@ impl Tokenizer {
         self.added_contents = self.added.iter().map(|a| a.content.clone()).collect();
     }
 
+    /// The whole file as parsed.
+    pub fn json(&self) -> &Value {
+        &self.json
+    }
+
     /// The model type (`BPE`, `Unigram`, `WordPiece`, `WordLevel`).
     pub fn kind(&self) -> &str {
         self.json
