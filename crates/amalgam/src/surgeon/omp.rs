@@ -5,9 +5,11 @@
 //! from scratch, `r = y − Q(Qᵀy)`; every 256 steps Q is re-orthogonalised by a QR. The
 //! coefficients are `R⁻¹Qᵀy`, the least-squares fit of the target on its picked rows.
 //!
-//! Everything is f64 (mergekit: f32 unless the donor is f64). Best and second-best candidates
-//! differ by as little as 2e-6 relative on the fixtures; f64 picks what an exact computation
-//! picks. Targets run in lock-step batches so each step's correlations are one matrix product.
+//! The picks and the fit are f64 (mergekit: f32 unless the donor is f64, and its f32 picks
+//! differ from exact ones where the best two candidates are within about 1e-5 relative, as on
+//! 4 of 512 tokens of `bench/tokensurgeon.sh`); the correlations that screen the candidates
+//! are f32 with a rigorous error bound ([`omp`]). Targets run in lock-step batches so each
+//! step's correlations are one matrix product.
 
 use faer::{Accum, Mat, Par};
 use rayon::prelude::*;
@@ -18,7 +20,7 @@ use super::matrix::Rows;
 const EPS: f64 = 1e-8;
 /// Steps between re-orthogonalisations (mergekit's `reorthogonalize_interval`).
 const REORTH: usize = 256;
-/// Dictionary rows widened to f64 per matrix product.
+/// Dictionary rows per matrix product.
 const BLOCK: usize = 2048;
 
 /// One target's fit: the picked dictionary rows, in order, and their coefficients.
@@ -119,8 +121,17 @@ impl State {
     }
 }
 
+/// Unit roundoff of f32.
+const U32: f64 = 1.0 / (1u64 << 24) as f64;
+
 /// Fit each of `targets` (rows of the dictionary's width) with `k` rows of `dict`.
 /// `k` must not exceed the dictionary's row count (checked by the caller).
+///
+/// Each step's correlations are computed in f32 (one matrix product at twice f64's rate) only
+/// to screen: every row whose f32 correlation could, within a rigorous bound on its rounding
+/// error (`γ·‖r‖·‖row‖`, γ = 2(d+2)·2⁻²⁴: the dot product's accumulation and the inputs'
+/// rounding to f32, doubled), reach the largest is recomputed in f64, and the pick is made on
+/// those. The picks are therefore those of an f64 computation.
 pub fn omp<T: Copy + Into<f64> + Sync>(
     targets: Vec<Vec<f64>>,
     dict: &Rows<T>,
@@ -129,50 +140,45 @@ pub fn omp<T: Copy + Into<f64> + Sync>(
     let n = dict.len();
     let d = dict.cols;
     assert!(k <= n, "omp: k {k} > {n} dictionary rows");
-    // Bound the correlation matrix (batch × n f64) to about 64 MiB.
+    let norms: Vec<f64> = (0..n)
+        .map(|j| dict.row(j).iter().map(|&x| x.into().powi(2)).sum::<f64>().sqrt())
+        .collect();
+    let norm_max = norms.iter().fold(0f64, |m, &x| m.max(x));
+    let gamma = 2.0 * (d as f64 + 2.0) * U32;
+    // Bound the correlation matrix (batch × n f32) to about 32 MiB.
     let batch = ((8 << 20) / n.max(1)).clamp(1, 512);
     let mut fits = Vec::with_capacity(targets.len());
     let mut targets = targets.into_iter().peekable();
+    // The dictionary in f32, column-major, for the products (one copy, converted once).
+    let mut dict32 = Mat::<f32>::zeros(n, d);
+    for j in 0..n {
+        for (c, &x) in dict.row(j).iter().enumerate() {
+            dict32[(j, c)] = x.into() as f32;
+        }
+    }
     while targets.peek().is_some() {
         let mut states: Vec<State> = targets.by_ref().take(batch).map(State::new).collect();
         let b = states.len();
         // Correlations, one contiguous column of n per target.
-        let mut corr = vec![0.0f64; n * b];
+        let mut corr = vec![0.0f32; n * b];
         for _ in 0..k {
-            let resid = Mat::from_fn(d, b, |c, i| states[i].r[c]);
+            let resid = Mat::from_fn(d, b, |c, i| states[i].r[c] as f32);
             let mut dst = faer::MatMut::from_column_major_slice_mut(&mut corr, n, b);
             for j0 in (0..n).step_by(BLOCK) {
-                let j1 = (j0 + BLOCK).min(n);
-                let block = Mat::from_fn(j1 - j0, d, |j, c| dict.row(j0 + j)[c].into());
+                let rows = (j0 + BLOCK).min(n) - j0;
                 faer::linalg::matmul::matmul(
-                    dst.as_mut().subrows_mut(j0, j1 - j0),
+                    dst.as_mut().subrows_mut(j0, rows),
                     Accum::Replace,
-                    block.as_ref(),
+                    dict32.as_ref().subrows(j0, rows),
                     resid.as_ref(),
-                    1.0,
+                    1.0f32,
                     Par::rayon(0),
                 );
             }
             corr.par_chunks_mut(n)
                 .zip(states.par_iter_mut())
                 .for_each(|(c, s)| {
-                    // NaN never compares greater, so picked rows drop out of the argmax.
-                    for &j in &s.picked {
-                        c[j] = f64::NAN;
-                    }
-                    let mut best = (usize::MAX, f64::NEG_INFINITY);
-                    for (j, x) in c.iter().enumerate() {
-                        if x.abs() > best.1 {
-                            best = (j, x.abs());
-                        }
-                    }
-                    // No candidate compares (non-finite input, refused earlier): the first
-                    // unpicked row.
-                    let j = if best.0 == usize::MAX {
-                        (0..n).find(|j| !s.picked.contains(j)).expect("k <= n")
-                    } else {
-                        best.0
-                    };
+                    let j = pick(c, s, dict, &norms, norm_max, gamma);
                     let atom: Vec<f64> = dict.row(j).iter().map(|&x| x.into()).collect();
                     s.step(j, &atom);
                 });
@@ -180,6 +186,56 @@ pub fn omp<T: Copy + Into<f64> + Sync>(
         fits.extend(states.into_iter().map(State::finish));
     }
     fits
+}
+
+/// The unpicked row with the largest |⟨r, row⟩| in f64 (lowest index on ties), screened by the
+/// f32 correlations `c` of state `s`'s residual.
+fn pick<T: Copy + Into<f64>>(
+    c: &mut [f32],
+    s: &State,
+    dict: &Rows<T>,
+    norms: &[f64],
+    norm_max: f64,
+    gamma: f64,
+) -> usize {
+    // NaN never compares, so picked rows drop out of every scan.
+    for &j in &s.picked {
+        c[j] = f32::NAN;
+    }
+    let mut best = (usize::MAX, f32::NEG_INFINITY);
+    for (j, x) in c.iter().enumerate() {
+        if x.abs() > best.1 {
+            best = (j, x.abs());
+        }
+    }
+    if best.0 == usize::MAX {
+        // No finite correlation (non-finite input, refused earlier): the first unpicked row.
+        return (0..c.len())
+            .find(|j| !s.picked.contains(j))
+            .expect("k <= n");
+    }
+    let rn = norm(&s.r);
+    let err = |j: usize| gamma * rn * norms[j];
+    // Every row whose exact correlation may reach the best row's exact one.
+    let floor = best.1 as f64 - err(best.0);
+    let coarse = floor - gamma * rn * norm_max;
+    let mut top = (usize::MAX, f64::NEG_INFINITY);
+    for (j, x) in c.iter().enumerate() {
+        let a = x.abs() as f64;
+        if a >= coarse && a + err(j) >= floor {
+            let exact = dict
+                .row(j)
+                .iter()
+                .zip(&s.r)
+                .map(|(&p, r)| p.into() * r)
+                .sum::<f64>()
+                .abs();
+            if exact > top.1 {
+                top = (j, exact);
+            }
+        }
+    }
+    top.0
 }
 
 #[cfg(test)]
