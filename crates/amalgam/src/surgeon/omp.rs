@@ -141,7 +141,13 @@ pub fn omp<T: Copy + Into<f64> + Sync>(
     let d = dict.cols;
     assert!(k <= n, "omp: k {k} > {n} dictionary rows");
     let norms: Vec<f64> = (0..n)
-        .map(|j| dict.row(j).iter().map(|&x| x.into().powi(2)).sum::<f64>().sqrt())
+        .map(|j| {
+            dict.row(j)
+                .iter()
+                .map(|&x| x.into().powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
         .collect();
     let norm_max = norms.iter().fold(0f64, |m, &x| m.max(x));
     let gamma = 2.0 * (d as f64 + 2.0) * U32;
@@ -265,6 +271,22 @@ mod tests {
             (got[0].1 - 2.0).abs() < 1e-12 && (got[1].1 + 0.5).abs() < 1e-12,
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn picks_are_exact_where_f32_cannot_tell_candidates_apart() {
+        // Rows 0 and 1 round to the same f32 row; row 1's correlation is larger by 1e-9
+        // relative, so an f64 pick takes row 1 first, where f32 alone would tie and take row 0.
+        let data: Vec<f64> = vec![1.0, 0.0, 0.0, 1.0 + 1e-9, 0.0, 0.0, 0.0, 1.0, 0.0];
+        let dict = Rows { data, cols: 3 };
+        let fit = omp(vec![vec![1.0, 0.5, 0.25]], &dict, 1).remove(0);
+        assert_eq!(fit.picked, [1]);
+        let neg = Rows {
+            data: vec![1.0, 0.0, 0.0, -1.0 - 1e-9, 0.0, 0.0],
+            cols: 3,
+        };
+        // |−(1+1e-9)| wins over 1: the magnitude counts, not the sign.
+        assert_eq!(omp(vec![vec![1.0, 0.0, 0.0]], &neg, 1)[0].picked, [1]);
     }
 
     #[test]
