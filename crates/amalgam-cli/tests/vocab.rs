@@ -270,3 +270,275 @@ fn bad_tokenizers_and_token_entries_are_refused() {
         &["pad_to_multiple_of must be at least 1"],
     );
 }
+
+/// Write a PEFT adapter for `base` at `dir`: the given tensors (PEFT names) and config.
+fn write_adapter(dir: &Path, tensors: &[T], config: serde_json::Value) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("adapter_model.safetensors"),
+        safetensors_bytes(tensors),
+    )
+    .unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+}
+
+fn tensor_of(model: &Path, name: &str, as_name: &str) -> T {
+    let m = amalgam::io::Model::open(model).unwrap();
+    let t = m.tensor(name).unwrap();
+    raw(as_name, t.dtype, t.shape, t.bytes.to_vec())
+}
+
+/// Adapter inputs under vocabulary alignment, for every family of methods. An adapter that
+/// added tokens (the resized embeddings and LM head saved whole, `modules_to_save`, with its
+/// tokenizer beside it, as PEFT users save them) and a LoRA on the embeddings of another
+/// model: `lora apply` bakes each into a model with that vocabulary; merging `model+adapter`
+/// references with `tokenizer_source: union` gives the same tensors as merging the baked
+/// models; and each method's union merge equals the same method run without alignment on
+/// copies of the inputs aligned to the union vocabulary first (a weight-1 `linear` merge of
+/// each input with the others at weight 0 aligns it exactly), so alignment happens before
+/// any method.
+#[test]
+fn adapter_inputs_and_every_method_read_the_aligned_rows() {
+    let fx = fixtures().join("models");
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    // Adapter 1 on the base: ft_special's vocabulary (47 rows, the base has 45) plus a LoRA
+    // on one projection.
+    let a1 = dir.join("a_special");
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let qs = amalgam::io::Model::open(fx.join("base"))
+        .unwrap()
+        .entry(q)
+        .unwrap()
+        .shape
+        .clone();
+    write_adapter(
+        &a1,
+        &[
+            tensor_of(
+                &fx.join("ft_special"),
+                "model.embed_tokens.weight",
+                "base_model.model.model.embed_tokens.weight",
+            ),
+            tensor_of(
+                &fx.join("ft_special"),
+                "lm_head.weight",
+                "base_model.model.lm_head.weight",
+            ),
+            float(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                amalgam::DType::F32,
+                &[2, qs[1]],
+                11,
+            ),
+            float(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                amalgam::DType::F32,
+                &[qs[0], 2],
+                12,
+            ),
+        ],
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+                           "modules_to_save": ["embed_tokens", "lm_head"]}),
+    );
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        if fx.join("ft_special").join(f).is_file() {
+            std::fs::copy(fx.join("ft_special").join(f), a1.join(f)).unwrap();
+        }
+    }
+    // Adapter 2 on ft_extra: a LoRA on its embeddings (50 rows), no tokenizer of its own.
+    let a2 = dir.join("a_embed");
+    write_adapter(
+        &a2,
+        &[
+            float(
+                "base_model.model.model.embed_tokens.lora_embedding_A",
+                amalgam::DType::F32,
+                &[2, 50],
+                13,
+            ),
+            float(
+                "base_model.model.model.embed_tokens.lora_embedding_B",
+                amalgam::DType::F32,
+                &[16, 2],
+                14,
+            ),
+        ],
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["embed_tokens"]}),
+    );
+    let (b1, b2) = (dir.join("baked_special"), dir.join("baked_embed"));
+    ok(&["lora", "apply", s(&fx.join("base")), s(&a1), s(&b1), "-q"]);
+    ok(&[
+        "lora",
+        "apply",
+        s(&fx.join("ft_extra")),
+        s(&a2),
+        s(&b2),
+        "-q",
+    ]);
+    assert_eq!(
+        json(&b1.join("tokenizer.json")),
+        json(&fx.join("ft_special/tokenizer.json"))
+    );
+    assert_eq!(json(&b1.join("config.json"))["vocab_size"], 47);
+    let baked = amalgam::io::Model::open(&b1).unwrap();
+    assert_eq!(baked.entry("lm_head.weight").unwrap().shape, [47, 16]);
+    let special = amalgam::io::Model::open(fx.join("ft_special")).unwrap();
+    assert!(
+        baked.tensor("model.embed_tokens.weight").unwrap().bytes
+            == special.tensor("model.embed_tokens.weight").unwrap().bytes
+    );
+
+    // Resizing the embeddings without the LM head is refused, naming what to save.
+    let half = dir.join("a_half");
+    write_adapter(
+        &half,
+        &[tensor_of(
+            &fx.join("ft_special"),
+            "model.embed_tokens.weight",
+            "base_model.model.model.embed_tokens.weight",
+        )],
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+                           "modules_to_save": ["embed_tokens"]}),
+    );
+    let err = fails(&[
+        "lora",
+        "apply",
+        s(&fx.join("base")),
+        s(&half),
+        s(&dir.join("half_out")),
+    ]);
+    assert!(
+        err.contains("lm_head.weight") && err.contains("modules_to_save"),
+        "{err}"
+    );
+    assert!(!dir.join("half_out").exists());
+
+    let base = fx.join("base");
+    let refs = [
+        format!("{}+{}", base.display(), a1.display()),
+        format!("{}+{}", fx.join("ft_extra").display(), a2.display()),
+        fx.join("ft_small").display().to_string(),
+    ];
+    let baked_refs = [
+        b1.display().to_string(),
+        b2.display().to_string(),
+        refs[2].clone(),
+    ];
+    let write = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let models_yaml = |refs: &[String], params: &str| -> String {
+        refs.iter()
+            .map(|r| format!("  - model: {r}\n    parameters: {params}\n"))
+            .collect()
+    };
+    // Inputs aligned to the union vocabulary, one by one.
+    let mut aligned = Vec::new();
+    for (k, r) in refs.iter().enumerate() {
+        let mut ms = String::new();
+        for (j, other) in refs.iter().enumerate() {
+            ms += &format!(
+                "  - model: {other}\n    parameters: {{weight: {}}}\n",
+                u8::from(j == k)
+            );
+        }
+        let cfg = write(
+            &format!("align{k}.yml"),
+            format!(
+                "merge_method: linear\nbase_model: {}\nmodels:\n{ms}parameters: {{weight: 0}}\ntokenizer_source: union\nout_dtype: float32\n",
+                base.display()
+            ),
+        );
+        let out = dir.join(format!("aligned{k}"));
+        ok(&["merge", s(&cfg), s(&out), "-q"]);
+        let _ = r;
+        aligned.push(out.display().to_string());
+    }
+    let base_cfg = write(
+        "align_base.yml",
+        format!(
+            "merge_method: linear\nbase_model: {b}\nmodels:\n  - model: {b}\n    parameters: {{weight: 1}}\n{}parameters: {{weight: 0}}\ntokenizer_source: union\nout_dtype: float32\n",
+            models_yaml(&refs, "{weight: 0}"),
+            b = base.display()
+        ),
+    );
+    let aligned_base = dir.join("aligned_base");
+    ok(&["merge", s(&base_cfg), s(&aligned_base), "-q"]);
+
+    let methods: &[(&str, &str, &str)] = &[
+        ("linear", "{weight: 0.5}", "parameters: {weight: 0.5}\n"),
+        ("task_arithmetic", "{weight: 0.5}", ""),
+        ("ties", "{weight: 1.0, density: 0.5}", ""),
+        ("dare_ties", "{weight: 1.0, density: 0.5}", ""),
+        (
+            "della",
+            "{weight: 1.0, density: 0.5, epsilon: 0.1}",
+            "parameters: {lambda: 1.0}\n",
+        ),
+        ("breadcrumbs", "{weight: 1.0, density: 0.8, gamma: 0.1}", ""),
+        ("model_stock", "{}", ""),
+        ("karcher", "{}", ""),
+        ("iso_c", "{}", ""),
+        ("iso_cts", "{}", ""),
+        ("tsv_m", "{}", ""),
+        ("pcb", "{}", ""),
+        ("emr", "{}", ""),
+    ];
+    for (method, params, extra) in methods {
+        // Every config has the base (the rows a token's fill takes depend on it).
+        let head = |b: &str| format!("merge_method: {method}\nbase_model: {b}\n");
+        let x = write(
+            &format!("{method}_adapters.yml"),
+            format!(
+                "{}models:\n{}{extra}tokenizer_source: union\nout_dtype: float32\n",
+                head(&base.display().to_string()),
+                models_yaml(&refs, params)
+            ),
+        );
+        let y = write(
+            &format!("{method}_baked.yml"),
+            format!(
+                "{}models:\n{}{extra}tokenizer_source: union\nout_dtype: float32\n",
+                head(&base.display().to_string()),
+                models_yaml(&baked_refs, params)
+            ),
+        );
+        let z = write(
+            &format!("{method}_prealigned.yml"),
+            format!(
+                "{}models:\n{}{extra}out_dtype: float32\n",
+                head(&aligned_base.display().to_string()),
+                models_yaml(&aligned, params)
+            ),
+        );
+        let outs: Vec<PathBuf> = ["adapters", "baked", "prealigned"]
+            .iter()
+            .map(|n| dir.join(format!("{method}_{n}")))
+            .collect();
+        for (cfg, out) in [&x, &y, &z].iter().zip(&outs) {
+            ok(&["merge", s(cfg), s(out), "-q", "--seed", "3"]);
+        }
+        for other in &outs[1..] {
+            let diff = amalgam(&["diff", s(&outs[0]), s(other)]);
+            assert!(
+                diff.status.success(),
+                "{method}: {} differs from {}: {}",
+                outs[0].display(),
+                other.display(),
+                String::from_utf8_lossy(&diff.stdout)
+            );
+        }
+        assert_eq!(
+            json(&outs[0].join("tokenizer.json")),
+            json(&outs[1].join("tokenizer.json")),
+            "{method}"
+        );
+    }
+}

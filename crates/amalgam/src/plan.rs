@@ -38,6 +38,15 @@ impl ModelSet {
         self.models.iter().try_for_each(Model::check_unchanged)
     }
 
+    /// The directory holding model `m`'s tokenizer: its adapter's when the adapter carries
+    /// one (an adapter that added tokens), else the model's.
+    pub fn tokenizer_dir(&self, m: usize) -> &std::path::Path {
+        self.adapters[m]
+            .as_ref()
+            .and_then(|a| a.tokenizer_dir())
+            .unwrap_or(&self.models[m].dir)
+    }
+
     /// Where `input` is read from: its model's file, or its adapter's when the adapter carries
     /// the whole tensor (`modules_to_save`, saved base layers), with the tensor's name there.
     pub fn file_of<'s>(&'s self, input: &'s Input) -> (&'s Model, &'s str) {
@@ -781,18 +790,6 @@ impl Planner<'_> {
             return Err(self.config.error(format!(
                 "{e}; vocabulary-indexed tensors may differ in rows only"
             )));
-        }
-        for i in inputs.iter() {
-            if let Some(adapter) = &self.set.adapters[i.model]
-                && (adapter.modules.contains_key(&i.tensor)
-                    || adapter.replaced.contains_key(&i.tensor))
-            {
-                return Err(self.config.error(format!(
-                    "'{}': its adapter changes '{}', and aligning vocabularies of an adapter's \
-                     embeddings is not supported; bake it with `amalgam lora apply` first",
-                    self.set.refs[i.model].0, i.tensor
-                )));
-            }
         }
         let cols: usize = first[1..].iter().product();
         let stored: Vec<usize> = shapes.iter().map(|s| s[0]).collect();

@@ -374,11 +374,20 @@ impl Adapter {
                 });
             }
         }
+        let resized = adapter.vocab_rows(base)?;
         for (name, saved) in &adapter.replaced {
             let saved_entry = adapter.file.entry(saved)?;
             // A whole LM head for a base whose head is tied to its embeddings unties them (PEFT
-            // writes the head and sets tie_word_embeddings to false).
-            let fits = |n: &str| base.entry(n).is_ok_and(|e| e.shape == saved_entry.shape);
+            // writes the head and sets tie_word_embeddings to false). A vocabulary matrix may
+            // have other rows (a resized vocabulary, see `vocab_rows`).
+            let fits = |n: &str| {
+                base.entry(n).is_ok_and(|e| {
+                    e.shape == saved_entry.shape
+                        || (resized.is_some()
+                            && crate::arch::is_vocabulary(name)
+                            && e.shape.get(1..) == saved_entry.shape.get(1..))
+                })
+            };
             let shape_ok = fits(name)
                 || (name == crate::arch::LM_HEAD
                     && !base.contains(name)
@@ -389,10 +398,24 @@ impl Adapter {
                     name: saved.clone(),
                     reason: format!(
                         "the adapter carries a whole {name} of shape {:?} that does not fit the base \
-                         model (missing there, or a resized vocabulary, which is not supported yet)",
+                         model (missing there, or of another width)",
                         saved_entry.shape
                     ),
                 });
+            }
+        }
+        if resized.is_some() {
+            for (name, m) in &adapter.modules {
+                if crate::arch::is_vocabulary(name) {
+                    return Err(Error::Adapter {
+                        path: weights.clone(),
+                        name: m.a.clone(),
+                        reason: format!(
+                            "LoRA factors for {name} on top of a resized vocabulary: PEFT saves a \
+                             resized embedding whole (modules_to_save)"
+                        ),
+                    });
+                }
             }
         }
         for (name, bias) in &adapter.biases {
@@ -413,6 +436,72 @@ impl Adapter {
             }
         }
         Ok(())
+    }
+
+    /// The vocabulary size of an adapter that resized the vocabulary (added tokens, with
+    /// `modules_to_save` holding the new embeddings and LM head): the rows of its saved
+    /// vocabulary matrices when they differ from `base`'s. Every vocabulary matrix `base` has
+    /// must then be saved with those rows (a tied head goes with the embeddings).
+    pub fn vocab_rows(&self, base: &Model) -> Result<Option<usize>> {
+        let weights = self.dir.join("adapter_model.safetensors");
+        let mut rows = None;
+        for (name, saved) in &self.replaced {
+            if !crate::arch::is_vocabulary(name) {
+                continue;
+            }
+            let (e, b) = (self.file.entry(saved)?, base.entry(name).ok());
+            let base_rows = b.map(|b| b.shape[0]).or_else(|| {
+                (name == crate::arch::LM_HEAD)
+                    .then(|| {
+                        base.entry(crate::arch::EMBED_TOKENS)
+                            .ok()
+                            .map(|b| b.shape[0])
+                    })
+                    .flatten()
+            });
+            if e.shape.is_empty() || base_rows == Some(e.shape[0]) {
+                continue;
+            }
+            match rows {
+                Some(r) if r != e.shape[0] => {
+                    return Err(Error::Adapter {
+                        path: weights,
+                        name: saved.clone(),
+                        reason: format!(
+                            "{} rows, but another saved vocabulary matrix has {r}; a resized \
+                             vocabulary must resize embeddings and LM head alike",
+                            e.shape[0]
+                        ),
+                    });
+                }
+                _ => rows = Some(e.shape[0]),
+            }
+        }
+        if let Some(r) = rows {
+            for t in base.tensors() {
+                if crate::arch::is_vocabulary(&t.name) && !self.replaced.contains_key(&t.name) {
+                    return Err(Error::Adapter {
+                        path: weights,
+                        name: t.name.clone(),
+                        reason: format!(
+                            "the adapter resizes the vocabulary to {r} rows but does not save \
+                             {} (add it to modules_to_save)",
+                            t.name
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    /// The directory holding this adapter's tokenizer (`tokenizer.json`), if it has one: an
+    /// adapter that added tokens is saved with its tokenizer.
+    pub fn tokenizer_dir(&self) -> Option<&Path> {
+        self.dir
+            .join("tokenizer.json")
+            .is_file()
+            .then_some(self.dir.as_path())
     }
 
     /// The factors of `m` decoded to f32: `(A, B)`.

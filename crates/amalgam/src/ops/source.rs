@@ -153,6 +153,15 @@ impl RowReader for StoredRows<'_, '_> {
         )?;
         values.clear();
         decode_f32_append(view.dtype, bytes, values);
+        // An adapter's LoRA delta on the stored rows, before they are permuted.
+        if let Some(p) = &s.patches[input] {
+            let start = first * self.cols;
+            p.add(
+                start..start + values.len(),
+                values,
+                &mut s.rows.borrow_mut(),
+            );
+        }
         out[..values.len()].copy_from_slice(values);
         Ok(())
     }

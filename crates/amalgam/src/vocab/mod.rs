@@ -96,8 +96,14 @@ pub struct VocabTensor<'a> {
     pub base: Option<usize>,
 }
 
-/// A model's `vocab_size` from its config (top level, else `text_config`).
+/// A model's `vocab_size`: its adapter's resized vocabulary, else its config's (top level,
+/// else `text_config`).
 fn vocab_size(set: &ModelSet, m: usize) -> Option<usize> {
+    if let Some(a) = &set.adapters[m]
+        && let Ok(Some(rows)) = a.vocab_rows(&set.models[m])
+    {
+        return Some(rows);
+    }
     let cfg = set.models[m].config()?;
     cfg.get("vocab_size")
         .or_else(|| cfg.pointer("/text_config/vocab_size"))
@@ -119,8 +125,8 @@ impl Alignment {
         let base = config.base_model.as_ref().map_or(0, |b| set.index(b));
         let mut warnings = Vec::new();
         let mut toks: Vec<Option<Tokenizer>> = Vec::new();
-        for m in &set.models {
-            toks.push(Tokenizer::of_model(&m.dir)?);
+        for m in 0..set.models.len() {
+            toks.push(Tokenizer::of_model(set.tokenizer_dir(m))?);
         }
         let sizes: Vec<usize> = (0..set.models.len())
             .map(|m| {
@@ -154,9 +160,9 @@ impl Alignment {
         let (mut out, config_from) = match source {
             "union" => (
                 union(base_tok, &toks, &sizes, &order),
-                set.models[base].dir.clone(),
+                set.tokenizer_dir(base).to_path_buf(),
             ),
-            "base" => (base_tok.clone(), set.models[base].dir.clone()),
+            "base" => (base_tok.clone(), set.tokenizer_dir(base).to_path_buf()),
             model => {
                 let Some(m) = set.refs.iter().position(|r| r.0 == model) else {
                     return Err(config.error(format!(
@@ -169,7 +175,7 @@ impl Alignment {
                         config.error(format!("tokenizer source '{model}' has no tokenizer.json"))
                     );
                 };
-                (t.clone(), set.models[m].dir.clone())
+                (t.clone(), set.tokenizer_dir(m).to_path_buf())
             }
         };
         let mut present = out.vocab();

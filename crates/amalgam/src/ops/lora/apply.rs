@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::arch;
 use crate::dtype::{decode_f32, encode_f32};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::exec;
 use crate::io::{Existing, Model, ModelWriter, TensorSpec, modeldir};
 use crate::lora::Adapter;
@@ -57,7 +57,22 @@ pub fn apply(
             "{name} ignored: the adapter config does not set lora_bias (PEFT ignores it too)"
         ));
     }
-    let mut specs: Vec<TensorSpec> = model.tensors().iter().map(TensorSpec::from).collect();
+    // A resized vocabulary (added tokens): the saved matrices' rows, and the adapter's tokenizer.
+    let resized = adapter.vocab_rows(&model)?;
+    let mut specs: Vec<TensorSpec> = model
+        .tensors()
+        .iter()
+        .map(|e| {
+            let mut spec = TensorSpec::from(e);
+            if let (Some(rows), Some(saved)) = (resized, adapter.replaced.get(&e.name))
+                && arch::is_vocabulary(&e.name)
+                && adapter.file.entry(saved).is_ok()
+            {
+                spec.shape[0] = rows;
+            }
+            spec
+        })
+        .collect();
     // A whole LM head for a tied base (see `Adapter::check_base`) is added to the output.
     let untie = adapter
         .replaced
@@ -131,6 +146,18 @@ pub fn apply(
         Ok(())
     })?;
     modeldir::copy_side_files(&model.dir, writer.staging_dir(), None)?;
+    if let Some(dir) = adapter.tokenizer_dir() {
+        for name in modeldir::TOKENIZER_FILES {
+            let stale = writer.staging_dir().join(name);
+            if stale.is_file() {
+                std::fs::remove_file(&stale).at(&stale)?;
+            }
+        }
+        modeldir::copy_present(dir, writer.staging_dir(), modeldir::TOKENIZER_FILES)?;
+    }
+    if let Some(rows) = resized {
+        modeldir::set_config_field(writer.staging_dir(), "vocab_size", rows.into())?;
+    }
     if untie.is_some() {
         modeldir::set_config_field(writer.staging_dir(), "tie_word_embeddings", false.into())?;
     }
