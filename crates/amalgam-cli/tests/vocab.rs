@@ -418,6 +418,54 @@ fn adapter_inputs_and_every_method_read_the_aligned_rows() {
     );
     assert!(!dir.join("half_out").exists());
 
+    // `lora merge` cannot put two vocabularies in one adapter: refused, pointing to `merge`.
+    let a3 = dir.join("a_extra");
+    write_adapter(
+        &a3,
+        &[
+            tensor_of(
+                &fx.join("ft_extra"),
+                "model.embed_tokens.weight",
+                "base_model.model.model.embed_tokens.weight",
+            ),
+            tensor_of(
+                &fx.join("ft_extra"),
+                "lm_head.weight",
+                "base_model.model.lm_head.weight",
+            ),
+            float(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                amalgam::DType::F32,
+                &[2, qs[1]],
+                15,
+            ),
+            float(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                amalgam::DType::F32,
+                &[qs[0], 2],
+                16,
+            ),
+        ],
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+                           "modules_to_save": ["embed_tokens", "lm_head"]}),
+    );
+    let lm = dir.join("lora_merge.yml");
+    std::fs::write(
+        &lm,
+        format!(
+            "combination_type: linear\nadapters:\n  - {{adapter: {}, weight: 0.5}}\n  - {{adapter: {}, weight: 0.5}}\n",
+            a1.display(),
+            a3.display()
+        ),
+    )
+    .unwrap();
+    let err = fails(&["lora", "merge", s(&lm), s(&dir.join("lm_out"))]);
+    assert!(
+        err.contains("different vocabularies") && err.contains("tokenizer_source: union"),
+        "{err}"
+    );
+    assert!(!dir.join("lm_out").exists());
+
     let base = fx.join("base");
     let refs = [
         format!("{}+{}", base.display(), a1.display()),

@@ -672,6 +672,21 @@ impl<'a> Plan<'a> {
                 if let Some(&(j, other)) = seen.get(base_name.as_str()) {
                     let x = self.adapters[j].file.tensor(other)?;
                     let y = a.file.tensor(tensor)?;
+                    if crate::arch::is_vocabulary(base_name) && x.shape != y.shape {
+                        return Err(Error::Adapter {
+                            path: a.dir.clone(),
+                            name: tensor.clone(),
+                            reason: format!(
+                                "{} and this adapter have different vocabularies ({base_name} of \
+                                 {:?} and {:?}); an adapter cannot hold two, so merge them as \
+                                 `BASE+ADAPTER` models with `amalgam merge` and \
+                                 `tokenizer_source: union`",
+                                self.adapters[j].dir.display(),
+                                x.shape,
+                                y.shape
+                            ),
+                        });
+                    }
                     if x.dtype != y.dtype || x.bytes != y.bytes {
                         return Err(Error::Adapter {
                             path: a.dir.clone(),
