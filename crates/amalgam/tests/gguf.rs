@@ -95,7 +95,7 @@ fn read_json(path: &Path) -> serde_json::Value {
 #[test]
 fn tiny_llama_qwen2_qwen3_convert_to_transformers_tensors_config_and_tokenizer() {
     let tmp = tempfile::tempdir().unwrap();
-    for m in ["tiny-llama", "tiny-qwen2", "tiny-qwen3"] {
+    for m in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"] {
         let dir = fixtures().join(format!("{m}.expected"));
         let out = tmp.path().join(m);
         assert_converts_like_transformers(
@@ -121,7 +121,22 @@ fn tiny_llama_qwen2_qwen3_convert_to_transformers_tensors_config_and_tokenizer()
         ] {
             assert_eq!(got[key], want[key], "{m}: config {key}");
         }
-        assert!(out.join("tokenizer.json").is_file(), "{m}: tokenizer");
+        // The tokenizer pipeline is transformers' (model, merges, added tokens, pre-tokenizer,
+        // decoder, post-processor) key by key.
+        let (tok, want_tok) = (
+            read_json(&out.join("tokenizer.json")),
+            read_json(&dir.join("tokenizer.json")),
+        );
+        for key in [
+            "model",
+            "added_tokens",
+            "normalizer",
+            "pre_tokenizer",
+            "decoder",
+            "post_processor",
+        ] {
+            assert_eq!(tok[key], want_tok[key], "{m}: tokenizer.json {key}");
+        }
     }
 }
 

@@ -56,6 +56,15 @@ pub fn write(
             g.path.display()
         ));
     }
+    if layout.tokenizer.is_none()
+        && let Some(kind) = g.get("tokenizer.ggml.model").and_then(|v| v.as_str())
+    {
+        progress.warn(&format!(
+            "{}: its tokenizer (tokenizer.ggml.model '{kind}') is not rebuilt; the converted \
+             model has no tokenizer files",
+            g.path.display()
+        ));
+    }
     let specs: Vec<TensorSpec> = layout
         .tensors
         .iter()

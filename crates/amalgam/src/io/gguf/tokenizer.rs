@@ -16,9 +16,15 @@ pub fn build(g: &Gguf) -> Result<Option<(Json, Json)>> {
     let Some(kind) = g.get("tokenizer.ggml.model").and_then(|v| v.as_str()) else {
         return Ok(None);
     };
-    if kind != "gpt2" {
-        return Ok(None);
-    }
+    let arch = g.get("general.architecture").and_then(|v| v.as_str());
+    // transformers builds Gemma's and Phi-3's SentencePiece tokenizers its own way; amalgam
+    // rebuilds the byte-level BPE (`gpt2`) and the other SentencePiece (`llama`) ones.
+    let sentencepiece = match (kind, arch) {
+        ("gpt2", _) => false,
+        ("llama", Some("gemma" | "gemma2" | "gemma3" | "phi3")) => return Ok(None),
+        ("llama", _) => true,
+        _ => return Ok(None),
+    };
     let strings = |key: &str| -> Result<Vec<String>> {
         let Some(v) = g.get(key) else {
             return Ok(Vec::new());
@@ -61,6 +67,129 @@ pub fn build(g: &Gguf) -> Result<Option<(Json, Json)>> {
             }),
         }
     };
+    let add_bos = g
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.as_bool())
+        // transformers: a SentencePiece file without the flag adds BOS, as llama.cpp does.
+        .unwrap_or(sentencepiece);
+    let add_eos = g
+        .get("tokenizer.ggml.add_eos_token")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let bos = token_of("bos_token_id")?;
+    let eos = token_of("eos_token_id")?;
+    let post_processor = template(
+        bos.as_deref().filter(|_| add_bos).zip(id("bos_token_id")),
+        eos.as_deref()
+            .filter(|_| add_eos && sentencepiece)
+            .zip(id("eos_token_id")),
+    );
+    let tokenizer = if sentencepiece {
+        let scores: Vec<f64> = match g.get("tokenizer.ggml.scores") {
+            None => vec![0.0; tokens.len()],
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|t| t.as_f64()).collect())
+                .ok_or_else(|| g.error("metadata 'tokenizer.ggml.scores' is not a float array"))?,
+        };
+        if scores.len() != tokens.len() {
+            return Err(g.error(format!(
+                "tokenizer.ggml.scores has {} entries for {} tokens",
+                scores.len(),
+                tokens.len()
+            )));
+        }
+        let mut t = sentencepiece_tokenizer(&tokens, &types, &scores, &merges, post_processor);
+        // transformers applies a known `tokenizer.ggml.pre` split to any tokenizer type.
+        if let Some(regex) = g
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .and_then(split_regex)
+        {
+            t["pre_tokenizer"] = split_pre_tokenizer(regex);
+        }
+        t
+    } else {
+        byte_level_tokenizer(g, &tokens, &types, &merges, post_processor)
+    };
+    let mut cfg = Map::new();
+    cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+    cfg.insert("add_bos_token".into(), json!(add_bos));
+    if sentencepiece {
+        cfg.insert("add_eos_token".into(), json!(add_eos));
+    }
+    for (k, key) in [
+        ("bos_token_id", "bos_token"),
+        ("eos_token_id", "eos_token"),
+        ("unknown_token_id", "unk_token"),
+        ("padding_token_id", "pad_token"),
+    ] {
+        if let Some(t) = token_of(k)? {
+            cfg.insert(key.into(), json!(t));
+        }
+    }
+    if let Some(t) = g.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+        cfg.insert("chat_template".into(), json!(t));
+    }
+    Ok(Some((tokenizer, Json::Object(cfg))))
+}
+
+/// `{"type": "TemplateProcessing", ...}`: BOS before each sequence and EOS after, when given
+/// (transformers' `update_post_processor`).
+fn template(bos: Option<(&str, usize)>, eos: Option<(&str, usize)>) -> Json {
+    let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
+    let special = |t: &str, type_id: u32| json!({"SpecialToken": {"id": t, "type_id": type_id}});
+    let (mut single, mut pair) = (Vec::new(), Vec::new());
+    let mut specials = Map::new();
+    for (part, type_id) in [("A", 0), ("B", 1)] {
+        if let Some((t, _)) = bos {
+            if part == "A" {
+                single.push(special(t, 0));
+            }
+            pair.push(special(t, type_id));
+        }
+        if part == "A" {
+            single.push(seq("A", 0));
+        }
+        pair.push(seq(part, type_id));
+        if let Some((t, _)) = eos {
+            if part == "A" {
+                single.push(special(t, 0));
+            }
+            pair.push(special(t, type_id));
+        }
+    }
+    for (t, i) in bos.into_iter().chain(eos) {
+        specials.insert(t.into(), json!({"id": t, "ids": [i], "tokens": [t]}));
+    }
+    json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials})
+}
+
+/// A merge as the file writes it (`"a b"`) as tokenizers writes it (`["a", "b"]`).
+fn merge_pair(m: &str) -> Json {
+    let (l, r) = m.split_once(' ').unwrap_or((m, ""));
+    json!([l, r])
+}
+
+/// transformers' `set_split_regex`: the named split, then byte-level mapping.
+fn split_pre_tokenizer(regex: &str) -> Json {
+    json!({
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        ],
+    })
+}
+
+/// transformers' `byte_level_tokenizer` (GPT2Tokenizer over the file's vocabulary and merges).
+fn byte_level_tokenizer(
+    g: &Gguf,
+    tokens: &[String],
+    types: &[i64],
+    merges: &[String],
+    post_processor: Json,
+) -> Json {
     let alphabet = byte_alphabet();
     let spelled = |t: &str| t.chars().all(|c| alphabet.contains(&c));
     let mut vocab = Map::new();
@@ -78,7 +207,7 @@ pub fn build(g: &Gguf) -> Result<Option<(Json, Json)>> {
     // a llama.cpp mislabel transformers skips), user-defined ones plain added tokens.
     let added: Vec<Json> = tokens
         .iter()
-        .zip(&types)
+        .zip(types)
         .enumerate()
         .filter(|(_, (t, ty))| (**ty == CONTROL && spelled(t)) || **ty == USER_DEFINED)
         .map(|(i, (t, ty))| {
@@ -93,40 +222,11 @@ pub fn build(g: &Gguf) -> Result<Option<(Json, Json)>> {
             })
         })
         .collect();
-    let add_bos = g
-        .get("tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    let bos = token_of("bos_token_id")?;
-    let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
-    let post_processor = match (&bos, add_bos) {
-        (Some(bos), true) => {
-            let special = |type_id: u32| json!({"SpecialToken": {"id": bos, "type_id": type_id}});
-            json!({
-                "type": "TemplateProcessing",
-                "single": [special(0), seq("A", 0)],
-                "pair": [special(0), seq("A", 0), special(1), seq("B", 1)],
-                "special_tokens": {bos.as_str(): {"id": bos, "ids": [id("bos_token_id")], "tokens": [bos]}},
-            })
-        }
-        _ => json!({
-            "type": "TemplateProcessing",
-            "single": [seq("A", 0)],
-            "pair": [seq("A", 0), seq("B", 1)],
-            "special_tokens": {},
-        }),
-    };
     // The split the vocabulary's merges were learned with, named by `tokenizer.ggml.pre`;
     // without one, GPT-2's byte-level regex.
     let pre = g.get("tokenizer.ggml.pre").and_then(|v| v.as_str());
     let pre_tokenizer = match pre.and_then(split_regex) {
-        Some(regex) => json!({
-            "type": "Sequence",
-            "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
-            ],
-        }),
+        Some(regex) => split_pre_tokenizer(regex),
         None => json!({
             "type": "ByteLevel",
             "add_prefix_space": false,
@@ -134,7 +234,7 @@ pub fn build(g: &Gguf) -> Result<Option<(Json, Json)>> {
             "use_regex": true,
         }),
     };
-    let tokenizer = json!({
+    json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -158,26 +258,87 @@ pub fn build(g: &Gguf) -> Result<Option<(Json, Json)>> {
             "byte_fallback": false,
             "ignore_merges": false,
             "vocab": vocab,
-            "merges": merges,
+            "merges": merges.iter().map(|m| merge_pair(m)).collect::<Vec<_>>(),
         },
-    });
-    let mut cfg = Map::new();
-    cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
-    cfg.insert("add_bos_token".into(), json!(add_bos));
-    for (k, key) in [
-        ("bos_token_id", "bos_token"),
-        ("eos_token_id", "eos_token"),
-        ("unknown_token_id", "unk_token"),
-        ("padding_token_id", "pad_token"),
-    ] {
-        if let Some(t) = token_of(k)? {
-            cfg.insert(key.into(), json!(t));
+    })
+}
+
+/// transformers' `sentencepiece_tokenizer`: LlamaTokenizer over the file's vocabulary, with the
+/// merges the file gives or the ones its scores imply ([`generate_merges`]); byte fallback,
+/// Metaspace (`▁`, prepended to the start of the input only: `prepend_scheme: first`; the
+/// file's `add_space_prefix` is ignored, as transformers ignores it), and as added tokens
+/// `<unk>`, `<s>`, `</s>` (LlamaTokenizer's own, appended if the vocabulary lacks them) and the
+/// control (special) and user-defined (plain) tokens.
+fn sentencepiece_tokenizer(
+    tokens: &[String],
+    types: &[i64],
+    scores: &[f64],
+    merges: &[String],
+    post_processor: Json,
+) -> Json {
+    let mut vocab = Map::new();
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert(t.clone(), json!(i));
+    }
+    let merges: Vec<Json> = if merges.is_empty() {
+        generate_merges(tokens, scores)
+            .into_iter()
+            .map(|(l, r)| json!([l, r]))
+            .collect()
+    } else {
+        merges.iter().map(|m| merge_pair(m)).collect()
+    };
+    let flags = |id: usize, t: &str, special: bool| {
+        json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+               "normalized": false, "special": special})
+    };
+    let mut added: Vec<(usize, Json)> = Vec::new();
+    let mut next = tokens.len();
+    let mut seen = std::collections::HashSet::new();
+    for t in ["<unk>", "<s>", "</s>"] {
+        let id = match vocab.get(t).and_then(|v| v.as_u64()) {
+            Some(i) => i as usize,
+            None => {
+                next += 1;
+                next - 1
+            }
+        };
+        seen.insert(id);
+        added.push((id, flags(id, t, true)));
+    }
+    for (i, (t, ty)) in tokens.iter().zip(types).enumerate() {
+        if (*ty == CONTROL || *ty == USER_DEFINED) && seen.insert(i) {
+            added.push((i, flags(i, t, *ty == CONTROL)));
         }
     }
-    if let Some(t) = g.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
-        cfg.insert("chat_template".into(), json!(t));
-    }
-    Ok(Some((tokenizer, Json::Object(cfg))))
+    added.sort_by_key(|(i, _)| *i);
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added.into_iter().map(|(_, a)| a).collect::<Vec<_>>(),
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+        "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ]},
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": null,
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": true,
+            "byte_fallback": true,
+            "ignore_merges": false,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    })
 }
 
 /// GPT-2's byte-to-character table (`bytes_to_unicode`): printable Latin-1 bytes stand for
@@ -214,4 +375,69 @@ fn split_regex(pre: &str) -> Option<&'static str> {
         "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => GPT4O_SPLIT,
         _ => return None,
     })
+}
+
+/// The BPE merges transformers derives from a SentencePiece vocabulary without merges
+/// (`tokenization_utils_base.generate_merges` with the file's scores): every split of a token
+/// into two tokens of the vocabulary, per token by the two halves' ids, then all of them by
+/// score, left length and right length, descending, ties in that order.
+fn generate_merges(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
+    use std::collections::HashMap;
+    // `{token: index}`: a repeated token keeps its last id.
+    let vocab: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    // `dict(zip(tokens, scores))`: first-seen order, last score.
+    let mut order: Vec<&str> = Vec::new();
+    let mut score: HashMap<&str, f64> = HashMap::new();
+    for (t, &s) in tokens.iter().zip(scores) {
+        if score.insert(t.as_str(), s).is_none() {
+            order.push(t.as_str());
+        }
+    }
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for t in order {
+        let s = score[t];
+        let mut local: Vec<(&str, &str, f64)> = t
+            .char_indices()
+            .skip(1)
+            .map(|(i, _)| t.split_at(i))
+            .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
+            .map(|(l, r)| (l, r, s))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (vocab[l], vocab[r]));
+        merges.extend(local);
+    }
+    let chars = |s: &str| s.chars().count();
+    merges.sort_by(|a, b| {
+        // As numbers (-0.0 ties with 0.0, as in Python).
+        b.2.partial_cmp(&a.2)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| chars(b.0).cmp(&chars(a.0)))
+            .then_with(|| chars(b.1).cmp(&chars(a.1)))
+    });
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generate_merges;
+
+    #[test]
+    fn merges_follow_scores_then_lengths() {
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"]
+            .map(String::from)
+            .to_vec();
+        let scores = [0.0, 0.0, 0.0, -1.0, -2.0, -3.0];
+        let m = generate_merges(&tokens, &scores);
+        let pairs: Vec<(&str, &str)> = m.iter().map(|(l, r)| (l.as_str(), r.as_str())).collect();
+        // "ab" (-1) first; then "bc" (-2); then "abc"'s splits (-3): "ab"+"c" (left 2) before
+        // "a"+"bc" (left 1).
+        assert_eq!(pairs, [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]);
+    }
 }
