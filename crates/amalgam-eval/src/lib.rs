@@ -12,6 +12,7 @@ pub mod config;
 pub mod decoder;
 pub mod error;
 pub mod eval;
+pub mod gemm;
 pub mod grad;
 pub mod head;
 pub mod measure;

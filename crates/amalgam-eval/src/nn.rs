@@ -15,6 +15,8 @@ pub struct Linear {
     pub name: String,
     weight_t: Tensor,
     bias: Option<Tensor>,
+    /// The weight and bias packed for the AVX-512 kernel ([`crate::gemm`]), when it runs.
+    packed: Option<std::sync::Arc<crate::gemm::Packed>>,
     /// Routed experts on this layer.
     pub side: Option<Side>,
 }
@@ -32,6 +34,7 @@ impl Linear {
                 name: String::new(),
                 weight_t: weight.t()?,
                 bias,
+                packed: None,
                 side: None,
             }
         } else {
@@ -43,12 +46,31 @@ impl Linear {
 
     /// From a `[out, in]` weight.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        // Stored transposed and contiguous: a plain row-major right-hand side is what the
+        // CPU matmul is fastest with.
+        let weight_t = weight.t()?.contiguous()?;
+        // Not for a weight that takes part in gradients (a `Var` or made from one): the
+        // kernel's output is outside candle's graph.
+        let tracked = weight_t.track_op() || bias.as_ref().is_some_and(|b| b.track_op());
+        let packed = match (crate::gemm::available(), weight_t.dtype()) {
+            (true, candle_core::DType::F32) if weight_t.device().is_cpu() && !tracked => {
+                let (k, n) = weight_t.dims2()?;
+                let w = weight_t.flatten_all()?.to_vec1::<f32>()?;
+                let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+                Some(std::sync::Arc::new(crate::gemm::Packed::new(
+                    &w,
+                    k,
+                    n,
+                    b.as_deref(),
+                )))
+            }
+            _ => None,
+        };
         Ok(Linear {
             name: String::new(),
-            // Stored transposed and contiguous: a plain row-major right-hand side is what the
-            // CPU matmul is fastest with.
-            weight_t: weight.t()?.contiguous()?,
+            weight_t,
             bias,
+            packed,
             side: None,
         })
     }
@@ -90,10 +112,20 @@ impl Linear {
         {
             tap.borrow_mut().observe(&self.name, x, &x2)?;
         }
-        let y = x2.matmul(&self.weight_t)?;
-        let mut y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        // The kernel's output is outside candle's graph: not for an input gradients flow through.
+        let fast = match (&self.packed, ctx.grad || x2.track_op()) {
+            (Some(p), false) => packed_matmul(&x2, rows * inp, p)?,
+            _ => None,
+        };
+        let mut y = match fast {
+            Some(y) => y,
+            None => {
+                let y = x2.matmul(&self.weight_t)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
         };
         if let (Some(side), false) = (&self.side, ctx.plain) {
             y = side.add(&x2, y, ctx)?;
@@ -102,6 +134,25 @@ impl Linear {
         *out.last_mut().unwrap() = y.dim(1)?;
         Ok(y.reshape(out)?)
     }
+}
+
+/// `x·W + b` by the AVX-512 kernel for f32 `x` (`rows × in`, `len` elements) on the CPU;
+/// `None` for any other input (then candle's matmul runs).
+fn packed_matmul(x: &Tensor, len: usize, p: &crate::gemm::Packed) -> Result<Option<Tensor>> {
+    let x = x.contiguous()?;
+    let rows = x.dim(0)?;
+    if len != rows * p.k() {
+        // A shape candle's matmul will refuse with its own error.
+        return Ok(None);
+    }
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
+        return Ok(None);
+    };
+    let start = layout.start_offset();
+    let out = crate::gemm::matmul(&v[start..start + len], rows, p);
+    drop(storage);
+    Ok(Some(Tensor::from_vec(out, (rows, p.n()), x.device())?))
 }
 
 /// The deltas of one parameter for sequence-level routing: `experts × n`, each expert's value
@@ -341,6 +392,10 @@ pub fn activate(x: &Tensor, act: Activation, ctx: &Ctx) -> Result<Tensor> {
 /// below f32 rounding of the result's scale) with the platform's `exp`.
 fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+    if crate::gemm::available() && !x.track_op() {
+        crate::gemm::gelu_erf(&mut v);
+        return Ok(Tensor::from_vec(v, x.shape(), x.device())?);
+    }
     for e in v.iter_mut() {
         *e = 0.5 * *e * (1.0 + erf(*e * std::f32::consts::FRAC_1_SQRT_2));
     }
