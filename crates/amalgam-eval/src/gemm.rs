@@ -2,7 +2,9 @@
 //! stable Rust) runs 256-bit FMA kernels only, half of what this machine's cores can do. The
 //! weight is packed once, at load, into panels of 32 output columns (`K × 32` floats each);
 //! the kernel keeps a 6 × 32 block of outputs in twelve zmm registers over the whole inner
-//! dimension (the bias as its start), rows in chunks that stay in L2. Used when the CPU has
+//! dimension (the bias as its start), rows in chunks that stay in L2. [`matmul_plain`] runs the
+//! same kernel on a weight as stored (routed experts' small factors and gate projections),
+//! and [`gelu_erf`] is the exact GELU over 16 lanes. Used when the CPU has
 //! AVX-512F and `AMALGAM_SIMD` is not `baseline`; results differ from candle's by the
 //! summation order only (checked in the tests).
 
@@ -116,19 +118,83 @@ mod avx512 {
                 let mut r = r0;
                 while r < r1 {
                     let rows = MR.min(r1 - r);
+                    let b = Panel {
+                        w: panel.as_ptr(),
+                        ld: NR,
+                        bias: bias.as_ptr(),
+                    };
                     // SAFETY: rows r..r+rows of x and out exist; the panel holds k·32 floats.
-                    unsafe {
-                        match rows {
-                            6 => block::<6>(x, k, r, panel, bias, out, n, c0, width),
-                            5 => block::<5>(x, k, r, panel, bias, out, n, c0, width),
-                            4 => block::<4>(x, k, r, panel, bias, out, n, c0, width),
-                            3 => block::<3>(x, k, r, panel, bias, out, n, c0, width),
-                            2 => block::<2>(x, k, r, panel, bias, out, n, c0, width),
-                            _ => block::<1>(x, k, r, panel, bias, out, n, c0, width),
-                        }
-                    }
+                    unsafe { rows_block(rows, x, k, r, &b, out, n, c0, width) }
                     r += rows;
                 }
+            }
+        }
+    }
+
+    /// `x·W` for a row-major `K × N` weight used as it is stored (for the small factors of
+    /// routed experts, whose rows are short: `ld = n`).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn run_plain(
+        x: &[f32],
+        m: usize,
+        w: &[f32],
+        k: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        let zero = [0.0f32; NR];
+        for r0 in (0..m).step_by(MC) {
+            let r1 = (r0 + MC).min(m);
+            for c0 in (0..n).step_by(NR) {
+                let width = NR.min(n - c0);
+                let b = Panel {
+                    // SAFETY: column c0 of row 0 is inside w (c0 < n).
+                    w: unsafe { w.as_ptr().add(c0) },
+                    ld: n,
+                    bias: zero.as_ptr(),
+                };
+                let mut r = r0;
+                while r < r1 {
+                    let rows = MR.min(r1 - r);
+                    // SAFETY: rows r..r+rows of x and out exist; the weight's rows are read
+                    // at columns c0..c0+width only (masked loads).
+                    unsafe { rows_block(rows, x, k, r, &b, out, n, c0, width) }
+                    r += rows;
+                }
+            }
+        }
+    }
+
+    /// Where a block reads its weight columns: row `kk` at `w + kk·ld`, and its bias (32 each).
+    struct Panel {
+        w: *const f32,
+        ld: usize,
+        bias: *const f32,
+    }
+
+    /// [`block`] for `rows` (1–6) rows.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_block(
+        rows: usize,
+        x: &[f32],
+        k: usize,
+        r: usize,
+        b: &Panel,
+        out: *mut f32,
+        n: usize,
+        c0: usize,
+        width: usize,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match rows {
+                6 => block::<6>(x, k, r, b, out, n, c0, width),
+                5 => block::<5>(x, k, r, b, out, n, c0, width),
+                4 => block::<4>(x, k, r, b, out, n, c0, width),
+                3 => block::<3>(x, k, r, b, out, n, c0, width),
+                2 => block::<2>(x, k, r, b, out, n, c0, width),
+                _ => block::<1>(x, k, r, b, out, n, c0, width),
             }
         }
     }
@@ -189,49 +255,49 @@ mod avx512 {
         }
     }
 
-    /// Rows `r..r+R` × the panel's 32 columns (the first `width` stored at `c0`).
+    /// Rows `r..r+R` × the panel's 32 columns (the first `width` read and stored at `c0`).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn block<const R: usize>(
         x: &[f32],
         k: usize,
         r: usize,
-        panel: &[f32],
-        bias: &[f32],
+        b: &Panel,
         out: *mut f32,
         n: usize,
         c0: usize,
         width: usize,
     ) {
         // SAFETY (whole body): the caller guarantees rows r..r+R of `x` (k each) and of `out`
-        // (n each), `panel` of k·32 and `bias` of 32 floats.
+        // (n each), the weight's k rows at stride `ld` with `width` valid columns, and 32 bias
+        // floats.
         unsafe {
-            let b0 = _mm512_loadu_ps(bias.as_ptr());
-            let b1 = _mm512_loadu_ps(bias.as_ptr().add(16));
+            let m0: __mmask16 = if width >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << width) - 1) as u16
+            };
+            let m1: __mmask16 = if width >= 32 {
+                0xFFFF
+            } else if width > 16 {
+                ((1u32 << (width - 16)) - 1) as u16
+            } else {
+                0
+            };
+            let b0 = _mm512_loadu_ps(b.bias);
+            let b1 = _mm512_loadu_ps(b.bias.add(16));
             let mut acc = [[b0, b1]; R];
             let xp = x.as_ptr().add(r * k);
-            let pp = panel.as_ptr();
             for kk in 0..k {
-                let w0 = _mm512_loadu_ps(pp.add(kk * NR));
-                let w1 = _mm512_loadu_ps(pp.add(kk * NR + 16));
+                let row = b.w.add(kk * b.ld);
+                let w0 = _mm512_maskz_loadu_ps(m0, row);
+                let w1 = _mm512_maskz_loadu_ps(m1, row.add(16));
                 for (i, a) in acc.iter_mut().enumerate() {
                     let v = _mm512_set1_ps(*xp.add(i * k + kk));
                     a[0] = _mm512_fmadd_ps(v, w0, a[0]);
                     a[1] = _mm512_fmadd_ps(v, w1, a[1]);
                 }
             }
-            let m0: __mmask16 = if width >= 16 {
-                0xFFFF
-            } else {
-                (1u32 << width) as u16 - 1
-            };
-            let m1: __mmask16 = if width >= 32 {
-                0xFFFF
-            } else if width > 16 {
-                (1u32 << (width - 16)) as u16 - 1
-            } else {
-                0
-            };
             for (i, a) in acc.iter().enumerate() {
                 let o = out.add((r + i) * n + c0);
                 _mm512_mask_storeu_ps(o, m0, a[0]);
@@ -241,6 +307,30 @@ mod avx512 {
             }
         }
     }
+}
+
+/// `x·W` for `x` (`m × K`) and a row-major `W` (`K × N`) used as stored: `m × N`. Only when
+/// [`available`].
+pub fn matmul_plain(x: &[f32], m: usize, w: &[f32], k: usize, n: usize) -> Vec<f32> {
+    assert!(
+        available() && x.len() == m * k && w.len() == k * n,
+        "gemm::matmul_plain: shape or CPU"
+    );
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `matmul`; every output is stored before the length is set.
+    unsafe {
+        avx512::run_plain(
+            x,
+            m,
+            w,
+            k,
+            n,
+            out.spare_capacity_mut().as_mut_ptr().cast::<f32>(),
+        );
+        out.set_len(m * n);
+    };
+    out
 }
 
 /// Exact GELU in place, `x (1 + erf(x/√2)) / 2` with erf by Abramowitz & Stegun 7.1.26 (as
@@ -328,6 +418,7 @@ mod tests {
             let w: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
             let b: Vec<f32> = (0..n).map(|_| rnd()).collect();
             let got = matmul(&x, m, &Packed::new(&w, k, n, Some(&b)));
+            let plain = matmul_plain(&x, m, &w, k, n);
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = b[j] as f64
@@ -338,6 +429,11 @@ mod tests {
                     assert!(
                         (got[i * n + j] as f64 - want).abs() <= tol,
                         "{m}x{k}x{n} at {i},{j}"
+                    );
+                    let unbiased = want - b[j] as f64;
+                    assert!(
+                        (plain[i * n + j] as f64 - unbiased).abs() <= tol,
+                        "plain {m}x{k}x{n} at {i},{j}"
                     );
                 }
             }

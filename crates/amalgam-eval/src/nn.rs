@@ -155,6 +155,34 @@ fn packed_matmul(x: &Tensor, len: usize, p: &crate::gemm::Packed) -> Result<Opti
     Ok(Some(Tensor::from_vec(out, (rows, p.n()), x.device())?))
 }
 
+/// `x·W` by the AVX-512 kernel for f32 `x` (`rows × k`) and a contiguous f32 `W` (`k × n`)
+/// on the CPU, neither in autograd; `None` otherwise (then candle's matmul runs).
+pub(crate) fn plain_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !crate::gemm::available() || x.track_op() || w.track_op() || !w.is_contiguous() {
+        return Ok(None);
+    }
+    let (Ok((rows, k)), Ok((k2, n))) = (x.dims2(), w.dims2()) else {
+        return Ok(None);
+    };
+    if k != k2 {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(xv)),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(wv)),
+    ) = (&*xs, &*ws)
+    else {
+        return Ok(None);
+    };
+    let (xo, wo) = (xl.start_offset(), wl.start_offset());
+    let out = crate::gemm::matmul_plain(&xv[xo..xo + rows * k], rows, &wv[wo..wo + k * n], k, n);
+    drop((xs, ws));
+    Ok(Some(Tensor::from_vec(out, (rows, n), x.device())?))
+}
+
 /// The deltas of one parameter for sequence-level routing: `experts × n`, each expert's value
 /// minus the shared model's, flattened. A sequence's parameter is the shared one plus its
 /// weighted sum of deltas ([`Deltas::merged`]).

@@ -153,6 +153,15 @@ pub struct Side {
     pub bytes: usize,
 }
 
+/// `a·b` by the AVX-512 kernel when it applies (f32 on the CPU, outside autograd), else by
+/// candle.
+fn mm_fast(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match crate::nn::plain_matmul(a, b)? {
+        Some(p) => Ok(p),
+        None => Ok(a.matmul(b)?),
+    }
+}
+
 impl Side {
     /// `experts`' factors for a layer of `inp` inputs and `out` outputs.
     pub fn new(inp: usize, out: usize, experts: &[Factors], gate: Gate) -> Result<Side> {
@@ -223,7 +232,7 @@ impl Side {
                 gate_k,
                 top_k,
             } => {
-                let p = x.matmul(proj)?.flatten_all()?.to_vec1::<f32>()?;
+                let p = mm_fast(x, proj)?.flatten_all()?.to_vec1::<f32>()?;
                 gate::smile(&p, rows, e, *gate_k, *top_k)
             }
             Gate::Arrow {
@@ -231,7 +240,7 @@ impl Side {
                 top_k,
                 temperature,
             } => {
-                let s = x.matmul(protos)?.flatten_all()?.to_vec1::<f32>()?;
+                let s = mm_fast(x, protos)?.flatten_all()?.to_vec1::<f32>()?;
                 gate::arrow(&s, rows, e, *top_k, *temperature)
             }
             Gate::Sequence => {
@@ -295,16 +304,18 @@ impl Side {
             }
             let g: Vec<f32> = picked.iter().map(|&r| w[r as usize * e + k]).collect();
             let g = Tensor::from_vec(g, (picked.len(), 1), x.device())?;
+            let mm = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+                if ctx.grad {
+                    return Ok(a.matmul(b)?);
+                }
+                mm_fast(a, b)
+            };
             if picked.len() == rows {
-                y = (y + x.matmul(down)?.broadcast_mul(&g)?.matmul(up)?)?;
+                y = (y + mm(&mm(x, down)?.broadcast_mul(&g)?, up)?)?;
             } else {
                 let n = picked.len();
                 let idx = Tensor::from_vec(picked, n, x.device())?;
-                let delta = x
-                    .index_select(&idx, 0)?
-                    .matmul(down)?
-                    .broadcast_mul(&g)?
-                    .matmul(up)?;
+                let delta = mm(&mm(&x.index_select(&idx, 0)?, down)?.broadcast_mul(&g)?, up)?;
                 y = y.index_add(&idx, &delta, 0)?;
             }
         }
