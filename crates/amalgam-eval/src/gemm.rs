@@ -68,6 +68,20 @@ impl Packed {
         }
     }
 
+    /// The `K × N` weight back, row-major.
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut w = vec![0.0f32; self.k * self.n];
+        for p in 0..self.n.div_ceil(NR) {
+            let c0 = p * NR;
+            let width = NR.min(self.n - c0);
+            for kk in 0..self.k {
+                w[kk * self.n + c0..][..width]
+                    .copy_from_slice(&self.panels[(p * self.k + kk) * NR..][..width]);
+            }
+        }
+        w
+    }
+
     /// Inner dimension (input width).
     pub fn k(&self) -> usize {
         self.k
@@ -417,7 +431,9 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let w: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
             let b: Vec<f32> = (0..n).map(|_| rnd()).collect();
-            let got = matmul(&x, m, &Packed::new(&w, k, n, Some(&b)));
+            let packed = Packed::new(&w, k, n, Some(&b));
+            assert_eq!(packed.unpack(), w, "unpack {m}x{k}x{n}");
+            let got = matmul(&x, m, &packed);
             let plain = matmul_plain(&x, m, &w, k, n);
             for i in 0..m {
                 for j in 0..n {

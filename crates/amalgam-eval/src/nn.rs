@@ -13,7 +13,9 @@ pub struct Linear {
     /// The module's name under the model's prefix (`encoder.layer.0.attention.self.query`);
     /// empty for a head.
     pub name: String,
-    weight_t: Tensor,
+    /// The weight `[in, out]`; empty while only the packed copy exists (then made from it the
+    /// first time candle's path needs it, see [`Linear::weight_t`]).
+    weight_t: std::sync::OnceLock<Tensor>,
     bias: Option<Tensor>,
     /// The weight and bias packed for the AVX-512 kernel ([`crate::gemm`]), when it runs.
     packed: Option<std::sync::Arc<crate::gemm::Packed>>,
@@ -32,7 +34,7 @@ impl Linear {
             // Used once: multiplying by the transposed view costs less than copying it.
             Linear {
                 name: String::new(),
-                weight_t: weight.t()?,
+                weight_t: weight.t()?.into(),
                 bias,
                 packed: None,
                 side: None,
@@ -66,25 +68,48 @@ impl Linear {
             }
             _ => None,
         };
+        // One copy of the weight: the packed one when there is one.
+        let stored = std::sync::OnceLock::new();
+        if packed.is_none() {
+            let _ = stored.set(weight_t);
+        }
         Ok(Linear {
             name: String::new(),
-            weight_t,
+            weight_t: stored,
             bias,
             packed,
             side: None,
         })
     }
 
+    /// The weight `[in, out]` as a tensor, unpacked from the kernel's copy the first time it is
+    /// needed (a gradient through an input, a shape candle must refuse).
+    fn weight_t(&self) -> Result<&Tensor> {
+        if let Some(t) = self.weight_t.get() {
+            return Ok(t);
+        }
+        let p = self
+            .packed
+            .as_ref()
+            .expect("a Linear without its weight tensor has it packed");
+        let t = Tensor::from_vec(p.unpack(), (p.k(), p.n()), &candle_core::Device::Cpu)?;
+        let _ = self.weight_t.set(t);
+        Ok(self.weight_t.get().expect("just set"))
+    }
+
     /// `(out, in)`.
     pub fn shape(&self) -> Result<(usize, usize)> {
-        let (i, o) = self.weight_t.dims2()?;
+        if let (Some(p), None) = (&self.packed, self.weight_t.get()) {
+            return Ok((p.n(), p.k()));
+        }
+        let (i, o) = self.weight_t()?.dims2()?;
         Ok((o, i))
     }
 
     /// The weight `[out, in]`, row-major.
     pub fn weight(&self) -> Result<Vec<f32>> {
         Ok(self
-            .weight_t
+            .weight_t()?
             .t()?
             .contiguous()?
             .flatten_all()?
@@ -120,7 +145,7 @@ impl Linear {
         let mut y = match fast {
             Some(y) => y,
             None => {
-                let y = x2.matmul(&self.weight_t)?;
+                let y = x2.matmul(self.weight_t()?)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(b)?,
                     None => y,
