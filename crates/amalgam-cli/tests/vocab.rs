@@ -288,6 +288,37 @@ fn tensor_of(model: &Path, name: &str, as_name: &str) -> T {
     raw(as_name, t.dtype, t.shape, t.bytes.to_vec())
 }
 
+/// An adapter for the base that carries `model`'s embeddings and LM head whole (a resized
+/// vocabulary, `modules_to_save`) and a rank-2 LoRA on layer 0's query (`q` its shape, factors
+/// from seeds `seed` and `seed + 1`).
+fn resized_adapter(dir: &Path, model: &Path, q: &[usize], seed: u64) {
+    write_adapter(
+        dir,
+        &[
+            tensor_of(
+                model,
+                "model.embed_tokens.weight",
+                "base_model.model.model.embed_tokens.weight",
+            ),
+            tensor_of(model, "lm_head.weight", "base_model.model.lm_head.weight"),
+            float(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                amalgam::DType::F32,
+                &[2, q[1]],
+                seed,
+            ),
+            float(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                amalgam::DType::F32,
+                &[q[0], 2],
+                seed + 1,
+            ),
+        ],
+        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+                           "modules_to_save": ["embed_tokens", "lm_head"]}),
+    );
+}
+
 /// Adapter inputs under vocabulary alignment, for every family of methods. An adapter that
 /// added tokens (the resized embeddings and LM head saved whole, `modules_to_save`, with its
 /// tokenizer beside it, as PEFT users save them) and a LoRA on the embeddings of another
@@ -312,35 +343,7 @@ fn adapter_inputs_and_every_method_read_the_aligned_rows() {
         .unwrap()
         .shape
         .clone();
-    write_adapter(
-        &a1,
-        &[
-            tensor_of(
-                &fx.join("ft_special"),
-                "model.embed_tokens.weight",
-                "base_model.model.model.embed_tokens.weight",
-            ),
-            tensor_of(
-                &fx.join("ft_special"),
-                "lm_head.weight",
-                "base_model.model.lm_head.weight",
-            ),
-            float(
-                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-                amalgam::DType::F32,
-                &[2, qs[1]],
-                11,
-            ),
-            float(
-                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
-                amalgam::DType::F32,
-                &[qs[0], 2],
-                12,
-            ),
-        ],
-        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
-                           "modules_to_save": ["embed_tokens", "lm_head"]}),
-    );
+    resized_adapter(&a1, &fx.join("ft_special"), &qs, 11);
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -420,35 +423,7 @@ fn adapter_inputs_and_every_method_read_the_aligned_rows() {
 
     // `lora merge` cannot put two vocabularies in one adapter: refused, pointing to `merge`.
     let a3 = dir.join("a_extra");
-    write_adapter(
-        &a3,
-        &[
-            tensor_of(
-                &fx.join("ft_extra"),
-                "model.embed_tokens.weight",
-                "base_model.model.model.embed_tokens.weight",
-            ),
-            tensor_of(
-                &fx.join("ft_extra"),
-                "lm_head.weight",
-                "base_model.model.lm_head.weight",
-            ),
-            float(
-                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-                amalgam::DType::F32,
-                &[2, qs[1]],
-                15,
-            ),
-            float(
-                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
-                amalgam::DType::F32,
-                &[qs[0], 2],
-                16,
-            ),
-        ],
-        serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
-                           "modules_to_save": ["embed_tokens", "lm_head"]}),
-    );
+    resized_adapter(&a3, &fx.join("ft_extra"), &qs, 15);
     let lm = dir.join("lora_merge.yml");
     std::fs::write(
         &lm,

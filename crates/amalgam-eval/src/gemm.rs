@@ -120,28 +120,14 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn run(x: &[f32], m: usize, p: &Packed, out: *mut f32) {
-        let (k, n) = (p.k, p.n);
-        let np = n.div_ceil(NR);
-        for r0 in (0..m).step_by(MC) {
-            let r1 = (r0 + MC).min(m);
-            for pi in 0..np {
-                let c0 = pi * NR;
-                let width = NR.min(n - c0);
-                let panel = &p.panels[pi * k * NR..(pi + 1) * k * NR];
-                let bias = &p.bias[c0..c0 + NR];
-                let mut r = r0;
-                while r < r1 {
-                    let rows = MR.min(r1 - r);
-                    let b = Panel {
-                        w: panel.as_ptr(),
-                        ld: NR,
-                        bias: bias.as_ptr(),
-                    };
-                    // SAFETY: rows r..r+rows of x and out exist; the panel holds k·32 floats.
-                    unsafe { rows_block(rows, x, k, r, &b, out, n, c0, width) }
-                    r += rows;
-                }
-            }
+        let k = p.k;
+        // SAFETY: panel c0/32 holds k·32 floats and the bias 32 from c0 (both padded).
+        unsafe {
+            drive(x, m, k, p.n, out, |c0| Panel {
+                w: p.panels.as_ptr().add(c0 / NR * k * NR),
+                ld: NR,
+                bias: p.bias.as_ptr().add(c0),
+            })
         }
     }
 
@@ -157,21 +143,37 @@ mod avx512 {
         out: *mut f32,
     ) {
         let zero = [0.0f32; NR];
+        // SAFETY: column c0 < n of row 0 is inside w; blocks read columns c0..c0+width only
+        // (masked loads).
+        unsafe {
+            drive(x, m, k, n, out, |c0| Panel {
+                w: w.as_ptr().add(c0),
+                ld: n,
+                bias: zero.as_ptr(),
+            })
+        }
+    }
+
+    /// Every output block: rows in chunks of [`MC`] (kept in L2), 32-column panels from
+    /// `panel(c0)`, register blocks of up to [`MR`] rows.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn drive(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        out: *mut f32,
+        panel: impl Fn(usize) -> Panel,
+    ) {
         for r0 in (0..m).step_by(MC) {
             let r1 = (r0 + MC).min(m);
             for c0 in (0..n).step_by(NR) {
                 let width = NR.min(n - c0);
-                let b = Panel {
-                    // SAFETY: column c0 of row 0 is inside w (c0 < n).
-                    w: unsafe { w.as_ptr().add(c0) },
-                    ld: n,
-                    bias: zero.as_ptr(),
-                };
+                let b = panel(c0);
                 let mut r = r0;
                 while r < r1 {
                     let rows = MR.min(r1 - r);
-                    // SAFETY: rows r..r+rows of x and out exist; the weight's rows are read
-                    // at columns c0..c0+width only (masked loads).
+                    // SAFETY: rows r..r+rows of x and out exist; the panel is the caller's.
                     unsafe { rows_block(rows, x, k, r, &b, out, n, c0, width) }
                     r += rows;
                 }

@@ -58,15 +58,7 @@ pub fn interp<T: Copy + Into<f64> + Sync>(
 ) -> Vec<Fit> {
     use rayon::prelude::*;
     let n = dict.len();
-    let norms: Vec<f64> = (0..n)
-        .map(|j| {
-            dict.row(j)
-                .iter()
-                .map(|&x| x.into().powi(2))
-                .sum::<f64>()
-                .sqrt()
-        })
-        .collect();
+    let norms = dict.norms();
     targets
         .par_iter()
         .map(|y| {

@@ -31,6 +31,21 @@ impl<T> Rows<T> {
     }
 }
 
+impl<T: Copy + Into<f64>> Rows<T> {
+    /// The euclidean norm of each row, in f64.
+    pub fn norms(&self) -> Vec<f64> {
+        (0..self.len())
+            .map(|j| {
+                self.row(j)
+                    .iter()
+                    .map(|&x| x.into().powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .collect()
+    }
+}
+
 /// A dictionary of rows kept in the precision they were stored in (f32 holds bf16, f16 and f32
 /// exactly; f64 stays f64), read as f64.
 pub enum Dict {

@@ -426,13 +426,13 @@ impl Build<'_> {
     /// Where every output row comes from, checked before anything is written.
     fn plan(&self) -> Result<Plan<'_>> {
         let (m, d) = (self.m, self.d);
-        let safe_orig: HashMap<&Key, u32> = self
+        // The model's tokens that have a row (mergekit's `safe_orig_vocab`).
+        let lookup: HashMap<Key, u32> = self
             .orig
             .iter()
             .filter(|(_, i)| (**i as usize) < m.rows)
-            .map(|(k, &i)| (k, i))
+            .map(|(k, &i)| (k.clone(), i))
             .collect();
-        let lookup: HashMap<Key, u32> = safe_orig.iter().map(|(k, &i)| ((*k).clone(), i)).collect();
         let donor_entries = self.donor.by_id();
         let mut junk: HashSet<u32> = self.junk.iter().copied().collect();
         junk.extend(
@@ -460,7 +460,7 @@ impl Build<'_> {
             if id as usize >= d.rows {
                 continue;
             }
-            let src = if let Some(&j) = safe_orig.get(key) {
+            let src = if let Some(&j) = lookup.get(key) {
                 rep.exact += 1;
                 Src::Copy(j)
             } else if let Some(j) = byte_on.then(|| tokens::byte_match(key, &lookup)).flatten() {
@@ -486,17 +486,10 @@ impl Build<'_> {
             }
         }
         rep.junk = junk.len();
-        let safe_donor: HashSet<&Key> = donor_entries
-            .iter()
-            .filter(|e| (e.1 as usize) < d.rows)
-            .map(|e| e.0)
-            .collect();
         // Shared tokens by donor id: the dictionary of omp and common_interpolation.
         let shared: Vec<(&Key, u32)> = donor_entries
             .iter()
-            .filter(|e| {
-                (e.1 as usize) < d.rows && safe_orig.contains_key(e.0) && safe_donor.contains(e.0)
-            })
+            .filter(|e| (e.1 as usize) < d.rows && lookup.contains_key(e.0))
             .copied()
             .collect();
         rep.shared = shared.len();

@@ -140,15 +140,7 @@ pub fn omp<T: Copy + Into<f64> + Sync>(
     let n = dict.len();
     let d = dict.cols;
     assert!(k <= n, "omp: k {k} > {n} dictionary rows");
-    let norms: Vec<f64> = (0..n)
-        .map(|j| {
-            dict.row(j)
-                .iter()
-                .map(|&x| x.into().powi(2))
-                .sum::<f64>()
-                .sqrt()
-        })
-        .collect();
+    let norms = dict.norms();
     let norm_max = norms.iter().fold(0f64, |m, &x| m.max(x));
     let gamma = 2.0 * (d as f64 + 2.0) * U32;
     // Bound the correlation matrix (batch × n f32) to about 32 MiB.
