@@ -91,19 +91,25 @@ impl Lazy for Iso {
             return tv.mean_merge(lambda, out);
         };
         tv.sum(out)?;
-        let whole = linalg::thin_svd(rows(out, m, n)).map_err(|e| job.error(e))?;
-        let r = whole.s.len();
-        // (left basis, right basis, the spectrum whose mean every direction gets).
-        let (u, v, spectrum) = if !self.cts {
-            (whole.u, whole.v, whole.s)
+        let r = m.min(n);
+        let solver = subspace::solver(job);
+        let err = |e| job.error(e);
+        let mean = |s: &[f32]| (s.iter().map(|&x| x as f64).sum::<f64>() / r as f64) as f32;
+        if !self.cts {
+            // Δ = mean(σ)·U Vᵀ: the polar factor of M, scaled.
+            let (p, s) = linalg::polar(rows(out, m, n), solver).map_err(err)?;
+            let mean = mean(&s);
+            linalg::rows_mut(out, m, n).copy_from(p.as_ref());
+            out.iter_mut().for_each(|x| *x *= mean);
         } else {
             let f = job.shared.f("common_space_fraction");
             if !(0.0..=1.0).contains(&f) {
                 return Err(job.error(format!("common_space_fraction must be in [0, 1], got {f}")));
             }
             let (kc, k) = cts_sizes(r, tv.len(), f);
+            let common = linalg::top_k(rows(out, m, n), kc, solver).map_err(err)?;
             let mut stacked = Stacked::new(m, n, r);
-            let common_u = whole.u.as_ref().subcols(0, kc);
+            let common_u = common.u.as_ref();
             let mut buf = Vec::new();
             let mut proj = faer::Mat::<f32>::zeros(kc, n);
             for t in 0..if k == 0 { 0 } else { tv.len() } {
@@ -115,12 +121,11 @@ impl Lazy for Iso {
                 let top = top_k(job, t, residual.as_ref(), k)?;
                 stacked.place(t * k, top.u.as_ref(), &top.s, top.v.as_ref());
             }
-            stacked.place(tv.len() * k, common_u, &whole.s[..kc], whole.v.as_ref());
+            stacked.place(tv.len() * k, common_u, &common.s, common.v.as_ref());
             let (u, v) = stacked.orthogonalised(job)?;
-            (u, v, stacked.spectrum().to_vec())
-        };
-        let mean = (spectrum.iter().map(|&x| x as f64).sum::<f64>() / r as f64) as f32;
-        compose_into(out, (m, n), u.as_ref(), &vec![mean; r], v.as_ref());
+            let mean = mean(stacked.spectrum());
+            compose_into(out, (m, n), u.as_ref(), &vec![mean; u.ncols()], v.as_ref());
+        }
         tv.finish(lambda, out);
         Ok(())
     }

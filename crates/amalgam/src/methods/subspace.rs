@@ -13,13 +13,26 @@ use crate::linalg;
 
 /// The parameters every SVD method takes: `lambda` scales the merged update, `weight` scales
 /// each task vector before merging (FusionBench's per-task `alpha` list), `svd` selects the
-/// subspace treatment.
+/// subspace treatment, `solver` how singular triplets and polar factors are computed (`auto`:
+/// through the Gram matrix where that is as accurate as the SVD, [`linalg::gram`]; `svd`:
+/// always the thin SVD, as the references do).
 pub fn params() -> Vec<ParamSpec> {
     vec![
         ParamSpec::new("lambda", Kind::Float, Scope::Shared, Value::Float(1.0)),
         ParamSpec::new("weight", Kind::Float, Scope::NonBase, Value::Float(1.0)),
         ParamSpec::new("svd", Kind::Bool, Scope::Shared, Value::Bool(true)),
+        ParamSpec::new(
+            "solver",
+            Kind::Choice(&["auto", "svd"]),
+            Scope::Shared,
+            Value::Choice("auto"),
+        ),
     ]
+}
+
+/// The method's `solver` parameter.
+pub fn solver(job: &MergeJob) -> linalg::Solver {
+    linalg::Solver::from_name(job.shared.choice("solver"))
 }
 
 /// The task vectors `w_t (θ_t − θ₀)` of one tensor, decoded one at a time.
@@ -121,14 +134,15 @@ pub fn compose_into(
     linalg::compose(linalg::rows_mut(out, m, n), u, s, v);
 }
 
-/// The top `k` singular triplets of task `t`'s matrix `a`: exact, or randomized when the
-/// method's `randomized_svd` parameter is set (sketch keyed by seed, tensor and task).
+/// The top `k` singular triplets of task `t`'s matrix `a`: exact (by the method's solver), or
+/// randomized when the method's `randomized_svd` parameter is set (sketch keyed by seed, tensor
+/// and task).
 pub fn top_k(job: &MergeJob, t: usize, a: faer::MatRef<'_, f32>, k: usize) -> Result<linalg::Svd> {
     if job.shared.b("randomized_svd") {
         let key = rng::Key::new(job.seed, job.name, t);
         linalg::truncated_svd(a, k, k.div_ceil(2).max(10), 2, key)
     } else {
-        linalg::thin_svd(a).map(|s| linalg::truncate(s, k))
+        linalg::top_k(a, k, solver(job))
     }
     .map_err(|e| job.error(e))
 }
@@ -139,6 +153,8 @@ pub struct Stacked {
     u: faer::Mat<f32>,
     s: Vec<f32>,
     v: faer::Mat<f32>,
+    /// Columns `0..filled` hold placed triplets (they are placed from the left).
+    filled: usize,
 }
 
 impl Stacked {
@@ -148,6 +164,7 @@ impl Stacked {
             u: faer::Mat::zeros(m, r),
             s: vec![0.0; r],
             v: faer::Mat::zeros(n, r),
+            filled: 0,
         }
     }
 
@@ -169,19 +186,34 @@ impl Stacked {
             .subcols_mut(at, k)
             .copy_from(v.subcols(0, k));
         self.s[at..at + k].copy_from_slice(s);
+        self.filled = self.filled.max(at + k);
     }
 
-    /// The placed values.
+    /// The values of all `r` columns (zeros where nothing was placed).
     pub fn spectrum(&self) -> &[f32] {
         &self.s
     }
 
-    /// The orthogonal polar factors of both bases (`Û⊥`, `V̂⊥`).
+    /// The values of the placed columns.
+    pub fn placed(&self) -> &[f32] {
+        &self.s[..self.filled]
+    }
+
+    /// The orthogonal polar factors of both bases (`Û⊥`, `V̂⊥`), placed columns only. The
+    /// references take the polar factor of all `r` columns, zero ones included; the placed
+    /// columns of that factor are the polar factor of the placed columns alone (the zero
+    /// columns span the null space), and the others meet a zero value in `ŝ`.
     pub fn orthogonalised(&self, job: &MergeJob) -> Result<(faer::Mat<f32>, faer::Mat<f32>)> {
         let err = |e| job.error(e);
+        let solver = solver(job);
+        let k = self.filled;
         Ok((
-            linalg::polar(self.u.as_ref()).map_err(err)?,
-            linalg::polar(self.v.as_ref()).map_err(err)?,
+            linalg::polar(self.u.as_ref().subcols(0, k), solver)
+                .map_err(err)?
+                .0,
+            linalg::polar(self.v.as_ref().subcols(0, k), solver)
+                .map_err(err)?
+                .0,
         ))
     }
 }
@@ -405,5 +437,24 @@ mod tests {
         assert_eq!(fast, again);
         let diff: Vec<f32> = exact.iter().zip(&fast).map(|(a, b)| a - b).collect();
         assert!(norm(&diff) < 1e-3 * norm(&delta(&exact, &base)));
+    }
+
+    #[test]
+    fn gram_and_svd_solvers_agree_on_gaussian_task_vectors() {
+        // Flat (Marchenko–Pastur) spectra: square sums are ill-conditioned (the polar factors
+        // fall back to the SVD), tall ones are not, truncations are within the bound.
+        for (m, n) in [(96, 96), (240, 64), (64, 240)] {
+            let base = random(m * n, 30);
+            let inputs: Vec<Vec<f32>> = std::iter::once(base.clone())
+                .chain((0..4).map(|t| add(&base, &random(m * n, 31 + t))))
+                .collect();
+            for name in SVD_METHODS {
+                let svd = run(name, &[m, n], &inputs, &[("solver", Value::Choice("svd"))]);
+                let auto = run(name, &[m, n], &inputs, &[]);
+                let diff: Vec<f32> = auto.iter().zip(&svd).map(|(a, b)| a - b).collect();
+                let rel = norm(&diff) / norm(&delta(&svd, &base));
+                assert!(rel < 1e-4, "{name} {m}x{n}: {rel}");
+            }
+        }
     }
 }

@@ -80,7 +80,7 @@ impl Lazy for TsvMerge {
             stacked.place(t * k, top.u.as_ref(), &top.s, top.v.as_ref());
         }
         let (u, v) = stacked.orthogonalised(job)?;
-        compose_into(out, (m, n), u.as_ref(), stacked.spectrum(), v.as_ref());
+        compose_into(out, (m, n), u.as_ref(), stacked.placed(), v.as_ref());
         tv.finish(lambda, out);
         Ok(())
     }
