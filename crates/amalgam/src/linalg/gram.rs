@@ -75,7 +75,7 @@ fn may_be_conditioned(g: MatRef<'_, f64>) -> bool {
             return false;
         }
         x /= faer::Scale(norm);
-        faer::linalg::matmul::matmul(y.as_mut(), faer::Accum::Replace, g, x.as_ref(), 1.0, par());
+        matmul(y.as_mut(), g, x.as_ref());
         rayleigh = (0..q).map(|i| x[(i, 0)] * y[(i, 0)]).sum();
         std::mem::swap(&mut x, &mut y);
     }
@@ -139,9 +139,12 @@ fn usable(values: &[f32], k: usize) -> bool {
 /// The top `k` (`1 ≤ k ≤ min(m, n)`) singular triplets of `a`, or `None` when `σ_k` is below
 /// the bound (or `a` is zero).
 pub fn top_k(a: MatRef<'_, f32>, k: usize) -> Result<Option<Svd>, String> {
+    if k == 0 {
+        return Ok(None);
+    }
     let (t, transposed) = tall(a);
     let (values, vectors) = eigen(gram(t).as_ref())?;
-    if k == 0 || !usable(&values, k) {
+    if !usable(&values, k) {
         return Ok(None);
     }
     let s: Vec<f32> = values[..k].iter().map(|&l| l.sqrt()).collect();

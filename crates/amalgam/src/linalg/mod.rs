@@ -140,9 +140,13 @@ fn orthonormal(y: MatRef<'_, f32>) -> Mat<f32> {
     y.qr().compute_thin_Q()
 }
 
-/// `dst = lhs · rhs`.
-pub fn matmul(dst: MatMut<'_, f32>, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) {
-    faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par());
+/// `dst = lhs · rhs` (f32, or f64 where the Gram route needs it).
+pub fn matmul<T: faer::traits::ComplexField>(
+    dst: MatMut<'_, T>,
+    lhs: MatRef<'_, T>,
+    rhs: MatRef<'_, T>,
+) {
+    faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, T::one_impl(), par());
 }
 
 /// `dst −= lhs · rhs`.
