@@ -7,8 +7,11 @@
 /// and the loop vectorises (8 f32 adds per 8 elements).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LaneSum {
-    total: [f64; 8],
-    part: [f32; 8],
+    /// The lanes' f64 sums of their flushed blocks (fields open to kernels that keep the
+    /// partial sums in their own registers and flush as [`LaneSum::flush`] does).
+    pub(crate) total: [f64; 8],
+    /// The lanes' f32 sums since the last flush.
+    pub(crate) part: [f32; 8],
 }
 
 /// Elements per f32 block of a [`LaneSum`] (32 per lane).

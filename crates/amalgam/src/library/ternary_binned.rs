@@ -45,7 +45,7 @@ fn candidate_cap(n: usize) -> usize {
 
 /// One selection's rule for pass 2, in bins of its keys (`|τ|`'s top bits): entries above bin
 /// `above` are kept, entries in bins `lo..=above` are candidates.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Rule {
     above: i32,
     lo: i32,
@@ -188,6 +188,192 @@ fn candidate(t: f32, index: usize) -> u64 {
     ((0x7fff_ffff - select::key(t) as u64) << 32) | index as u64
 }
 
+/// `(kept, candidate, positive, non-zero)` of `τ = t` under the side's rule.
+#[inline(always)]
+fn classify(t: f32, rules: [Rule; 2]) -> (bool, bool, bool, bool) {
+    let r = t.to_bits();
+    let key = r & 0x7fff_ffff;
+    // The negative side's rule where the sign bit is set: selected with masks, not by
+    // indexing (which would keep the loop scalar).
+    let negative = (r >> 31) as i32;
+    let pick = |p: i32, n: i32| p ^ ((p ^ n) & negative.wrapping_neg());
+    let above = pick(rules[0].above, rules[1].above);
+    let lo = pick(rules[0].lo, rules[1].lo);
+    let bin = (key >> SHIFT) as i32;
+    let nonzero = key != 0;
+    (
+        (bin > above) & nonzero,
+        (bin >= lo) & (bin <= above) & nonzero,
+        (negative == 0) & nonzero,
+        nonzero,
+    )
+}
+
+/// Pass 2's sums and non-zero count, as [`decide`] takes them.
+type Sums<'s> = (&'s mut [LaneSum; 2], &'s mut u64);
+
+/// Pass 2's whole blocks of 8, elements `head..head + 8 * blocks` of the chunk, the first ending
+/// at tensor index `first_end`, 64 elements at a time: each stream's bits of 8 lanes gathered
+/// from the lanes' top bits ([`top_bits`]), a word of 64 pushed at once. Returns the candidates'
+/// bits (one per element from `head`), which the caller walks after the loop (a branch inside
+/// it would cost the loop its vector form).
+#[inline(always)]
+fn runs<E: Elems, const V3: bool>(
+    (x, b): (E, E),
+    (head, blocks): (usize, usize),
+    rules: [Rule; 2],
+    [mask, sign]: [&mut BitWriter; 2],
+    (sums, nonzero): Sums,
+    first_end: usize,
+) -> BitWriter {
+    let mut found = BitWriter::with_capacity(8 * blocks);
+    let [s0, s1] = sums;
+    let mut acc = crate::sums::Blocks::new([s0, s1], first_end);
+    let mut nz = 0u64;
+    let mut k = 0;
+    while k < blocks {
+        let run = (blocks - k).min(8);
+        let (mut mw, mut sw, mut cw) = (0u64, 0u64, 0u64);
+        for r in 0..run {
+            let j = head + 8 * (k + r);
+            let (xb, bb) = (x.eight(j), b.eight(j));
+            let (mut sq, mut ab) = ([0f32; 8], [0f32; 8]);
+            let (mut km, mut pm, mut cm, mut zm) = ([0u32; 8], [0u32; 8], [0u32; 8], [0u32; 8]);
+            for l in 0..8 {
+                let t = xb[l] - bb[l];
+                let (kept, is_cand, positive, nonzero) = classify(t, rules);
+                zm[l] = (nonzero as u32).wrapping_neg();
+                km[l] = (kept as u32).wrapping_neg();
+                pm[l] = (positive as u32).wrapping_neg();
+                cm[l] = (is_cand as u32).wrapping_neg();
+                let v = keep_if(t, kept);
+                sq[l] = v * v;
+                ab[l] = v.abs();
+            }
+            // SAFETY: `V3` is the enclosing `vectorized!` body's.
+            let (m, s, c, z) = unsafe {
+                (
+                    top_bits::<V3>(km),
+                    top_bits::<V3>(pm),
+                    top_bits::<V3>(cm),
+                    top_bits::<V3>(zm),
+                )
+            };
+            nz += u64::from(z.count_ones());
+            mw |= u64::from(m) << (8 * r);
+            sw |= u64::from(s) << (8 * r);
+            cw |= u64::from(c) << (8 * r);
+            acc.add([sq, ab]);
+        }
+        mask.push_wide(mw, 8 * run as u32);
+        sign.push_wide(sw, 8 * run as u32);
+        found.push_wide(cw, 8 * run as u32);
+        k += run;
+    }
+    acc.finish();
+    *nonzero += nz;
+    found
+}
+
+/// [`runs`] of bf16 inputs in AVX2 registers written out: the same operations in the same
+/// order (so the same bits and sums), without the spills of the partial sums and lane arrays
+/// that the compiler's version of the generic loop has. Its runs end at multiples of 64
+/// elements of the tensor (the first may be shorter), so a flush of the lane sums (every
+/// [`FLUSH`](crate::sums::FLUSH)) falls between runs, outside the loop that feeds them: with the
+/// flush inside it, the compiler kept the partial sums in memory.
+///
+/// # Safety
+/// The CPU must have AVX2, BMI2 and POPCNT.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,bmi1,bmi2,popcnt")]
+unsafe fn runs_bf16_avx2(
+    (x, b): (&[u16], &[u16]),
+    (head, blocks): (usize, usize),
+    rules: [Rule; 2],
+    [mask, sign]: [&mut BitWriter; 2],
+    (sums, nonzero): Sums,
+    first_end: usize,
+) -> BitWriter {
+    use std::arch::x86_64::*;
+    assert!(x.len() >= head + 8 * blocks && b.len() >= head + 8 * blocks);
+    let mut found = BitWriter::with_capacity(8 * blocks);
+    let [s0, s1] = sums;
+    // SAFETY (every load below): elements `head + 8 * i .. + 8` with `i < blocks`, in bounds
+    // by the assertion.
+    unsafe {
+        let widen = |p: *const u16| {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(p.cast()),
+            )))
+        };
+        // A side's rule per lane by the sign of τ (blendv takes the sign bit): positive
+        // first, negative second.
+        let rule = |p: i32, n: i32| {
+            (
+                _mm256_set1_ps(f32::from_bits(p as u32)),
+                _mm256_set1_ps(f32::from_bits(n as u32)),
+            )
+        };
+        let (above_p, above_n) = rule(rules[0].above, rules[1].above);
+        let (lo_p, lo_n) = rule(rules[0].lo, rules[1].lo);
+        let magnitude = _mm256_set1_epi32(0x7fff_ffff);
+        // A lane sum's flush ([`LaneSum::flush`]) from registers (the partial sum taken by
+        // value, which keeps it out of memory).
+        let flush = |total: &mut [f64; 8], p: __m256| {
+            let t = total.as_mut_ptr();
+            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(p));
+            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(p));
+            _mm256_storeu_pd(t, _mm256_add_pd(_mm256_loadu_pd(t), lo));
+            _mm256_storeu_pd(t.add(4), _mm256_add_pd(_mm256_loadu_pd(t.add(4)), hi));
+            _mm256_setzero_ps()
+        };
+        let load = |a: &[f32; 8]| _mm256_loadu_ps(a.as_ptr());
+        let (mut p0, mut p1) = (load(&s0.part), load(&s1.part));
+        // The tensor index where block `k` starts.
+        let start = |k: usize| first_end - 8 + 8 * k;
+        let mut nz = 0u64;
+        let mut k = 0;
+        while k < blocks {
+            let run = (blocks - k).min((64 - start(k) % 64) / 8);
+            let (mut mw, mut sw, mut cw) = (0u64, 0u64, 0u64);
+            for r in 0..run {
+                let j = head + 8 * (k + r);
+                let t = _mm256_sub_ps(widen(x.as_ptr().add(j)), widen(b.as_ptr().add(j)));
+                let key = _mm256_and_si256(_mm256_castps_si256(t), magnitude);
+                let bin = _mm256_srli_epi32::<18>(key);
+                let is_zero = _mm256_cmpeq_epi32(key, _mm256_setzero_si256());
+                let pick = |p: __m256, n: __m256| _mm256_castps_si256(_mm256_blendv_ps(p, n, t));
+                // kept: bin > above; candidate: lo <= bin <= above; both non-zero.
+                let over = _mm256_cmpgt_epi32(bin, pick(above_p, above_n));
+                let outside = _mm256_or_si256(over, _mm256_cmpgt_epi32(pick(lo_p, lo_n), bin));
+                let bits = |v: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(v)) as u8;
+                let nonzero = !bits(is_zero);
+                nz += u64::from(nonzero.count_ones());
+                mw |= u64::from(bits(over) & nonzero) << (8 * r);
+                sw |= u64::from(!(_mm256_movemask_ps(t) as u8) & nonzero) << (8 * r);
+                cw |= u64::from(!bits(outside) & nonzero) << (8 * r);
+                // τ where kept, else ±0 (whose square and magnitude add +0, as the generic
+                // loop's +0 does); |τ| is the key's bits.
+                let v = _mm256_and_ps(t, _mm256_castsi256_ps(over));
+                p0 = _mm256_add_ps(p0, _mm256_mul_ps(v, v));
+                p1 = _mm256_add_ps(p1, _mm256_castsi256_ps(_mm256_and_si256(key, over)));
+            }
+            if start(k + run).is_multiple_of(crate::sums::FLUSH) {
+                p0 = flush(&mut s0.total, p0);
+                p1 = flush(&mut s1.total, p1);
+            }
+            mask.push_wide(mw, 8 * run as u32);
+            sign.push_wide(sw, 8 * run as u32);
+            found.push_wide(cw, 8 * run as u32);
+            k += run;
+        }
+        _mm256_storeu_ps(s0.part.as_mut_ptr(), p0);
+        _mm256_storeu_ps(s1.part.as_mut_ptr(), p1);
+        *nonzero += nz;
+    }
+    found
+}
+
 /// Pass 2 of one task's chunk, elements `offset..`: the mask of the decided entries, every sign
 /// bit (`[mask, sign]`), the decided entries' sums, and the candidates (to `cands[side]`; side
 /// 0 only when `joint`). `rules` is `([positive, negative], joint)` (the same rule twice for a
@@ -201,27 +387,8 @@ fn decide<E: Elems, const V3: bool>(
     [mask, sign]: [&mut BitWriter; 2],
     (sums, nonzero): (&mut [LaneSum; 2], &mut u64),
     cands: &mut [Vec<u64>],
+    whole_blocks: impl FnOnce(usize, usize, [Rule; 2], [&mut BitWriter; 2], Sums, usize) -> BitWriter,
 ) {
-    /// `(kept, candidate, positive)`.
-    #[inline(always)]
-    fn classify(t: f32, rules: [Rule; 2]) -> (bool, bool, bool, bool) {
-        let r = t.to_bits();
-        let key = r & 0x7fff_ffff;
-        // The negative side's rule where the sign bit is set: selected with masks, not by
-        // indexing (which would keep the loop scalar).
-        let negative = (r >> 31) as i32;
-        let pick = |p: i32, n: i32| p ^ ((p ^ n) & negative.wrapping_neg());
-        let above = pick(rules[0].above, rules[1].above);
-        let lo = pick(rules[0].lo, rules[1].lo);
-        let bin = (key >> SHIFT) as i32;
-        let nonzero = key != 0;
-        (
-            (bin > above) & nonzero,
-            (bin >= lo) & (bin <= above) & nonzero,
-            (negative == 0) & nonzero,
-            nonzero,
-        )
-    }
     let side = |t: f32| {
         if joint {
             0
@@ -254,59 +421,18 @@ fn decide<E: Elems, const V3: bool>(
     for j in 0..head {
         one(j, mask, sign, sums, nonzero, cands);
     }
-    // The blocks, 64 elements at a time: each stream's bits of 8 lanes gathered from the lanes'
-    // top bits ([`top_bits`]), a word of 64 pushed at once; the candidates' words are walked
-    // after the loop (a branch inside it would cost the loop its vector form).
-    let mut found: Vec<u64> = Vec::with_capacity(blocks.div_ceil(8));
-    {
-        let [s0, s1] = &mut *sums;
-        let mut acc = crate::sums::Blocks::new([s0, s1], offset + head + 8);
-        let mut nz = 0u64;
-        let mut k = 0;
-        while k < blocks {
-            let run = (blocks - k).min(8);
-            let (mut mw, mut sw, mut cw) = (0u64, 0u64, 0u64);
-            for r in 0..run {
-                let j = head + 8 * (k + r);
-                let (xb, bb) = (x.eight(j), b.eight(j));
-                let (mut sq, mut ab) = ([0f32; 8], [0f32; 8]);
-                let (mut km, mut pm, mut cm, mut zm) = ([0u32; 8], [0u32; 8], [0u32; 8], [0u32; 8]);
-                for l in 0..8 {
-                    let t = xb[l] - bb[l];
-                    let (kept, is_cand, positive, nonzero) = classify(t, rules);
-                    zm[l] = (nonzero as u32).wrapping_neg();
-                    km[l] = (kept as u32).wrapping_neg();
-                    pm[l] = (positive as u32).wrapping_neg();
-                    cm[l] = (is_cand as u32).wrapping_neg();
-                    let v = keep_if(t, kept);
-                    sq[l] = v * v;
-                    ab[l] = v.abs();
-                }
-                // SAFETY: `V3` is the enclosing `vectorized!` body's.
-                let (m, s, c, z) = unsafe {
-                    (
-                        top_bits::<V3>(km),
-                        top_bits::<V3>(pm),
-                        top_bits::<V3>(cm),
-                        top_bits::<V3>(zm),
-                    )
-                };
-                nz += u64::from(z.count_ones());
-                mw |= u64::from(m) << (8 * r);
-                sw |= u64::from(s) << (8 * r);
-                cw |= u64::from(c) << (8 * r);
-                acc.add([sq, ab]);
-            }
-            mask.push_wide(mw, 8 * run as u32);
-            sign.push_wide(sw, 8 * run as u32);
-            found.push(cw);
-            k += run;
-        }
-        acc.finish();
-        *nonzero += nz;
-    }
-    for (w, &word) in found.iter().enumerate() {
-        let (j, mut c) = (head + 64 * w, word);
+    let found = whole_blocks(
+        head,
+        blocks,
+        rules,
+        [&mut *mask, &mut *sign],
+        (&mut *sums, &mut *nonzero),
+        offset + head + 8,
+    );
+    for (w, word) in found.into_bytes().chunks(8).enumerate() {
+        let mut bytes = [0u8; 8];
+        bytes[..word.len()].copy_from_slice(word);
+        let (j, mut c) = (head + 64 * w, u64::from_le_bytes(bytes));
         while c != 0 {
             let l = c.trailing_zeros() as usize;
             c &= c - 1;
@@ -322,14 +448,23 @@ fn decide<E: Elems, const V3: bool>(
 crate::simd::vectorized! {
     /// [`decide`] of f32 inputs.
     fn decide_f32(offset: usize, x: &[f32], b: &[f32], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: (&mut [LaneSum; 2], &mut u64), cands: &mut [Vec<u64>]) {
-        decide::<_, V3>(offset, x, b, rules, bits, sums, cands)
+        decide::<_, V3>(offset, x, b, rules, bits, sums, cands, |head, blocks, rules, bits, sums, first_end| {
+            runs::<_, V3>((x, b), (head, blocks), rules, bits, sums, first_end)
+        })
     }
 }
 
 crate::simd::vectorized! {
     /// [`decide`] of bf16 inputs.
     fn decide_bf16(offset: usize, x: &[u16], b: &[u16], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: (&mut [LaneSum; 2], &mut u64), cands: &mut [Vec<u64>]) {
-        decide::<_, V3>(offset, Bf16(x), Bf16(b), rules, bits, sums, cands)
+        decide::<_, V3>(offset, Bf16(x), Bf16(b), rules, bits, sums, cands, |head, blocks, rules, bits, sums, first_end| {
+            #[cfg(target_arch = "x86_64")]
+            if V3 {
+                // SAFETY: `V3`: the CPU has the features the v3 copy was compiled for.
+                return unsafe { runs_bf16_avx2((x, b), (head, blocks), rules, bits, sums, first_end) };
+            }
+            runs::<_, V3>((Bf16(x), Bf16(b)), (head, blocks), rules, bits, sums, first_end)
+        })
     }
 }
 
@@ -534,5 +669,118 @@ mod tests {
         // So few wanted that even the top bin may hold more: above every bin.
         let r = Rule::band(&hist, 10.0).unwrap();
         assert_eq!((r.above, r.lo), (8, 7));
+    }
+
+    /// Pass 2 of one chunk through [`decide`] with the given block loop: the mask and sign
+    /// bytes, the sums' lanes, the non-zero count and the candidates.
+    type Decided = (
+        Vec<u8>,
+        Vec<u8>,
+        Vec<([u64; 8], [u32; 8])>,
+        u64,
+        Vec<Vec<u64>>,
+    );
+
+    fn decided(
+        offset: usize,
+        (x, b): (&[u16], &[u16]),
+        rules: ([Rule; 2], bool),
+        avx2: bool,
+    ) -> Decided {
+        let (mut mask, mut sign) = (BitWriter::default(), BitWriter::default());
+        // Sums that already hold something, as in a tensor's later chunks.
+        let mut sums = [LaneSum::default(); 2];
+        for (s, sum) in sums.iter_mut().enumerate() {
+            sum.add(0, &[0.25 + s as f32; 13]);
+        }
+        let (mut nonzero, mut cands) = (0u64, vec![Vec::new(); 2]);
+        decide::<_, true>(
+            offset,
+            Bf16(x),
+            Bf16(b),
+            rules,
+            [&mut mask, &mut sign],
+            (&mut sums, &mut nonzero),
+            &mut cands,
+            |head, blocks, rules, bits, sums, first_end| {
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the caller checked the CPU.
+                    return unsafe {
+                        runs_bf16_avx2((x, b), (head, blocks), rules, bits, sums, first_end)
+                    };
+                }
+                runs::<_, false>(
+                    (Bf16(x), Bf16(b)),
+                    (head, blocks),
+                    rules,
+                    bits,
+                    sums,
+                    first_end,
+                )
+            },
+        );
+        let lanes = sums
+            .iter()
+            .map(|s| (s.total.map(f64::to_bits), s.part.map(f32::to_bits)))
+            .collect();
+        (mask.into_bytes(), sign.into_bytes(), lanes, nonzero, cands)
+    }
+
+    #[test]
+    fn the_avx2_decisions_equal_the_generic_loop_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::v3() {
+            // bf16 task vectors around a base, with zeros (equal entries) and repeated values.
+            let mut state = 0x9e37_79b9_7f4a_7c15u64;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let n = 5000;
+            let b: Vec<u16> = (0..n).map(|_| 0x3c00 + (next() % 0x200) as u16).collect();
+            let x: Vec<u16> = b
+                .iter()
+                .map(|&v| match next() % 8 {
+                    0 => v,
+                    1 => 0x3c10,
+                    _ => v.wrapping_add((next() % 64) as u16).wrapping_sub(32),
+                })
+                .collect();
+            let bin = |v: f32| (v.to_bits() >> SHIFT) as i32;
+            let mid = bin(1e-2);
+            let rule = |above: i32, lo: i32| Rule { above, lo };
+            let rules = [
+                ([rule(mid, mid - 6), rule(mid + 1, mid - 5)], false),
+                ([rule(mid - 3, mid - 3); 2], true),
+                ([Rule::ALL, Rule::NONE], false),
+                ([Rule::NONE, rule(mid, 0)], false),
+            ];
+            // Chunks that start anywhere: before, at and after flush and word boundaries.
+            for offset in [0, 3, 8, 56, 64, 200, 255, 256, 257, 1000, 4096 - 24] {
+                for len in [0, 5, 64, 700, n] {
+                    let (x, b) = (&x[..len], &b[..len]);
+                    for &r in &rules {
+                        let got = decided(offset, (x, b), r, true);
+                        assert_eq!(
+                            got,
+                            decided(offset, (x, b), r, false),
+                            "offset {offset}, {len} elements, rules {r:?}"
+                        );
+                        let kept: u32 = got.0.iter().map(|m| m.count_ones()).sum();
+                        let cands: usize = got.4.iter().map(Vec::len).sum();
+                        if len == n && r == rules[0] {
+                            // Every kind of decision is made.
+                            assert!(
+                                kept > 100 && cands > 100 && got.3 < n as u64,
+                                "{kept} {cands}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
