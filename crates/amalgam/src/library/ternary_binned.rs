@@ -91,38 +91,10 @@ impl Rule {
 
 /// Pass 1 of one task's chunk, elements `offset..`: the bins of `τ = x − b` at the sampled
 /// indices (multiples of [`STRIDE`]) into `hist` (2 interleaved copies), and the sampled zeros
-/// by sign; and `Σ τ²` over every element into `all` (here, where few registers are in use,
-/// rather than in pass 2's loop, which has too few left).
+/// by sign.
 #[inline(always)]
-fn count<E: Elems>(
-    offset: usize,
-    x: E,
-    b: E,
-    hist: &mut [u32],
-    zeros: &mut [u64; 2],
-    all: &mut LaneSum,
-) {
+fn count<E: Elems>(offset: usize, x: E, b: E, hist: &mut [u32], zeros: &mut [u64; 2]) {
     let n = x.len().min(b.len());
-    let (head, blocks) = crate::sums::spans(offset, n);
-    let square = |j: usize| {
-        let t = x.at(j) - b.at(j);
-        t * t
-    };
-    for j in 0..head {
-        all.one(offset + j, square(j));
-    }
-    let mut acc = crate::sums::Blocks::new([&mut *all], offset + head + 8);
-    for k in 0..blocks {
-        let (xb, bb) = (x.eight(head + 8 * k), b.eight(head + 8 * k));
-        acc.add([std::array::from_fn(|l| {
-            let t = xb[l] - bb[l];
-            t * t
-        })]);
-    }
-    acc.finish();
-    for j in head + 8 * blocks..n {
-        all.one(offset + j, square(j));
-    }
     let (h0, rest) = hist.split_at_mut(BINS);
     let h1 = &mut rest[..BINS];
     let mut j = (STRIDE - offset % STRIDE) % STRIDE;
@@ -150,15 +122,15 @@ fn count<E: Elems>(
 
 crate::simd::vectorized! {
     /// [`count`] of f32 inputs.
-    fn count_f32(offset: usize, x: &[f32], b: &[f32], hist: &mut [u32], zeros: &mut [u64; 2], all: &mut LaneSum) {
-        count(offset, x, b, hist, zeros, all)
+    fn count_f32(offset: usize, x: &[f32], b: &[f32], hist: &mut [u32], zeros: &mut [u64; 2]) {
+        count(offset, x, b, hist, zeros)
     }
 }
 
 crate::simd::vectorized! {
     /// [`count`] of bf16 inputs.
-    fn count_bf16(offset: usize, x: &[u16], b: &[u16], hist: &mut [u32], zeros: &mut [u64; 2], all: &mut LaneSum) {
-        count(offset, Bf16(x), Bf16(b), hist, zeros, all)
+    fn count_bf16(offset: usize, x: &[u16], b: &[u16], hist: &mut [u32], zeros: &mut [u64; 2]) {
+        count(offset, Bf16(x), Bf16(b), hist, zeros)
     }
 }
 
@@ -171,10 +143,8 @@ struct Task {
     mask: BitWriter,
     /// The sign bit (`τ > 0`) of every element; the signs of the kept ones are taken at the end.
     sign: BitWriter,
-    /// `Σ τ_kept²`, `Σ |τ_kept|` over the entries decided in pass 2.
-    sums: [LaneSum; 2],
-    /// `Σ τ²`, from pass 1.
-    all: LaneSum,
+    /// `Σ τ_kept²`, `Σ |τ_kept|` over the entries decided in pass 2, and `Σ τ²`.
+    sums: [LaneSum; 3],
     /// The non-zero entries.
     nonzero: u64,
     /// Per side: the candidates ([`candidate`]).
@@ -210,7 +180,7 @@ fn classify(t: f32, rules: [Rule; 2]) -> (bool, bool, bool, bool) {
 }
 
 /// Pass 2's sums and non-zero count, as [`decide`] takes them.
-type Sums<'s> = (&'s mut [LaneSum; 2], &'s mut u64);
+type Sums<'s> = (&'s mut [LaneSum; 3], &'s mut u64);
 
 /// Pass 2's whole blocks of 8, elements `head..head + 8 * blocks` of the chunk, the first ending
 /// at tensor index `first_end`, 64 elements at a time: each stream's bits of 8 lanes gathered
@@ -227,8 +197,8 @@ fn runs<E: Elems, const V3: bool>(
     first_end: usize,
 ) -> BitWriter {
     let mut found = BitWriter::with_capacity(8 * blocks);
-    let [s0, s1] = sums;
-    let mut acc = crate::sums::Blocks::new([s0, s1], first_end);
+    let [s0, s1, s2] = sums;
+    let mut acc = crate::sums::Blocks::new([s0, s1, s2], first_end);
     let mut nz = 0u64;
     let mut k = 0;
     while k < blocks {
@@ -237,7 +207,7 @@ fn runs<E: Elems, const V3: bool>(
         for r in 0..run {
             let j = head + 8 * (k + r);
             let (xb, bb) = (x.eight(j), b.eight(j));
-            let (mut sq, mut ab) = ([0f32; 8], [0f32; 8]);
+            let (mut sq, mut ab, mut all) = ([0f32; 8], [0f32; 8], [0f32; 8]);
             let (mut km, mut pm, mut cm, mut zm) = ([0u32; 8], [0u32; 8], [0u32; 8], [0u32; 8]);
             for l in 0..8 {
                 let t = xb[l] - bb[l];
@@ -249,6 +219,7 @@ fn runs<E: Elems, const V3: bool>(
                 let v = keep_if(t, kept);
                 sq[l] = v * v;
                 ab[l] = v.abs();
+                all[l] = t * t;
             }
             // SAFETY: `V3` is the enclosing `vectorized!` body's.
             let (m, s, c, z) = unsafe {
@@ -263,7 +234,7 @@ fn runs<E: Elems, const V3: bool>(
             mw |= u64::from(m) << (8 * r);
             sw |= u64::from(s) << (8 * r);
             cw |= u64::from(c) << (8 * r);
-            acc.add([sq, ab]);
+            acc.add([sq, ab, all]);
         }
         mask.push_wide(mw, 8 * run as u32);
         sign.push_wide(sw, 8 * run as u32);
@@ -297,7 +268,7 @@ unsafe fn runs_bf16_avx2(
     use std::arch::x86_64::*;
     assert!(x.len() >= head + 8 * blocks && b.len() >= head + 8 * blocks);
     let mut found = BitWriter::with_capacity(8 * blocks);
-    let [s0, s1] = sums;
+    let [s0, s1, s2] = sums;
     // SAFETY (every load below): elements `head + 8 * i .. + 8` with `i < blocks`, in bounds
     // by the assertion.
     unsafe {
@@ -328,7 +299,7 @@ unsafe fn runs_bf16_avx2(
             _mm256_setzero_ps()
         };
         let load = |a: &[f32; 8]| _mm256_loadu_ps(a.as_ptr());
-        let (mut p0, mut p1) = (load(&s0.part), load(&s1.part));
+        let (mut p0, mut p1, mut p2) = (load(&s0.part), load(&s1.part), load(&s2.part));
         // The tensor index where block `k` starts.
         let start = |k: usize| first_end - 8 + 8 * k;
         let mut nz = 0u64;
@@ -357,10 +328,12 @@ unsafe fn runs_bf16_avx2(
                 let v = _mm256_and_ps(t, _mm256_castsi256_ps(over));
                 p0 = _mm256_add_ps(p0, _mm256_mul_ps(v, v));
                 p1 = _mm256_add_ps(p1, _mm256_castsi256_ps(_mm256_and_si256(key, over)));
+                p2 = _mm256_add_ps(p2, _mm256_mul_ps(t, t));
             }
             if start(k + run).is_multiple_of(crate::sums::FLUSH) {
                 p0 = flush(&mut s0.total, p0);
                 p1 = flush(&mut s1.total, p1);
+                p2 = flush(&mut s2.total, p2);
             }
             mask.push_wide(mw, 8 * run as u32);
             sign.push_wide(sw, 8 * run as u32);
@@ -369,15 +342,18 @@ unsafe fn runs_bf16_avx2(
         }
         _mm256_storeu_ps(s0.part.as_mut_ptr(), p0);
         _mm256_storeu_ps(s1.part.as_mut_ptr(), p1);
+        _mm256_storeu_ps(s2.part.as_mut_ptr(), p2);
         *nonzero += nz;
     }
     found
 }
 
 /// Pass 2 of one task's chunk, elements `offset..`: the mask of the decided entries, every sign
-/// bit (`[mask, sign]`), the decided entries' sums, and the candidates (to `cands[side]`; side
-/// 0 only when `joint`). `rules` is `([positive, negative], joint)` (the same rule twice for a
-/// joint selection).
+/// bit (`[mask, sign]`), the sums (`[Σ τ_kept², Σ |τ_kept|, Σ τ²]`, the last over every entry:
+/// here rather than in pass 1, which then touches only its sample), and the candidates (to
+/// `cands[side]`; side 0 only when `joint`). `rules` is `([positive, negative], joint)` (the
+/// same rule twice for a joint selection). `whole_blocks` runs the aligned blocks between the
+/// first and last elements ([`runs`] or [`runs_bf16_avx2`]).
 #[inline(always)]
 fn decide<E: Elems, const V3: bool>(
     offset: usize,
@@ -385,7 +361,7 @@ fn decide<E: Elems, const V3: bool>(
     b: E,
     (rules, joint): ([Rule; 2], bool),
     [mask, sign]: [&mut BitWriter; 2],
-    (sums, nonzero): (&mut [LaneSum; 2], &mut u64),
+    (sums, nonzero): Sums,
     cands: &mut [Vec<u64>],
     whole_blocks: impl FnOnce(usize, usize, [Rule; 2], [&mut BitWriter; 2], Sums, usize) -> BitWriter,
 ) {
@@ -402,7 +378,7 @@ fn decide<E: Elems, const V3: bool>(
     let one = |j: usize,
                mask: &mut BitWriter,
                sign: &mut BitWriter,
-               sums: &mut [LaneSum; 2],
+               sums: &mut [LaneSum; 3],
                nonzeros: &mut u64,
                cands: &mut [Vec<u64>]| {
         let (e, t) = (offset + j, x.at(j) - b.at(j));
@@ -413,10 +389,11 @@ fn decide<E: Elems, const V3: bool>(
             cands[side(t)].push(candidate(t, e));
         }
         let v = keep_if(t, kept);
-        let [a, b] = sums;
+        let [a, b, c] = sums;
         *nonzeros += nonzero as u64;
         a.one(e, v * v);
         b.one(e, v.abs());
+        c.one(e, t * t);
     };
     for j in 0..head {
         one(j, mask, sign, sums, nonzero, cands);
@@ -447,7 +424,7 @@ fn decide<E: Elems, const V3: bool>(
 
 crate::simd::vectorized! {
     /// [`decide`] of f32 inputs.
-    fn decide_f32(offset: usize, x: &[f32], b: &[f32], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: (&mut [LaneSum; 2], &mut u64), cands: &mut [Vec<u64>]) {
+    fn decide_f32(offset: usize, x: &[f32], b: &[f32], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: Sums, cands: &mut [Vec<u64>]) {
         decide::<_, V3>(offset, x, b, rules, bits, sums, cands, |head, blocks, rules, bits, sums, first_end| {
             runs::<_, V3>((x, b), (head, blocks), rules, bits, sums, first_end)
         })
@@ -456,7 +433,7 @@ crate::simd::vectorized! {
 
 crate::simd::vectorized! {
     /// [`decide`] of bf16 inputs.
-    fn decide_bf16(offset: usize, x: &[u16], b: &[u16], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: (&mut [LaneSum; 2], &mut u64), cands: &mut [Vec<u64>]) {
+    fn decide_bf16(offset: usize, x: &[u16], b: &[u16], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: Sums, cands: &mut [Vec<u64>]) {
         decide::<_, V3>(offset, Bf16(x), Bf16(b), rules, bits, sums, cands, |head, blocks, rules, bits, sums, first_end| {
             #[cfg(target_arch = "x86_64")]
             if V3 {
@@ -495,8 +472,7 @@ pub(super) fn select(
             rules: Vec::new(),
             mask: BitWriter::with_capacity(n),
             sign: BitWriter::with_capacity(n),
-            sums: [LaneSum::default(); 2],
-            all: LaneSum::default(),
+            sums: [LaneSum::default(); 3],
             nonzero: 0,
             cands: vec![Vec::new(); sides],
         })
@@ -504,21 +480,13 @@ pub(super) fn select(
     inputs.pass_bf16(1, &mut |chunk, offset| {
         for (st, &i) in state.iter_mut().zip(&tasks) {
             match chunk.base_bf16() {
-                Some(b) => count_bf16(
-                    offset,
-                    chunk.bf16[i],
-                    b,
-                    &mut st.hist,
-                    &mut st.zeros,
-                    &mut st.all,
-                ),
+                Some(b) => count_bf16(offset, chunk.bf16[i], b, &mut st.hist, &mut st.zeros),
                 None => count_f32(
                     offset,
                     chunk.inputs[i],
                     chunk.base_tensor(),
                     &mut st.hist,
                     &mut st.zeros,
-                    &mut st.all,
                 ),
             }
         }
@@ -637,7 +605,7 @@ pub(super) fn select(
                 kept_abs += v;
             }
         }
-        let ([a, b], c) = (st.sums.map(|s| s.total()), st.all.total());
+        let [a, b, c] = st.sums.map(|s| s.total());
         let mut sign = BitWriter::with_capacity(n);
         sign.push_selected(&sign_bytes, &mask, n);
         let mut m = BitWriter::with_capacity(n);
@@ -689,7 +657,7 @@ mod tests {
     ) -> Decided {
         let (mut mask, mut sign) = (BitWriter::default(), BitWriter::default());
         // Sums that already hold something, as in a tensor's later chunks.
-        let mut sums = [LaneSum::default(); 2];
+        let mut sums = [LaneSum::default(); 3];
         for (s, sum) in sums.iter_mut().enumerate() {
             sum.add(0, &[0.25 + s as f32; 13]);
         }
