@@ -357,8 +357,7 @@ unsafe fn runs_bf16_avx2(
 #[inline(always)]
 fn decide<E: Elems, const V3: bool>(
     offset: usize,
-    x: E,
-    b: E,
+    (x, b): (E, E),
     (rules, joint): ([Rule; 2], bool),
     [mask, sign]: [&mut BitWriter; 2],
     (sums, nonzero): Sums,
@@ -425,7 +424,7 @@ fn decide<E: Elems, const V3: bool>(
 crate::simd::vectorized! {
     /// [`decide`] of f32 inputs.
     fn decide_f32(offset: usize, x: &[f32], b: &[f32], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: Sums, cands: &mut [Vec<u64>]) {
-        decide::<_, V3>(offset, x, b, rules, bits, sums, cands, |head, blocks, rules, bits, sums, first_end| {
+        decide::<_, V3>(offset, (x, b), rules, bits, sums, cands, |head, blocks, rules, bits, sums, first_end| {
             runs::<_, V3>((x, b), (head, blocks), rules, bits, sums, first_end)
         })
     }
@@ -434,7 +433,7 @@ crate::simd::vectorized! {
 crate::simd::vectorized! {
     /// [`decide`] of bf16 inputs.
     fn decide_bf16(offset: usize, x: &[u16], b: &[u16], rules: ([Rule; 2], bool), bits: [&mut BitWriter; 2], sums: Sums, cands: &mut [Vec<u64>]) {
-        decide::<_, V3>(offset, Bf16(x), Bf16(b), rules, bits, sums, cands, |head, blocks, rules, bits, sums, first_end| {
+        decide::<_, V3>(offset, (Bf16(x), Bf16(b)), rules, bits, sums, cands, |head, blocks, rules, bits, sums, first_end| {
             #[cfg(target_arch = "x86_64")]
             if V3 {
                 // SAFETY: `V3`: the CPU has the features the v3 copy was compiled for.
@@ -664,8 +663,7 @@ mod tests {
         let (mut nonzero, mut cands) = (0u64, vec![Vec::new(); 2]);
         decide::<_, true>(
             offset,
-            Bf16(x),
-            Bf16(b),
+            (Bf16(x), Bf16(b)),
             rules,
             [&mut mask, &mut sign],
             (&mut sums, &mut nonzero),

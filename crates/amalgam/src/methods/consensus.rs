@@ -11,7 +11,8 @@
 //! `λ_t` is chosen per task on validation data in the paper (from 0.2–0.6); here it is the
 //! per-model parameter `tall_mask_lambda` (default 0.6, FusionBench's). `α` is `lambda`.
 
-use super::gta::{Gta, GtaState};
+use super::gta::Gta;
+use super::gta_state::GtaState;
 use super::*;
 use crate::config::Kind;
 

@@ -11,10 +11,11 @@
 //! exact top-k boundary in two histogram passes ([`select`](super::select)), the L1 rescale
 //! sums in one more, and the output pass applies masks, election and merge in one sweep.
 
-use super::gta_global::GlobalTrim;
-use super::gta_kernel::{Finish, apply_chunk, l1_chunk, vote_chunk};
+use super::gta_global::{GlobalTrim, Hists};
+use super::gta_kernel::{Finish, apply_chunk, l1_chunk};
+use super::gta_state::{GtaState, Majority, Mask, Pass, PerModel};
 use super::rng::{Key, threshold32};
-use super::select::{Selection, Selector, Want, delta_keys, delta_keys_bf16};
+use super::select::{ModelRanks, Selection, Selector, Want, delta_keys, delta_keys_bf16, key};
 use super::sparsify::{Rescale, della_mask};
 use super::*;
 use crate::config::Kind;
@@ -229,148 +230,6 @@ pub fn elect_sign_sum(values: impl Iterator<Item = f32>) -> f32 {
     } else {
         -1.0
     }
-}
-
-/// How one model's task vector is masked in the output pass.
-pub(super) enum Mask {
-    /// Everything kept (density ≥ 1 or no sparsification).
-    All,
-    /// Everything dropped.
-    Nothing,
-    /// Magnitude selection: pending (two passes) or final.
-    Select(Option<Box<Selector>>, Selection),
-    /// Random: keep element `i` when `key.bits32(i) < threshold`.
-    Random(Key, u32),
-    /// A factor per element (0 = dropped), computed whole (DELLA).
-    Given(Vec<f32>),
-}
-
-pub(super) struct PerModel {
-    pub(super) input: usize,
-    pub(super) weight: f32,
-    pub(super) mask: Mask,
-    /// Σ|δ| and Σ|kept δ| for the L1 rescale.
-    pub(super) l1: (LaneSum, LaneSum),
-    /// Multiplier of kept entries (L1 match or 1/p); 1 when not rescaling.
-    pub(super) scale: f32,
-    pub(super) inverse_density: Option<f64>,
-}
-
-pub(super) struct GtaState {
-    pub(super) models: Vec<PerModel>,
-    passes: Vec<Pass>,
-    /// The sign elected where the weighted sum is exactly 0 (`sign_tie: majority`): the sign of
-    /// the elected signs' sum over the trim scope; `None` until known or for `positive`.
-    majority: Option<f32>,
-    /// Σ of elected signs so far (the tensor-scope majority pass).
-    votes: i64,
-    pub(super) rescale_l1: bool,
-    /// Output the merged delta itself (normalised, not scaled, no base): for methods built on
-    /// this one (consensus merging).
-    pub(super) raw: bool,
-    /// Per-model masked, scaled, weighted deltas of the current tile.
-    pub(super) buffers: Vec<Vec<f32>>,
-    /// Per element of the tile: the sum that elects the sign, the merged delta, the divisor.
-    pub(super) sums: [Vec<f32>; 3],
-    /// Keys of the current chunk (selection passes).
-    keys: Vec<u32>,
-    /// Whether the output pass may take the fused loop (tests turn it off to compare).
-    pub(super) fuse: bool,
-    /// A bf16 chunk decoded for the tiled steps (when the fused loop does not take it).
-    pub(super) decoded: Vec<Vec<f32>>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Pass {
-    HighBits,
-    LowBits,
-    L1Sums,
-    SignVotes,
-}
-
-impl GtaState {
-    /// Σ sgn(elected sums) of a chunk (the majority-sign vote).
-    pub(super) fn vote(&mut self, job: &MergeJob, offset: usize) -> i64 {
-        if self.models.is_empty() {
-            return 0;
-        }
-        vote_chunk(self, job, offset)
-    }
-
-    /// Whether pass `pass` (the output pass when past the statistics passes) of a tensor of
-    /// `n` elements can take bf16 chunks: when the kernels it runs read them: the selection
-    /// histograms, the fused output loop, and the L1 sums with random masks (one Weyl stream
-    /// per model over the whole tensor: `n` ≤ 2^32).
-    fn reads_bf16(&self, pass: usize, n: usize) -> bool {
-        let all = |f: fn(&Mask) -> bool| {
-            self.models
-                .iter()
-                .all(|m| f(&m.mask) && m.inverse_density.is_none())
-        };
-        let random = all(|m| matches!(m, Mask::Random(..)));
-        let fits = n as u64 <= 1 << 32;
-        match self.passes.get(pass) {
-            Some(Pass::L1Sums) => random && fits,
-            // The selection passes read only keys of deltas.
-            Some(Pass::HighBits | Pass::LowBits) => true,
-            Some(_) => false,
-            // Where the fused loop applies; a chunk it does not take is decoded.
-            None => {
-                let select = all(|m| matches!(m, Mask::Select(..)));
-                let plain = all(|m| matches!(m, Mask::All));
-                self.fuse
-                    && (1..=8).contains(&self.models.len())
-                    && ((random && fits) || select || plain)
-            }
-        }
-    }
-
-    fn new(models: Vec<PerModel>, rescale: Rescale, majority: Majority) -> GtaState {
-        let selecting = models
-            .iter()
-            .any(|m| matches!(m.mask, Mask::Select(Some(_), _)));
-        let rescale_l1 = rescale == Rescale::MatchL1
-            && models
-                .iter()
-                .any(|m| !matches!(m.mask, Mask::All | Mask::Nothing));
-        let mut passes = Vec::new();
-        if selecting {
-            passes.extend([Pass::HighBits, Pass::LowBits]);
-        }
-        if rescale_l1 {
-            passes.push(Pass::L1Sums);
-        }
-        if majority == Majority::Tensor {
-            passes.push(Pass::SignVotes);
-        }
-        GtaState {
-            models,
-            passes,
-            majority: match majority {
-                Majority::Known(m) => Some(m),
-                _ => None,
-            },
-            votes: 0,
-            rescale_l1,
-            raw: false,
-            buffers: Vec::new(),
-            sums: Default::default(),
-            keys: Vec::new(),
-            fuse: true,
-            decoded: Vec::new(),
-        }
-    }
-}
-
-/// Where the sign for a zero weighted sum comes from.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(super) enum Majority {
-    /// `+` (mergekit, PEFT).
-    Positive,
-    /// The majority of elected signs over this tensor, found in a pass.
-    Tensor,
-    /// Already known (from the whole-model pass).
-    Known(f32),
 }
 
 impl Streaming for Gta {
@@ -625,5 +484,159 @@ impl Method for Gta {
 
     fn whole_model(&self) -> Option<&dyn WholeModel> {
         (self.sparsifier == Sparsifier::Magnitude).then_some(self as &dyn WholeModel)
+    }
+}
+
+impl WholeModel for Gta {
+    fn begin_model(&self, jobs: &[MergeJob]) -> Result<Option<Global>> {
+        let part: Vec<bool> = jobs.iter().map(|j| self.global_scope(j)).collect();
+        let Some(first) = jobs.iter().zip(&part).find(|(_, p)| **p).map(|(j, _)| j) else {
+            return Ok(None);
+        };
+        let tasks = first.non_base().len();
+        let densities: Vec<f64> = first
+            .non_base()
+            .iter()
+            .map(|&i| first.per_input[i].f("density"))
+            .collect();
+        let mut total = 0u64;
+        let mut vote = false;
+        for (job, _) in jobs.iter().zip(&part).filter(|(_, p)| **p) {
+            let nb = job.non_base();
+            let same = nb.len() == tasks
+                && nb
+                    .iter()
+                    .zip(&densities)
+                    .all(|(&i, &d)| job.per_input[i].f("density") == d);
+            if !same {
+                return Err(job.error(format!(
+                    "trim_scope: global needs the same models and one density per model in every \
+                     tensor it covers; this tensor differs from {}",
+                    first.name
+                )));
+            }
+            let majority = job.shared.choice("sign_tie") == "majority";
+            if majority && job.shared.b("rescale") {
+                return Err(job.error(
+                    "sign_tie: majority with trim_scope: global does not combine with rescale: true",
+                ));
+            }
+            vote |= majority;
+            total += job.numel() as u64;
+        }
+        let thresholds = densities
+            .iter()
+            .map(|&d| {
+                let kept = (d.max(0.0) * total as f64) as u64;
+                (d < 1.0 && kept < total).then(|| ModelRanks::new(vec![total - kept - 1]))
+            })
+            .collect();
+        Ok(Some(Box::new(GlobalTrim {
+            thresholds,
+            vote,
+            majority: 0.0,
+            part,
+        })))
+    }
+
+    fn model_passes(&self, global: &Global) -> usize {
+        let g = global.downcast_ref::<GlobalTrim>().expect("ours");
+        2 + g.vote as usize
+    }
+
+    fn begin_pass(&self, pass: usize, global: &Global) -> State {
+        let g = global.downcast_ref::<GlobalTrim>().expect("ours");
+        if pass < 2 {
+            Box::new(g.counts())
+        } else {
+            Box::new(0i64)
+        }
+    }
+
+    fn begin_tensor(
+        &self,
+        pass: usize,
+        global: &Global,
+        index: usize,
+        job: &MergeJob,
+    ) -> Option<State> {
+        let g = global.downcast_ref::<GlobalTrim>().expect("ours");
+        if !g.part[index] {
+            return None;
+        }
+        if pass < 2 {
+            return Some(Box::new(g.counts()));
+        }
+        // The vote pass runs the tensor's own election with the final thresholds.
+        let job = MergeJob {
+            global: Some(global),
+            ..job.clone()
+        };
+        let state = self.begin(&job).ok()?;
+        Some(Box::new((state, 0i64)))
+    }
+
+    fn observe_tensor(
+        &self,
+        pass: usize,
+        global: &Global,
+        job: &MergeJob,
+        offset: usize,
+        acc: &mut State,
+    ) -> Result<()> {
+        let g = global.downcast_ref::<GlobalTrim>().expect("ours");
+        let base = job.base_tensor();
+        if pass == 2 {
+            let (state, votes) = state_mut::<(State, i64)>(acc);
+            *votes += state_mut::<GtaState>(state).vote(job, offset);
+            return Ok(());
+        }
+        let h = state_mut::<Hists>(acc);
+        for ((&i, ranks), counts) in job.non_base().iter().zip(&g.thresholds).zip(h.iter_mut()) {
+            if let (Some(ranks), Some(counts)) = (ranks, counts) {
+                let x = job.inputs[i];
+                x.iter()
+                    .zip(base)
+                    .for_each(|(&a, &b)| ranks.count(counts, key(a - b)));
+            }
+        }
+        Ok(())
+    }
+
+    fn absorb(
+        &self,
+        pass: usize,
+        _global: &Global,
+        model: &mut State,
+        _index: usize,
+        tensor: State,
+    ) {
+        if pass < 2 {
+            let tensor = tensor.downcast::<Hists>().expect("ours");
+            for (m, t) in state_mut::<Hists>(model).iter_mut().zip(tensor.iter()) {
+                if let (Some(m), Some(t)) = (m, t) {
+                    m.add(t);
+                }
+            }
+        } else {
+            let (_, votes) = *tensor.downcast::<(State, i64)>().expect("ours");
+            *state_mut::<i64>(model) += votes;
+        }
+    }
+
+    fn end_model_pass(&self, pass: usize, global: &mut Global, model: State) -> Result<()> {
+        let g = global.downcast_mut::<GlobalTrim>().expect("ours");
+        match pass {
+            0 | 1 => {
+                let h = model.downcast::<Hists>().expect("ours");
+                for (ranks, counts) in g.thresholds.iter_mut().zip(h.iter()) {
+                    if let (Some(ranks), Some(counts)) = (ranks, counts) {
+                        ranks.end_pass(counts);
+                    }
+                }
+            }
+            _ => g.majority = model.downcast::<i64>().expect("ours").signum() as f32,
+        }
+        Ok(())
     }
 }

@@ -12,7 +12,7 @@
 //! ([`Elems`], [`MergeJob::bf16`]), with the same f32 operations on the widened values.
 
 use super::MergeJob;
-use super::gta::{GtaState, Mask, PerModel};
+use super::gta_state::{GtaState, Mask, PerModel};
 use super::rng::{Stream32, run_length};
 use super::select::{Window, key};
 use crate::simd::{Bf16, Elems, keep_if, rewrite};
@@ -134,6 +134,14 @@ fn delta(m: &mut PerModel, rescale_l1: bool, x: &[f32], b: &[f32], at: usize, d:
 }
 
 impl GtaState {
+    /// Σ sgn(elected sums) of a chunk (the majority-sign vote).
+    pub(super) fn vote(&mut self, job: &MergeJob, offset: usize) -> i64 {
+        if self.models.is_empty() {
+            return 0;
+        }
+        vote_chunk(self, job, offset)
+    }
+
     /// Every model's delta over tile `start..end` of the chunk at `offset` into `buffers`.
     #[inline(always)]
     fn tile_deltas(&mut self, job: &MergeJob, offset: usize, start: usize, end: usize) {

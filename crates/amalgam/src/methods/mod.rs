@@ -14,6 +14,7 @@ pub mod fisher;
 pub mod gta;
 mod gta_global;
 mod gta_kernel;
+mod gta_state;
 pub mod iso;
 pub mod karcher;
 pub mod linear;
