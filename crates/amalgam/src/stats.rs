@@ -293,23 +293,26 @@ impl Stats {
             }
             Some(_) => {}
         }
-        let view = self.file.tensor(&name)?;
-        if view.shape != shape {
+        let entry = self.file.entry(&name)?;
+        if entry.shape != shape {
             return Err(Error::ShapeMismatch {
                 name,
                 path: self.path.clone(),
-                found: view.shape.to_vec(),
+                found: entry.shape.to_vec(),
                 expected: shape.to_vec(),
             });
         }
-        let values: Vec<f64> = match view.dtype {
-            DType::F64 => view
-                .bytes
+        // A positioned read, not the file's map: no mapped pages stay behind, and a file cut
+        // short since it was opened is an error here, not a crash.
+        let mut bytes = vec![0u8; entry.range.len()];
+        self.file
+            .read_at(entry.shard, entry.range.start, &mut bytes)?;
+        let values: Vec<f64> = match entry.dtype {
+            DType::F64 => bytes
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
                 .collect(),
-            _ => view
-                .bytes
+            _ => bytes
                 .chunks_exact(4)
                 .map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes"))))
                 .collect(),

@@ -648,7 +648,9 @@ mod tests {
         Vec<Vec<u64>>,
     );
 
-    fn decided(
+    /// `V3` is the generic loop's copy: true only where the caller is compiled for x86-64-v3.
+    #[inline(always)]
+    fn decided<const V3: bool>(
         offset: usize,
         (x, b): (&[u16], &[u16]),
         rules: ([Rule; 2], bool),
@@ -676,7 +678,7 @@ mod tests {
                         runs_bf16_avx2((x, b), (head, blocks), rules, bits, sums, first_end)
                     };
                 }
-                runs::<_, false>(
+                runs::<_, V3>(
                     (Bf16(x), Bf16(b)),
                     (head, blocks),
                     rules,
@@ -729,10 +731,10 @@ mod tests {
                 for len in [0, 5, 64, 700, n] {
                     let (x, b) = (&x[..len], &b[..len]);
                     for &r in &rules {
-                        let got = decided(offset, (x, b), r, true);
+                        let got = decided::<false>(offset, (x, b), r, true);
                         assert_eq!(
                             got,
-                            decided(offset, (x, b), r, false),
+                            decided::<false>(offset, (x, b), r, false),
                             "offset {offset}, {len} elements, rules {r:?}"
                         );
                         let kept: u32 = got.0.iter().map(|m| m.count_ones()).sum();
@@ -745,6 +747,67 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Pass 2 of `x`, `b` through the generic block loop compiled for x86-64-v3 (what bf16
+    /// inputs took before [`runs_bf16_avx2`]) or through the AVX2 one.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,bmi1,bmi2,lzcnt,popcnt")]
+    fn pass2_v3(x: &[u16], b: &[u16], rules: ([Rule; 2], bool), avx2: bool) -> Decided {
+        decided::<true>(0, (x, b), rules, avx2)
+    }
+
+    /// The time per element of pass 2's two block loops, in cache (32 Ki elements) and from
+    /// memory (16 Mi), best of 5 runs, alternating:
+    /// `cargo test --release -p amalgam --lib pass2_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a timing, not a check"]
+    fn pass2_timing() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::v3() {
+            for n in [1usize << 15, 1 << 24] {
+                let b: Vec<u16> = (0..n)
+                    .map(|i| 0x3c00 + ((i * 7919) % 0x200) as u16)
+                    .collect();
+                let x: Vec<u16> = b
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| v.wrapping_add(((i * 31) % 64) as u16).wrapping_sub(32))
+                    .collect();
+                let mid = (1e-2f32.to_bits() >> SHIFT) as i32;
+                let rules = (
+                    [
+                        Rule {
+                            above: mid,
+                            lo: mid - 1,
+                        },
+                        Rule {
+                            above: mid + 1,
+                            lo: mid,
+                        },
+                    ],
+                    false,
+                );
+                let reps = (1 << 27) / n;
+                for avx2 in [false, true, false, true] {
+                    let mut best = f64::MAX;
+                    for _ in 0..5 {
+                        let t = std::time::Instant::now();
+                        for _ in 0..reps {
+                            // SAFETY: `v3()` checked the CPU.
+                            std::hint::black_box(unsafe { pass2_v3(&x, &b, rules, avx2) });
+                        }
+                        best = best.min(t.elapsed().as_secs_f64() / (reps * n) as f64 * 1e9);
+                    }
+                    let name = if avx2 {
+                        "AVX2 loop"
+                    } else {
+                        "generic loop (v3)"
+                    };
+                    println!("{n:>9} elements, {name:>17}: {best:.3} ns per element");
                 }
             }
         }

@@ -195,7 +195,15 @@ impl Inputs for WholeInputs<'_, '_> {
             return Ok(None);
         }
         let stored = source.views[k].bytes;
-        stats.get(&input.tensor, kind, shape, stored)
+        let got = stats.get(&input.tensor, kind, shape, stored);
+        // The hash read the tensor's stored bytes through the file's map (the merge itself reads
+        // them with positioned reads): give those pages back, or a merge over many models
+        // would keep every one it has hashed resident.
+        let entry = source.entries[k];
+        source
+            .model(k)
+            .release_range(entry.shard, entry.range.clone());
+        got
     }
 
     fn stat_meta(&self, k: usize) -> Option<&crate::stats::Meta> {
